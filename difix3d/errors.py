@@ -1,0 +1,24 @@
+"""Errors that name the input at fault, so a fleet job can record them per unit and go on."""
+
+from __future__ import annotations
+
+
+class Difix3DError(Exception):
+    """Base class of every error difix3d raises on purpose."""
+
+
+class InputError(Difix3DError, ValueError):
+    """Bad input: names the file (or URI) and the problem, e.g. ``InputError("a/0.png", "not a PNG")``."""
+
+    def __init__(self, source: str, problem: str):
+        self.source = str(source)
+        self.problem = problem
+        super().__init__(f"{self.source}: {problem}")
+
+
+class CheckpointError(InputError):
+    """A checkpoint that is missing, corrupt, or does not match the model it is loaded into."""
+
+
+class MissingWeightsError(Difix3DError, FileNotFoundError):
+    """Pretrained weights that are not on this machine; the message says what to fetch and where to put it."""

@@ -1,0 +1,78 @@
+"""Image I/O and the two image layouts of the project.
+
+Inside the library images are float32 ``[B, 3, H, W]`` in ``[0, 1]``; between processes (Ray object store,
+Parquet) they are ``uint8`` ``[H, W, 3]`` numpy arrays, or PNG bytes.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from difix3d import storage
+from difix3d.errors import InputError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def decode_image(data: bytes, source: str = "<bytes>") -> np.ndarray:
+    """PNG/JPEG bytes → uint8 ``[H, W, 3]``; a corrupt image raises :class:`InputError` naming ``source``."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise InputError(source, f"cannot decode image ({e})") from e
+
+
+def encode_image(image: np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
+    image = _check_hwc_uint8(image)
+    buf = io.BytesIO()
+    fmt = fmt.lower().lstrip(".")
+    fmt = {"jpg": "jpeg"}.get(fmt, fmt)
+    kwargs = {"quality": quality} if fmt == "jpeg" else {"compress_level": 1} if fmt == "png" else {}
+    Image.fromarray(image).save(buf, format=fmt.upper(), **kwargs)
+    return buf.getvalue()
+
+
+def read_image(uri: str) -> np.ndarray:
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError as e:
+        raise InputError(uri, "image file not found") from e
+    return decode_image(data, source=uri)
+
+
+def write_image(uri: str, image: np.ndarray) -> None:
+    ext = str(uri).rsplit(".", 1)[-1] if "." in str(uri) else "png"
+    storage.write_bytes(uri, encode_image(image, fmt=ext))
+
+
+def to_tensor(images: np.ndarray | list[np.ndarray]) -> torch.Tensor:
+    """uint8 ``[H, W, 3]`` or ``[B, H, W, 3]`` (or a list of ``[H, W, 3]``) → float32 ``[B, 3, H, W]`` in [0, 1]."""
+    if isinstance(images, list):
+        images = np.stack(images)
+    if images.ndim == 3:
+        images = images[None]
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images [B, H, W, 3], got shape {tuple(images.shape)}")
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """float ``[B, 3, H, W]`` (or ``[3, H, W]``) in [0, 1] → uint8 ``[B, H, W, 3]`` (or ``[H, W, 3]``)."""
+    squeeze = images.ndim == 3
+    if squeeze:
+        images = images[None]
+    out = (images.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return out[0] if squeeze else out
+
+
+def _check_hwc_uint8(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"expected a uint8 [H, W, 3] image, got {image.dtype} {tuple(image.shape)}")
+    return image

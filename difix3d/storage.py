@@ -1,0 +1,230 @@
+"""Storage behind URIs: local paths, ``file://``, ``s3://``, ``gs://`` (anything ``pyarrow.fs`` resolves).
+
+Every write is atomic (local: temp file + rename; object stores: one put), so a killed job never leaves a
+half-written file that a re-run would take for finished work. A :class:`Manifest` records one entry per unit
+of work (a scene, a shard) as its own small JSON object, so concurrent workers never rewrite a shared file.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+import json
+import os
+import posixpath
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import pyarrow.fs as pafs
+
+_REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "viewfs://", "abfs://", "abfss://")
+
+
+def is_local(uri: str) -> bool:
+    return not str(uri).startswith(_REMOTE_SCHEMES)
+
+
+def _local_path(uri: str) -> str:
+    uri = str(uri)
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a URI or a plain local path."""
+    uri = str(uri)
+    if is_local(uri):
+        return pafs.LocalFileSystem(), os.path.abspath(_local_path(uri))
+    return pafs.FileSystem.from_uri(uri)
+
+
+def join(uri: str, *parts: str) -> str:
+    uri = str(uri)
+    if is_local(uri):
+        return os.path.join(uri, *parts)
+    return posixpath.join(uri, *parts)
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def makedirs(uri: str) -> None:
+    fs, path = resolve(uri)
+    fs.create_dir(path, recursive=True)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{uri}: no such file") from e
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write ``data`` to ``uri`` atomically, creating parent folders."""
+    fs, path = resolve(uri)
+    if is_local(uri):
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-" + os.path.basename(path) + "-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as f:  # one PUT on object stores: visible whole or not at all
+        f.write(data)
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def read_json(uri: str) -> Any:
+    text = read_text(uri)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        from difix3d.errors import InputError
+
+        raise InputError(uri, f"not valid JSON ({e})") from e
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_text(uri, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if hasattr(o, "__fspath__"):
+        return os.fspath(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def list_dir(uri: str) -> list[str]:
+    """Full URIs of the entries directly inside ``uri`` (sorted); empty when it does not exist."""
+    fs, path = resolve(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(join(uri, posixpath.basename(i.path)) for i in infos)
+
+
+def glob(pattern: str) -> list[str]:
+    """Expand a glob whose wildcards sit in the last path component(s), e.g. ``s3://b/segments/*``."""
+    pattern = str(pattern)
+    if not any(c in pattern for c in "*?["):
+        return [pattern] if exists(pattern) else []
+    sep_split = pattern.split("/")
+    first_wild = next(i for i, p in enumerate(sep_split) if any(c in p for c in "*?["))
+    base = "/".join(sep_split[:first_wild]) or "/"
+    fs, base_path = resolve(base)
+    infos = fs.get_file_info(pafs.FileSelector(base_path, recursive=True, allow_not_found=True))
+    rest = "/".join(sep_split[first_wild:])
+    out = []
+    for info in infos:
+        rel = posixpath.relpath(info.path.replace(os.sep, "/"), base_path.replace(os.sep, "/"))
+        if fnmatch.fnmatchcase(rel, rest):
+            out.append(join(base, rel))
+    return sorted(out)
+
+
+def delete(uri: str) -> None:
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def open_output_stream(uri: str):
+    """A writable binary stream (for Parquet and other streaming writers); not atomic on local disks."""
+    fs, path = resolve(uri)
+    if is_local(uri):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    return fs.open_output_stream(path)
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    unit: str
+    status: str  # "done" | "failed" | "running"
+    attempts: int
+    updated: float
+    info: dict
+
+
+class Manifest:
+    """Per-unit status records under ``<root>/_manifest/<unit>.json``.
+
+    Re-running a job asks :meth:`is_done` and skips finished units; a failed unit keeps its error and attempt
+    count so bounded retries survive restarts of the driver.
+    """
+
+    def __init__(self, root: str):
+        self.root = join(str(root), "_manifest")
+
+    def _uri(self, unit: str) -> str:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in unit)
+        return join(self.root, safe + ".json")
+
+    def get(self, unit: str) -> ManifestEntry | None:
+        uri = self._uri(unit)
+        if not exists(uri):
+            return None
+        d = read_json(uri)
+        return ManifestEntry(d["unit"], d["status"], int(d.get("attempts", 0)), float(d["updated"]), d.get("info", {}))
+
+    def is_done(self, unit: str) -> bool:
+        e = self.get(unit)
+        return e is not None and e.status == "done"
+
+    def mark(self, unit: str, status: str, attempts: int | None = None, **info: Any) -> ManifestEntry:
+        prev = self.get(unit)
+        if attempts is None:
+            attempts = prev.attempts if prev else 0
+        entry = {"unit": unit, "status": status, "attempts": attempts, "updated": time.time(), "info": info}
+        write_json(self._uri(unit), entry)
+        return ManifestEntry(unit, status, attempts, entry["updated"], info)
+
+    def entries(self) -> Iterator[ManifestEntry]:
+        for uri in list_dir(self.root):
+            if uri.endswith(".json") and not posixpath.basename(uri).startswith(".tmp-"):
+                d = read_json(uri)
+                yield ManifestEntry(d["unit"], d["status"], int(d.get("attempts", 0)), float(d["updated"]),
+                                    d.get("info", {}))
+
+
+def unique_suffix() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+def bytes_io(uri: str) -> io.BytesIO:
+    return io.BytesIO(read_bytes(uri))
