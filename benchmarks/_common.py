@@ -1,0 +1,53 @@
+"""Shared emitter for benchmark figures: one JSON object per figure, printed and appended to
+``benchmarks/results/<benchmark>.jsonl`` (format: DESIGN.md, Testing and measuring)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def device_name() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except Exception:
+        pass
+    return "cpu"
+
+
+def commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       cwd=os.path.dirname(RESULTS_DIR), stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return "unknown"
+
+
+class Emitter:
+    """``Emitter("fixer_latency").emit("ms_per_frame", 42.0, "ms", batch=4, ref=False)``."""
+
+    def __init__(self, benchmark: str, write: bool = True):
+        self.benchmark = benchmark
+        self.write = write
+        self.base = {"device": device_name(), "date": _dt.date.today().isoformat(), "commit": commit(),
+                     "command": "python " + " ".join(shlex.quote(a) for a in sys.argv)}
+
+    def emit(self, metric: str, value: float, unit: str, **settings) -> dict:
+        row = {"benchmark": self.benchmark, "metric": metric, "value": float(value), "unit": unit, **self.base,
+               **settings}
+        line = json.dumps(row, sort_keys=False)
+        print(line, flush=True)
+        if self.write:
+            os.makedirs(RESULTS_DIR, exist_ok=True)
+            with open(os.path.join(RESULTS_DIR, f"{self.benchmark}.jsonl"), "a") as f:
+                f.write(line + "\n")
+        return row
