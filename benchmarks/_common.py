@@ -10,6 +10,12 @@ import shlex
 import subprocess
 import sys
 
+if os.environ.get("DIFIX3D_GSPLAT_SO"):  # reuse a prebuilt gsplat extension on GPU hosts
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from difix3d import gsplat_prebuilt
+
+    gsplat_prebuilt.install()
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 

@@ -7,6 +7,11 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+if os.environ.get("DIFIX3D_GSPLAT_SO"):  # GPU hosts: reuse a prebuilt gsplat extension
+    from difix3d import gsplat_prebuilt
+
+    gsplat_prebuilt.install()
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
