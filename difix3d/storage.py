@@ -8,6 +8,7 @@ of work (a scene, a shard) as its own small JSON object, so concurrent workers n
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import io
 import json
 import os
@@ -19,6 +20,9 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import pyarrow.fs as pafs
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 _REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "viewfs://", "abfs://", "abfss://")
 
@@ -81,6 +85,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the file the usual permissions
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -137,22 +142,41 @@ def list_dir(uri: str) -> list[str]:
 
 
 def glob(pattern: str) -> list[str]:
-    """Expand a glob whose wildcards sit in the last path component(s), e.g. ``s3://b/segments/*``."""
+    """Expand a glob such as ``s3://b/segments/*`` or ``data/seg-??/images/*.jpg`` (sorted full URIs).
+
+    Wildcards match within one path component (``*`` never crosses ``/``, as in the shell); the listing goes one
+    level per wildcard component, so a pattern never scans more than the folders it names.
+    """
     pattern = str(pattern)
-    if not any(c in pattern for c in "*?["):
+    if not _has_magic(pattern):
         return [pattern] if exists(pattern) else []
-    sep_split = pattern.split("/")
-    first_wild = next(i for i, p in enumerate(sep_split) if any(c in p for c in "*?["))
-    base = "/".join(sep_split[:first_wild]) or "/"
-    fs, base_path = resolve(base)
-    infos = fs.get_file_info(pafs.FileSelector(base_path, recursive=True, allow_not_found=True))
-    rest = "/".join(sep_split[first_wild:])
-    out = []
-    for info in infos:
-        rel = posixpath.relpath(info.path.replace(os.sep, "/"), base_path.replace(os.sep, "/"))
-        if fnmatch.fnmatchcase(rel, rest):
-            out.append(join(base, rel))
-    return sorted(out)
+    parts = pattern.split("/")
+    first_wild = next(i for i, p in enumerate(parts) if _has_magic(p))
+    base = "/".join(parts[:first_wild])
+    if first_wild == 1 and parts[0] == "":  # "/*": the filesystem root
+        base = "/"
+    candidates = [base]
+    for part in parts[first_wild:]:
+        if part == "":  # trailing "/": keep folders only
+            candidates = [c for c in candidates if is_dir(c or ".")]
+            continue
+        nxt = []
+        for c in candidates:
+            if not _has_magic(part):
+                child = join(c, part) if c else part
+                if exists(child):
+                    nxt.append(child)
+                continue
+            for child in list_dir(c or "."):
+                name = posixpath.basename(child.replace(os.sep, "/"))
+                if fnmatch.fnmatchcase(name, part):
+                    nxt.append(join(c, name) if c else name)
+        candidates = nxt
+    return sorted(candidates)
+
+
+def _has_magic(s: str) -> bool:
+    return any(c in s for c in "*?[")
 
 
 def delete(uri: str) -> None:
@@ -193,6 +217,8 @@ class Manifest:
 
     def _uri(self, unit: str) -> str:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in unit)
+        if safe != unit:  # "a/b" and "a_b" must not share a record
+            safe += "-" + hashlib.sha1(unit.encode("utf-8")).hexdigest()[:8]
         return join(self.root, safe + ".json")
 
     def get(self, unit: str) -> ManifestEntry | None:
