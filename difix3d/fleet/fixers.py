@@ -1,0 +1,67 @@
+"""The fixer the scene tasks share: one Ray fixing pool sized to the cluster, or (``fixer_mode="local"``) a small
+picklable spec from which each scene task loads its own in-process fixer (the sequential baseline)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class LocalFixerSpec:
+    """Sent to scene tasks instead of a fixer: each task loads ``checkpoint`` itself on ``device``."""
+
+    checkpoint: str
+    device: str | None = None
+
+
+def resolve_checkpoint(checkpoint: str | None) -> tuple[str, str | None]:
+    """(checkpoint URI, a notice to print or None); None means the small checkpoint bundled with difix3d."""
+    if checkpoint:
+        return str(checkpoint), None
+    from difix3d.fixer import bundled
+
+    uri = str(bundled.default_checkpoint())
+    notice = getattr(bundled, "NOTICE", None) or (
+        "Using the small fixer bundled with difix3d (tiny preset). It is NOT a trained Difix: it shows the pipeline "
+        "end to end, not the paper's quality. Pass --checkpoint for real results.")
+    return uri, notice
+
+
+def pool_size(config, cluster_gpus: float) -> tuple[int, int, float]:
+    """(min replicas, max replicas, GPUs per replica): one replica per GPU share by default, 1 CPU replica without GPUs."""
+    use_gpu = cluster_gpus > 0 and config.device != "cpu"
+    gpus_per_replica = config.replica_num_gpus if use_gpu else 0.0
+    if config.pool_replicas > 0:
+        n = config.pool_replicas
+    else:
+        n = max(1, int(cluster_gpus)) if use_gpu else 1
+    return n, max(n, config.pool_max_replicas), gpus_per_replica
+
+
+def open_fixer(config, checkpoint: str, cluster_gpus: float) -> tuple[Any, Callable[[], None]]:
+    """(fixer handed to every scene task, close()) for ``config.fixer_mode``."""
+    use_gpu = cluster_gpus > 0 and config.device != "cpu"
+    if config.fixer_mode == "local":
+        return LocalFixerSpec(checkpoint, "cuda" if use_gpu else "cpu"), lambda: None
+    from difix3d import pool
+
+    lo, hi, gpus = pool_size(config, cluster_gpus)
+    client = pool.start_pool(checkpoint, name=config.pool_name, min_replicas=lo, max_replicas=hi,
+                             num_gpus_per_replica=gpus)
+    return client, lambda: pool.shutdown_pool(config.pool_name)
+
+
+_LOCAL_CACHE: dict[LocalFixerSpec, Any] = {}
+
+
+def materialize_fixer(fixer: Any) -> Any:
+    """Inside a scene task: a pool client as it is; a LocalFixerSpec loaded once per worker process."""
+    if not isinstance(fixer, LocalFixerSpec):
+        return fixer
+    if fixer not in _LOCAL_CACHE:
+        from difix3d.fixer.client import LocalFixerClient
+        from difix3d.fixer.runner import FixerRunner
+
+        _LOCAL_CACHE[fixer] = LocalFixerClient(FixerRunner.from_checkpoint(fixer.checkpoint, device=fixer.device))
+    return _LOCAL_CACHE[fixer]

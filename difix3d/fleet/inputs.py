@@ -1,0 +1,120 @@
+"""Which scenes a fleet run covers: parse a scene manifest (Parquet, JSON, glob, folder, comma list), or generate
+the embedded demo's synthetic driving segments."""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass
+
+from difix3d import storage
+from difix3d.errors import InputError
+
+_URI_COLUMNS = ("uri", "scene_uri", "path", "scene")
+_SCENE_MARKERS = ("images", "transforms.json", "ego_pose")  # a folder holding one of these is a scene itself
+
+
+@dataclass(frozen=True)
+class SceneRef:
+    """One unit of work: ``scene_id`` names its output folder and manifest record, ``uri`` is where it is read."""
+
+    scene_id: str
+    uri: str
+
+
+def resolve_scenes(spec: str) -> list[SceneRef]:
+    """Scene references from a manifest spec, in manifest order, with unique ids.
+
+    ``spec`` is a ``.parquet`` file (a ``uri``/``scene_uri``/``path`` column, optional ``scene_id``), a ``.json``
+    file (a list of URIs or of ``{"uri", "scene_id"}`` objects), a glob (``s3://b/segments/*``), a folder of scene
+    folders (or one scene folder), or a comma-separated list of scene URIs.
+    """
+    spec = str(spec).strip()
+    if "," in spec and not storage.exists(spec):
+        pairs = [(None, s.strip()) for s in spec.split(",") if s.strip()]
+    elif spec.endswith(".parquet"):
+        pairs = _from_parquet(spec)
+    elif spec.endswith(".json"):
+        pairs = _from_json(spec)
+    elif any(c in spec for c in "*?["):
+        pairs = [(None, u) for u in storage.glob(spec)]
+    elif storage.is_dir(spec):
+        if _is_scene(spec):
+            pairs = [(None, spec)]
+        else:
+            pairs = [(None, u) for u in storage.list_dir(spec)
+                     if storage.is_dir(u) and not posixpath.basename(u.rstrip("/")).startswith((".", "_"))]
+    else:
+        raise InputError(spec, "scene manifest not found (expected a .parquet/.json list, a glob or a folder)")
+    if not pairs:
+        raise InputError(spec, "scene manifest lists no scenes")
+    return _unique_ids(pairs)
+
+
+def scene_id_of(uri: str) -> str:
+    name = posixpath.basename(str(uri).rstrip("/").replace("\\", "/"))
+    return name or "scene"
+
+
+def _is_scene(uri: str) -> bool:
+    return any(storage.exists(storage.join(uri, m)) for m in _SCENE_MARKERS)
+
+
+def _from_parquet(uri: str) -> list[tuple[str | None, str]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(storage.bytes_io(uri))
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # pyarrow raises ArrowInvalid and friends for a file that is not Parquet
+        raise InputError(uri, f"not a readable Parquet file ({e})") from e
+    col = next((c for c in _URI_COLUMNS if c in table.column_names), None)
+    if col is None:
+        raise InputError(uri, f"no scene URI column; expected one of {list(_URI_COLUMNS)}, got {table.column_names}")
+    uris = table.column(col).to_pylist()
+    ids = table.column("scene_id").to_pylist() if "scene_id" in table.column_names else [None] * len(uris)
+    return [(i, _relative_to(uri, u)) for i, u in zip(ids, uris) if u]
+
+
+def _from_json(uri: str) -> list[tuple[str | None, str]]:
+    data = storage.read_json(uri)
+    if isinstance(data, dict) and "scenes" in data:
+        data = data["scenes"]
+    if not isinstance(data, list):
+        raise InputError(uri, "expected a JSON list of scene URIs (or {\"scenes\": [...]})")
+    out = []
+    for i, item in enumerate(data):
+        if isinstance(item, str):
+            out.append((None, _relative_to(uri, item)))
+        elif isinstance(item, dict) and any(k in item for k in _URI_COLUMNS):
+            u = next(item[k] for k in _URI_COLUMNS if k in item)
+            out.append((item.get("scene_id"), _relative_to(uri, u)))
+        else:
+            raise InputError(uri, f"entry {i} is neither a URI string nor an object with a 'uri' field")
+    return out
+
+
+def _relative_to(manifest_uri: str, scene_uri: str) -> str:
+    """Scene paths in a manifest are relative to the manifest's folder unless absolute or a URI."""
+    scene_uri = str(scene_uri)
+    if "://" in scene_uri or scene_uri.startswith("/"):
+        return scene_uri
+    parent = posixpath.dirname(str(manifest_uri)) or "."
+    return storage.join(parent, scene_uri)
+
+
+def _unique_ids(pairs: list[tuple[str | None, str]]) -> list[SceneRef]:
+    uris = [u for _, u in pairs]
+    if len(set(uris)) != len(uris):
+        dup = next(u for u in uris if uris.count(u) > 1)
+        raise InputError(dup, "the scene manifest lists this scene twice")
+    refs, taken = [], set()
+    for given, uri in pairs:
+        base = str(given) if given else scene_id_of(uri)
+        sid, n = base, 0
+        while sid in taken:  # two segments named alike in different folders
+            n += 1
+            sid = f"{base}-{n}"
+        taken.add(sid)
+        refs.append(SceneRef(sid, uri))
+    return refs

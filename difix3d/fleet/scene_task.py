@@ -1,0 +1,83 @@
+"""What runs inside one scene's Ray task: reconstruct the scene, then record it as done in the manifest.
+
+The task writes its own ``done`` record right after its outputs, so a driver that dies between the two never makes
+a finished scene look unfinished. Errors come back as a value (not raised) so the driver can tell bad input, which
+fails at once, from anything else, which is retried.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from typing import Any, Callable
+
+from difix3d import storage
+from difix3d.errors import InputError
+
+from .config import FleetConfig
+from .inputs import SceneRef
+
+# (scene, scene_output_uri, config, fixer) -> result dict with "metrics" {split: {method: {metric: value}}},
+# "frames_fixed", "timings"; the default is reconstruct_with_progressive below, tests pass stand-ins.
+SceneFn = Callable[[SceneRef, str, FleetConfig, Any], dict]
+
+
+def scene_output(output: str, scene_id: str) -> str:
+    return storage.join(output, "scenes", scene_id)
+
+
+def run_scene_task(scene_fn: SceneFn | None, scene: SceneRef, config: FleetConfig, fixer: Any,
+                   attempt: int, num_cpus: float) -> dict:
+    """Body of the per-scene Ray task; returns ``{"ok": True, **record}`` or ``{"ok": False, "error", ...}``."""
+    _limit_threads(num_cpus)
+    scene_fn = scene_fn or reconstruct_with_progressive
+    started = time.time()
+    try:
+        result = dict(scene_fn(scene, scene_output(config.output, scene.scene_id), config, fixer) or {})
+    except Exception as e:  # noqa: BLE001 - every error becomes this scene's record; the fleet goes on
+        return {"ok": False, "retryable": not isinstance(e, InputError), "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc()[-4000:], "started": started, "finished": time.time()}
+    finished = time.time()
+    record = {"scene_uri": scene.uri, "started": started, "finished": finished, "seconds": finished - started,
+              "frames_fixed": int(result.get("frames_fixed", 0) or 0), "metrics": result.get("metrics", {}),
+              "timings": result.get("timings", {})}
+    storage.Manifest(config.output).mark(scene.scene_id, "done", attempts=attempt, **record)
+    return {"ok": True, **record}
+
+
+def reconstruct_with_progressive(scene: SceneRef, out: str, config: FleetConfig, fixer: Any) -> dict:
+    """The real per-scene work: the progressive Difix3D/Difix3D+ loop, resumable from its last round under ``out``."""
+    from difix3d.recon.progressive import ProgressiveConfig, reconstruct_scene
+
+    from .fixers import materialize_fixer
+
+    base = ProgressiveConfig.tiny() if config.recon_preset == "tiny" else ProgressiveConfig()
+    recon_config = _with_overrides(base, config.extra)
+    device = None if config.device == "auto" else config.device
+    result = reconstruct_scene(scene.uri, out, recon_config, materialize_fixer(fixer), progress=False, device=device)
+    return result.to_dict() if hasattr(result, "to_dict") else dict(result)
+
+
+def _with_overrides(cfg: Any, extra: dict) -> Any:
+    import dataclasses
+
+    if not extra:
+        return cfg
+    names = {f.name for f in dataclasses.fields(cfg)}
+    unknown = sorted(set(extra) - names)
+    if unknown:
+        raise ValueError(f"unknown ProgressiveConfig fields in --set: {unknown}")
+    return dataclasses.replace(cfg, **extra)
+
+
+def _limit_threads(num_cpus: float) -> None:
+    """Torch would start one thread per core of the node in every task; give each task the CPUs Ray granted it."""
+    n = max(1, int(num_cpus))
+    os.environ.setdefault("OMP_NUM_THREADS", str(n))
+    try:
+        import torch
+
+        torch.set_num_threads(n)
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass

@@ -1,0 +1,178 @@
+"""The fleet driver's orchestration on a local Ray cluster with a stand-in per-scene function (fast): statuses,
+retries, a bad scene failing alone, resume after an abandoned run, summary.parquet, local path and file:// outputs."""
+
+import json
+import math
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from difix3d import storage
+from difix3d.fleet import FleetConfig, run_fleet
+from difix3d.fleet.driver import in_flight_limit, plan, scene_task_options
+from difix3d.fleet.inputs import SceneRef
+
+
+def make_fake_scenes(root, specs: dict[str, dict]) -> str:
+    """Scene folders with a ``scene.json`` telling the stand-in how to behave; returns a JSON scene manifest."""
+    uris = []
+    for name, spec in specs.items():
+        d = root / "scenes-in" / name
+        (d / "images").mkdir(parents=True)
+        (d / "scene.json").write_text(json.dumps(spec))
+        uris.append(str(d))
+    manifest = root / "scenes.json"
+    manifest.write_text(json.dumps(uris))
+    return str(manifest)
+
+
+def fake_scene_fn():
+    """A stand-in for the progressive loop, defined in a closure so Ray pickles it by value into its workers.
+
+    It counts its calls per scene in files, fails as its scene.json asks, and returns paper-shaped metrics.
+    """
+
+    def scene_fn(scene, out, config, fixer):
+        import json as _json
+        import os as _os
+        import time as _time
+        import uuid as _uuid
+
+        from difix3d import storage as _st
+        from difix3d.errors import InputError
+
+        spec = _json.loads(_st.read_text(_st.join(scene.uri, "scene.json")))
+        calls = _os.path.join(_st.resolve(scene.uri)[1], "calls")
+        _os.makedirs(calls, exist_ok=True)
+        open(_os.path.join(calls, _uuid.uuid4().hex), "w").close()
+        n_calls = len(_os.listdir(calls))
+        _time.sleep(spec.get("sleep", 0.0))
+        if spec.get("corrupt"):
+            raise InputError(_st.join(scene.uri, "images", "000_0.jpg"), "truncated JPEG")
+        if n_calls <= spec.get("fail_times", 0):
+            raise RuntimeError(f"transient failure {n_calls}")
+        assert fixer == "fake-fixer"
+        _st.write_json(_st.join(out, "metrics.json"), {"calls": n_calls})
+        psnr = spec.get("psnr", 20.0)
+        return {"frames_fixed": 4, "timings": {"total": 0.1},
+                "metrics": {"test": {"baseline": {"psnr": psnr, "ssim": 0.5},
+                                     "difix3d": {"psnr": psnr + 1, "ssim": 0.6},
+                                     "difix3d+": {"psnr": psnr + 2, "ssim": 0.7}}}}
+
+    return scene_fn
+
+
+def calls_of(tmp_path, name) -> int:
+    d = tmp_path / "scenes-in" / name / "calls"
+    return len(os.listdir(d)) if d.exists() else 0
+
+
+@pytest.fixture(params=["path", "file_uri"])
+def output(request, tmp_path):
+    out = tmp_path / "out"
+    return str(out) if request.param == "path" else "file://" + str(out)
+
+
+def test_fleet_mixed_scenes_statuses_retries_and_summary(ray_local, tmp_path, output, capsys):
+    scenes = make_fake_scenes(tmp_path, {
+        "good": {"psnr": 20.0},
+        "good2": {"psnr": 22.0},
+        "flaky": {"fail_times": 1, "psnr": 24.0},  # fails once, then succeeds on the retry
+        "broken": {"fail_times": 99},  # fails every time: retried up to max_attempts, then failed
+        "corrupt": {"corrupt": True},  # bad input: failed at once, no retry
+    })
+    cfg = FleetConfig(scenes=scenes, output=output, max_attempts=2, progress=False)
+    report = run_fleet(cfg, scene_fn=fake_scene_fn(), fixer="fake-fixer")
+
+    assert report.counts == {"done": 3, "failed": 2} and not report.interrupted
+    rows = {r["scene_id"]: r for r in report.rows}
+    assert rows["flaky"]["attempts"] == 2 and rows["good"]["attempts"] == 1
+    assert rows["broken"]["attempts"] == 2 and "transient failure 2" in rows["broken"]["error"]
+    assert rows["corrupt"]["attempts"] == 1 and calls_of(tmp_path, "corrupt") == 1
+    assert "000_0.jpg" in rows["corrupt"]["error"] and "truncated JPEG" in rows["corrupt"]["error"]
+    # outputs of each done scene under <out>/scenes/<id>/, the config, and the manifest records
+    for sid in ("good", "good2", "flaky"):
+        assert storage.exists(storage.join(output, "scenes", sid, "metrics.json"))
+    assert storage.read_json(storage.join(output, "config.json"))["max_attempts"] == 2
+    entry = storage.Manifest(output).get("corrupt")
+    assert entry.status == "failed" and "Traceback" in entry.info["traceback"]
+
+    table = pq.read_table(storage.bytes_io(storage.join(output, "summary.parquet")))
+    assert table.num_rows == 5
+    summary = {r["scene_id"]: r for r in table.to_pylist()}
+    assert summary["good2"]["test.difix3d+.psnr"] == 24.0 and summary["good"]["test.baseline.ssim"] == 0.5
+    assert summary["corrupt"]["status"] == "failed" and summary["corrupt"]["test.baseline.psnr"] is None
+    assert summary["good"]["frames_fixed"] == 4 and math.isfinite(summary["good"]["seconds"])
+
+    printed = capsys.readouterr().out
+    assert "3 done" in printed and "2 failed" in printed and "failed corrupt" in printed
+    mean_line = next(line for line in printed.splitlines() if line.startswith("difix3d+ "))
+    assert float(mean_line.split()[1]) == pytest.approx((22 + 24 + 26) / 3)  # mean PSNR over done scenes
+
+
+def test_abandoned_run_resumes_without_recomputing_finished_scenes(ray_local, tmp_path):
+    scenes = make_fake_scenes(tmp_path, {f"s{i}": {"sleep": 0.2} for i in range(4)})
+    out = str(tmp_path / "out")
+    cfg = FleetConfig(scenes=scenes, output=out, max_in_flight=1, progress=False)
+    first = run_fleet(cfg, scene_fn=fake_scene_fn(), fixer="fake-fixer", stop_after=2)
+    assert first.interrupted and len(first.ran) == 2 and first.summary_uri is None
+    assert sorted(e.status for e in storage.Manifest(out).entries()).count("done") == 2
+
+    second = run_fleet(cfg, scene_fn=fake_scene_fn(), fixer="fake-fixer")
+    assert sorted(second.skipped) == sorted(first.ran)
+    assert second.counts == {"done": 4}
+    for i in range(4):
+        assert calls_of(tmp_path, f"s{i}") == 1, f"s{i} recomputed"  # nothing ran twice, even the cancelled one
+    # a third run is a no-op that still writes the summary
+    third = run_fleet(cfg, scene_fn=fake_scene_fn(), fixer="fake-fixer")
+    assert third.ran == [] and len(third.skipped) == 4
+    assert pq.read_table(os.path.join(out, "summary.parquet")).num_rows == 4
+
+
+def test_failed_scenes_stay_failed_unless_retry_failed(ray_local, tmp_path):
+    scenes = make_fake_scenes(tmp_path, {"ok": {}, "bad": {"fail_times": 1}})
+    out = str(tmp_path / "out")
+    cfg = FleetConfig(scenes=scenes, output=out, max_attempts=1, progress=False)
+    assert run_fleet(cfg, scene_fn=fake_scene_fn(), fixer="fake-fixer").counts == {"done": 1, "failed": 1}
+    again = run_fleet(cfg, scene_fn=fake_scene_fn(), fixer="fake-fixer")
+    assert again.ran == [] and again.status_of("bad") == "failed" and calls_of(tmp_path, "bad") == 1
+    cfg.retry_failed = True
+    retried = run_fleet(cfg, scene_fn=fake_scene_fn(), fixer="fake-fixer")
+    assert retried.ran == ["bad"] and retried.counts == {"done": 2}
+
+
+def test_plan_skips_done_and_exhausted_and_resumes_interrupted(tmp_path):
+    m = storage.Manifest(str(tmp_path))
+    m.mark("done", "done", attempts=1)
+    m.mark("exhausted", "failed", attempts=2, failures=2, error="x")
+    m.mark("one-failure", "failed", attempts=1, failures=1, error="x")
+    m.mark("interrupted", "running", attempts=3, failures=0)
+    refs = [SceneRef(s, "/x/" + s) for s in ["done", "exhausted", "one-failure", "interrupted", "new"]]
+    todo, done = plan(refs, m, FleetConfig(max_attempts=2))
+    assert [s.scene_id for s in done] == ["done"]
+    assert [(w.scene.scene_id, w.attempts, w.failures) for w in todo] == [
+        ("one-failure", 1, 1), ("interrupted", 3, 0), ("new", 0, 0)]  # an interruption is not a failure
+
+
+def test_scene_resources_and_in_flight_bound():
+    cfg = FleetConfig(scene_num_cpus=2, scene_num_gpus=0.25, scene_memory_gb=8, replica_num_gpus=0.5)
+    assert scene_task_options(cfg, use_gpu=True) == {"num_cpus": 2, "num_gpus": 0.25, "memory": 8 * 2**30,
+                                                     "max_retries": 0}
+    assert scene_task_options(cfg, use_gpu=False)["num_gpus"] == 0
+    # 8 GPUs: 8 replicas x 0.5 GPU leave 4 GPUs = 16 scene slots; CPUs (64 - 8) / 2 = 28: GPUs bound it
+    assert in_flight_limit(cfg, {"CPU": 64, "GPU": 8}, use_gpu=True) == 16 + 4
+    # a 2-core laptop: one CPU for the replica, one scene running, one queued
+    assert in_flight_limit(FleetConfig(), {"CPU": 2}, use_gpu=False) == 2
+    assert in_flight_limit(FleetConfig(max_in_flight=7), {"CPU": 2}, use_gpu=False) == 7
+
+
+def test_config_roundtrip_and_validation():
+    cfg = FleetConfig(scenes="s3://b/segs/*", extra={"rounds": 2})
+    assert FleetConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="unknown fields"):
+        FleetConfig.from_dict({"nope": 1})
+    with pytest.raises(ValueError, match="fixer_mode"):
+        FleetConfig(fixer_mode="serve").validate()
+    with pytest.raises(ValueError, match="max_attempts"):
+        FleetConfig(max_attempts=0).validate()
