@@ -176,3 +176,56 @@ def test_config_roundtrip_and_validation():
         FleetConfig(fixer_mode="serve").validate()
     with pytest.raises(ValueError, match="max_attempts"):
         FleetConfig(max_attempts=0).validate()
+
+
+_KILLED_DRIVER = r"""
+import sys, time
+import ray
+from difix3d.fleet import FleetConfig, run_fleet
+
+def scene_fn(scene, out, config, fixer):
+    import os, uuid, time
+    from difix3d import storage
+    calls = os.path.join(scene.uri, "calls")
+    os.makedirs(calls, exist_ok=True)
+    open(os.path.join(calls, uuid.uuid4().hex), "w").close()
+    time.sleep(1.0 if scene.scene_id == "s0" else 60.0)  # s0 finishes; the others are still running at the kill
+    storage.write_json(storage.join(out, "metrics.json"), {})
+    return {"frames_fixed": 1, "metrics": {"test": {"baseline": {"psnr": 1.0}}}}
+
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+run_fleet(FleetConfig(scenes=sys.argv[1], output=sys.argv[2], max_in_flight=2, scene_num_cpus=1, progress=False),
+          scene_fn=scene_fn, fixer="fake-fixer")
+"""
+
+
+@pytest.mark.slow
+def test_killed_driver_rerun_keeps_finished_scenes(ray_local, tmp_path):
+    """SIGKILL the driver process (its embedded Ray dies with it) after one scene finished; the re-run skips it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    scenes = make_fake_scenes(tmp_path, {f"s{i}": {} for i in range(3)})
+    out = str(tmp_path / "out")
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_DRIVER, scenes, out], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest = storage.Manifest(out)
+    try:
+        deadline = time.time() + 90
+        while not manifest.is_done("s0"):
+            assert proc.poll() is None and time.time() < deadline, "the driver died or never finished s0"
+            time.sleep(0.3)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole session: driver and the local Ray it started
+        proc.wait()
+    assert manifest.get("s1").status == "running"  # interrupted mid-scene
+    assert not storage.exists(os.path.join(out, "summary.parquet"))
+
+    report = run_fleet(FleetConfig(scenes=scenes, output=out, progress=False), scene_fn=fake_scene_fn(),
+                       fixer="fake-fixer")
+    assert report.skipped == ["s0"] and sorted(report.ran) == ["s1", "s2"]
+    assert report.counts == {"done": 3}
+    assert calls_of(tmp_path, "s0") == 1  # not recomputed
+    assert storage.Manifest(out).get("s1").attempts == 2  # the interrupted try plus the resumed one

@@ -1,0 +1,76 @@
+"""Scene manifests: Parquet, JSON, glob, folder of scenes, comma list; relative paths, unique ids, clear errors."""
+
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from difix3d.errors import InputError
+from difix3d.fleet.inputs import SceneRef, resolve_scenes
+
+
+@pytest.fixture
+def segments(tmp_path):
+    for name in ["seg-b", "seg-a", "other"]:
+        (tmp_path / "segs" / name / "images").mkdir(parents=True)
+    (tmp_path / "segs" / "_manifest").mkdir()  # bookkeeping folders are not scenes
+    (tmp_path / "segs" / "notes.txt").write_text("not a scene")
+    return tmp_path / "segs"
+
+
+def test_folder_of_scenes_and_single_scene_folder(segments):
+    refs = resolve_scenes(str(segments))
+    assert refs == [SceneRef(n, str(segments / n)) for n in ["other", "seg-a", "seg-b"]]
+    assert resolve_scenes(str(segments / "seg-a")) == [SceneRef("seg-a", str(segments / "seg-a"))]
+    assert [r.scene_id for r in resolve_scenes("file://" + str(segments))] == ["other", "seg-a", "seg-b"]
+
+
+def test_glob_and_comma_list(segments):
+    assert [r.scene_id for r in resolve_scenes(str(segments / "seg-*"))] == ["seg-a", "seg-b"]
+    refs = resolve_scenes(f"{segments / 'seg-b'}, {segments / 'other'}")
+    assert [r.scene_id for r in refs] == ["seg-b", "other"]  # manifest order is kept
+
+
+def test_json_manifest_strings_objects_and_relative_paths(segments):
+    m = segments.parent / "scenes.json"
+    m.write_text(json.dumps(["segs/seg-a", {"uri": "s3://bucket/x/seg-a", "scene_id": "remote-a"},
+                             {"scene_uri": str(segments / "other")}]))
+    refs = resolve_scenes(str(m))
+    assert refs == [SceneRef("seg-a", os.path.join(str(segments.parent), "segs/seg-a")),
+                    SceneRef("remote-a", "s3://bucket/x/seg-a"), SceneRef("other", str(segments / "other"))]
+    m.write_text(json.dumps({"scenes": ["s3://b/one"]}))
+    assert resolve_scenes(str(m)) == [SceneRef("one", "s3://b/one")]
+
+
+def test_parquet_manifest(tmp_path):
+    p = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"uri": ["s3://b/a/seg", "gs://c/d/seg", "rel/seg2"]}), p)
+    refs = resolve_scenes(str(p))
+    assert [r.scene_id for r in refs] == ["seg", "seg-1", "seg2"]  # same basename: ids made unique
+    assert refs[2].uri == os.path.join(str(tmp_path), "rel/seg2")
+    pq.write_table(pa.table({"scene_uri": ["s3://b/x"], "scene_id": ["custom"]}), p)
+    assert resolve_scenes(str(p)) == [SceneRef("custom", "s3://b/x")]
+
+
+def test_bad_manifests_name_the_file_and_problem(tmp_path):
+    with pytest.raises(InputError, match="nope.*not found"):
+        resolve_scenes(str(tmp_path / "nope"))
+    p = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"name": ["x"]}), p)
+    with pytest.raises(InputError, match="m.parquet.*no scene URI column"):
+        resolve_scenes(str(p))
+    p.write_bytes(b"not parquet at all")
+    with pytest.raises(InputError, match="m.parquet.*not a readable Parquet"):
+        resolve_scenes(str(p))
+    j = tmp_path / "m.json"
+    j.write_text(json.dumps([1, 2]))
+    with pytest.raises(InputError, match="m.json.*entry 0"):
+        resolve_scenes(str(j))
+    j.write_text(json.dumps(["s3://b/a", "s3://b/a"]))
+    with pytest.raises(InputError, match="s3://b/a.*twice"):
+        resolve_scenes(str(j))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no scenes"):
+        resolve_scenes(str(tmp_path / "empty"))
