@@ -74,3 +74,19 @@ def test_bad_manifests_name_the_file_and_problem(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no scenes"):
         resolve_scenes(str(tmp_path / "empty"))
+
+
+def test_job_cli_is_built_from_fleet_config():
+    from difix3d.fleet import FleetConfig
+    from difix3d.fleet.cli import build_parser, config_from_args
+
+    assert config_from_args(build_parser().parse_args([])) == FleetConfig()  # no arguments: the embedded demo
+    cfg = config_from_args(build_parser().parse_args(
+        ["--scenes", "s3://b/segs/*", "--output", "s3://b/out", "--scene-num-gpus", "0.5", "--max-attempts", "3",
+         "--retry-failed", "--no-progress", "--fixer-mode", "local", "--set", "rounds=2", "--set", "name=x"]))
+    assert (cfg.scenes, cfg.output, cfg.scene_num_gpus, cfg.max_attempts) == ("s3://b/segs/*", "s3://b/out", 0.5, 3)
+    assert cfg.retry_failed and not cfg.progress and cfg.fixer_mode == "local"
+    assert cfg.extra == {"rounds": 2, "name": "x"}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--device", "tpu"])
+    assert "bundled" in build_parser().format_help()  # field docstrings become --help text

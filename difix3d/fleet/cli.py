@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"reconstruct_fleet: error: {e}", file=sys.stderr)
         return 2
-    ray.init()  # RAY_ADDRESS set by `ray job submit` joins the cluster; otherwise an embedded local one starts
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS set by `ray job submit` joins the cluster; otherwise an embedded local one starts
     try:
         report = run_fleet(config)
     except Difix3DError as e:
