@@ -1,0 +1,54 @@
+"""``difix3d evaluate`` and the argument parser shared with ``jobs/evaluate.py``."""
+
+from __future__ import annotations
+
+import argparse
+
+from difix3d.eval.config import EvalConfig
+from difix3d.eval.metrics import ALL_METRICS
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = EvalConfig(input="", output="")
+    p.add_argument("--input", required=True,
+                   help="rows file (.parquet, .json list, .jsonl) or a fleet output folder/URI")
+    p.add_argument("--output", required=True, help="output folder/URI")
+    p.add_argument("--metrics", default=",".join(d.metrics), help=f"comma list of {','.join(ALL_METRICS)}")
+    p.add_argument("--workers", type=int, default=d.workers, help="max metric actors")
+    p.add_argument("--min-workers", type=int, default=d.min_workers)
+    p.add_argument("--num-gpus-per-worker", type=float, default=d.num_gpus_per_worker)
+    p.add_argument("--num-cpus-per-worker", type=float, default=d.num_cpus_per_worker)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="views per actor call")
+    p.add_argument("--lpips-net", default=d.lpips_net, choices=["alex", "vgg", "squeeze"])
+    p.add_argument("--lpips-weights", default=d.lpips_weights, choices=["pretrained", "random"],
+                   help="random: stand-in backbone (values not comparable to published LPIPS)")
+    p.add_argument("--fid-features", default=d.fid_features, choices=["inception", "random"],
+                   help="random: stand-in feature net (values not comparable to published FID/KID)")
+    p.add_argument("--hub-dir", default=None, help="torch hub folder holding checkpoints/ (default: torch's)")
+    p.add_argument("--baseline-method", default=d.baseline_method)
+    p.add_argument("--bootstrap-resamples", type=int, default=d.bootstrap_resamples)
+    p.add_argument("--overwrite", action="store_true", help="recompute even when outputs exist")
+
+
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    return EvalConfig(input=args.input, output=args.output, metrics=args.metrics, workers=args.workers,
+                      min_workers=min(args.min_workers, args.workers), num_gpus_per_worker=args.num_gpus_per_worker,
+                      num_cpus_per_worker=args.num_cpus_per_worker, batch_size=args.batch_size,
+                      lpips_net=args.lpips_net, lpips_weights=args.lpips_weights, fid_features=args.fid_features,
+                      hub_dir=args.hub_dir, baseline_method=args.baseline_method,
+                      bootstrap_resamples=args.bootstrap_resamples, overwrite=args.overwrite)
+
+
+def run(args: argparse.Namespace) -> int:
+    from difix3d.eval.pipeline import evaluate
+
+    result = evaluate(config_from_args(args))
+    print(f"evaluate: {result.n_views} views ({result.n_errors} errors) in {result.seconds:.1f} s -> {result.output}"
+          + (" (reused existing per-view outputs)" if result.skipped else ""))
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("evaluate", help="PSNR/SSIM/LPIPS per view and FID/KID per method on Ray Data")
+    add_arguments(p)
+    p.set_defaults(func=run)

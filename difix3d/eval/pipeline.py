@@ -1,0 +1,232 @@
+"""The Ray Data evaluation pipeline: rows → per-view metrics on an actor pool → per-view Parquet + FID/KID.
+
+``rows (from_items | read_parquet) -> map_batches(MetricsUDF, ActorPoolStrategy) -> driver``: the driver streams
+the result batches, appends the per-view rows to one Parquet file (``<out>/per_view.parquet``, written through a
+``pyarrow.parquet.ParquetWriter`` to a temporary name and moved into place, so it is whole or absent) and folds the
+feature columns into per-method FID/KID statistics. Images are only ever decoded inside the actors, so driver memory
+does not grow with the number of segments. Each row carries ``status`` ("ok" | "error") and ``error``: a corrupt,
+missing or size-mismatched image is recorded on its row and the job goes on (Ray's ``max_errored_blocks`` would
+drop whole blocks).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from difix3d import storage
+from difix3d.device import default_device
+from difix3d.eval import metrics as M
+from difix3d.eval.config import EvalConfig
+from difix3d.eval.perceptual import build_feature_net, build_lpips, metric_availability
+from difix3d.eval.rows import ROW_COLUMNS, load_rows
+from difix3d.eval.set_metrics import SetMetrics
+from difix3d.imageio import read_image, to_tensor
+
+log = logging.getLogger(__name__)
+
+PER_VIEW_FILE = "per_view.parquet"
+SET_METRICS_FILE = "set_metrics.json"
+PER_VIEW_SCHEMA = pa.schema([
+    ("segment", pa.string()), ("view", pa.string()), ("method", pa.string()),
+    ("render_uri", pa.string()), ("gt_uri", pa.string()),
+    ("status", pa.string()), ("error", pa.string()),
+    ("height", pa.int32()), ("width", pa.int32()),
+    ("psnr", pa.float64()), ("ssim", pa.float64()), ("lpips", pa.float64()),
+])
+
+
+@dataclass
+class EvalResult:
+    """Where the outputs are and what they say at the top level."""
+
+    output: str
+    n_views: int
+    n_errors: int
+    set_metrics: dict  # {method: {"fid", "kid", "kid_std", "n"}}
+    unavailable: dict[str, str]  # metric -> reason
+    seconds: float
+    skipped: bool = False  # outputs existed and were kept (no --overwrite)
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def evaluate(config: EvalConfig) -> EvalResult:
+    """Run the whole evaluation: per-view metrics and FID/KID (skipped when their outputs exist, unless
+    ``config.overwrite``), then the reports and plots (:mod:`difix3d.eval.report`, :mod:`difix3d.eval.plots`)."""
+    from difix3d.eval import plots, report
+
+    t0 = time.perf_counter()
+    out = config.output
+    per_view_uri, set_uri = storage.join(out, PER_VIEW_FILE), storage.join(out, SET_METRICS_FILE)
+    skipped = not config.overwrite and storage.exists(per_view_uri) and storage.exists(set_uri)
+    if skipped:
+        log.info("evaluate: %s and %s exist, reusing them (pass overwrite to recompute)", per_view_uri, set_uri)
+        saved = storage.read_json(set_uri)
+        set_results, unavailable = saved["methods"], saved["unavailable"]
+    else:
+        storage.write_json(storage.join(out, "config.json"), config.to_json())
+        set_results, unavailable = compute_per_view(config, per_view_uri)
+        storage.write_json(set_uri, {"methods": set_results, "unavailable": unavailable})
+    table = pq.read_table(storage.resolve(per_view_uri)[1], filesystem=storage.resolve(per_view_uri)[0])
+    files = report.write_reports(table, set_results, unavailable, config)
+    files.update(plots.write_plots(table, config))
+    files.update({"per_view": per_view_uri, "set_metrics": set_uri})
+    statuses = table.column("status").to_pylist()
+    return EvalResult(out, len(statuses), sum(s != "ok" for s in statuses), set_results, unavailable,
+                      time.perf_counter() - t0, skipped, files)
+
+
+def compute_per_view(config: EvalConfig, per_view_uri: str) -> tuple[dict, dict[str, str]]:
+    """Stream the rows through the actor pool; write per-view rows; return (FID/KID per method, unavailable)."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    avail = metric_availability(config.metrics, config.lpips_net, config.lpips_weights, config.fid_features,
+                                config.hub_dir)
+    unavailable = {m: a.reason for m, a in avail.items() if not a.available}
+    for m, reason in unavailable.items():
+        log.warning("evaluate: %s unavailable: %s", m, reason)
+    enabled = tuple(m for m in config.metrics if avail[m].available)
+    features_needed = any(m in enabled for m in M.SET_METRICS)
+    num_features = (build_feature_net(config.fid_features, config.hub_dir, config.random_feature_dim).num_features
+                    if features_needed else 0)
+
+    rows = load_rows(config.input)
+    ds = ray.data.read_parquet(rows, columns=list(ROW_COLUMNS)) if isinstance(rows, str) else \
+        ray.data.from_items(rows)
+    ds = ds.map_batches(
+        MetricsUDF,
+        fn_constructor_kwargs={"metrics": enabled, "lpips_net": config.lpips_net,
+                               "lpips_weights": config.lpips_weights, "fid_features": config.fid_features,
+                               "random_feature_dim": config.random_feature_dim, "hub_dir": config.hub_dir},
+        compute=ActorPoolStrategy(min_size=config.min_workers, max_size=config.workers),
+        num_gpus=config.num_gpus_per_worker, num_cpus=config.num_cpus_per_worker,
+        batch_size=config.batch_size, batch_format="numpy",
+    )
+    sets = SetMetrics(enabled, num_features, config.kid_subset_size, config.kid_subsets, config.kid_max_samples,
+                      config.seed)
+    with _AtomicParquetWriter(per_view_uri, PER_VIEW_SCHEMA) as writer:
+        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+            writer.write(pa.table({name: _column(batch[name], f.type) for name, f in
+                                   zip(PER_VIEW_SCHEMA.names, PER_VIEW_SCHEMA)}, schema=PER_VIEW_SCHEMA))
+            if features_needed:
+                ok = batch["status"] == "ok"
+                methods = batch["method"]
+                for method in np.unique(methods[ok]):
+                    sel = ok & (methods == method)
+                    sets.update(str(method), batch["render_features"][sel], batch["gt_features"][sel])
+    set_results = sets.compute() if features_needed else {}
+    return set_results, unavailable
+
+
+class MetricsUDF:
+    """Ray Data callable class: a batch of rows → the same rows with status, error, sizes, per-view metrics and
+    (when FID/KID are on) ``render_features`` / ``gt_features`` ``[B, D]``. Networks are built once per actor."""
+
+    def __init__(self, metrics: tuple[str, ...], lpips_net: str = "alex", lpips_weights="pretrained",
+                 fid_features="inception", random_feature_dim: int = 64, hub_dir: str | None = None):
+        self.metrics = tuple(metrics)
+        self.device = default_device()
+        self.lpips = (build_lpips(lpips_net, lpips_weights, hub_dir).to(self.device)
+                      if "lpips" in self.metrics else None)
+        self.features = (build_feature_net(fid_features, hub_dir, random_feature_dim).to(self.device)
+                         if any(m in self.metrics for m in M.SET_METRICS) else None)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["render_uri"])
+        out = {c: np.asarray([str(v) for v in batch[c]], dtype=object) for c in ROW_COLUMNS}
+        out["status"] = np.full(n, "ok", dtype=object)
+        out["error"] = np.full(n, "", dtype=object)
+        out["height"] = np.zeros(n, np.int32)
+        out["width"] = np.zeros(n, np.int32)
+        for m in M.PER_VIEW_METRICS:
+            out[m] = np.full(n, np.nan, np.float64)
+        if self.features is not None:
+            out["render_features"] = np.zeros((n, self.features.num_features), np.float32)
+            out["gt_features"] = np.zeros((n, self.features.num_features), np.float32)
+
+        pairs = self._load_pairs(out, n)  # {(H, W): [(row, render, gt)]}
+        for rows_in_group in pairs.values():
+            idx = [i for i, _, _ in rows_in_group]
+            try:
+                self._score(out, idx, [r for _, r, _ in rows_in_group], [g for _, _, g in rows_in_group])
+            except Exception as e:  # noqa: BLE001 - one bad group must not end the job; recorded per row
+                for i in idx:
+                    out["status"][i], out["error"][i] = "error", f"metric computation failed: {e!r}"
+        return out
+
+    def _load_pairs(self, out: dict, n: int) -> dict[tuple[int, int], list]:
+        gt_cache: dict[str, np.ndarray] = {}  # one view's ground truth is shared by every method in the batch
+        groups: dict[tuple[int, int], list] = {}
+        for i in range(n):
+            try:
+                render = read_image(out["render_uri"][i])
+                gt_uri = out["gt_uri"][i]
+                if gt_uri not in gt_cache:
+                    gt_cache[gt_uri] = read_image(gt_uri)
+                gt = gt_cache[gt_uri]
+                out["height"][i], out["width"][i] = render.shape[0], render.shape[1]
+                if render.shape != gt.shape:
+                    raise ValueError(f"size mismatch: render {render.shape[1]}x{render.shape[0]} "
+                                     f"({out['render_uri'][i]}) vs ground truth {gt.shape[1]}x{gt.shape[0]} "
+                                     f"({gt_uri})")
+            except Exception as e:  # noqa: BLE001 - corrupt/missing/mismatched input: recorded, not fatal
+                out["status"][i], out["error"][i] = "error", str(e)
+                continue
+            groups.setdefault(render.shape[:2], []).append((i, render, gt))
+        return groups
+
+    @torch.no_grad()
+    def _score(self, out: dict, idx: list[int], renders: list[np.ndarray], gts: list[np.ndarray]) -> None:
+        preds = to_tensor(renders).to(self.device)  # [b, 3, H, W]
+        target = to_tensor(gts).to(self.device)  # [b, 3, H, W]
+        results = {}
+        if "psnr" in self.metrics:
+            results["psnr"] = M.psnr(preds, target)
+        if "ssim" in self.metrics:
+            results["ssim"] = M.ssim(preds, target)
+        if self.lpips is not None:
+            results["lpips"] = M.lpips(self.lpips, preds, target)
+        if self.features is not None:
+            out["render_features"][idx] = self.features(preds).float().cpu().numpy()
+            out["gt_features"][idx] = self.features(target).float().cpu().numpy()
+        for name, values in results.items():
+            out[name][idx] = values.double().cpu().numpy()
+
+
+def _column(values: np.ndarray, typ: pa.DataType) -> pa.Array:
+    if pa.types.is_string(typ):
+        return pa.array([str(v) for v in values], type=typ)
+    return pa.array(np.asarray(values), type=typ)
+
+
+class _AtomicParquetWriter:
+    """One Parquet file written batch by batch to ``.tmp-<name>`` and moved into place on success."""
+
+    def __init__(self, uri: str, schema: pa.Schema):
+        self.uri = uri
+        self.fs, self.path = storage.resolve(uri)
+        parent, name = self.path.rsplit("/", 1) if "/" in self.path else ("", self.path)
+        self.tmp_path = f"{parent}/.tmp-{name}" if parent else f".tmp-{name}"
+        self.schema = schema
+
+    def __enter__(self) -> "_AtomicParquetWriter":
+        self.fs.create_dir(self.path.rsplit("/", 1)[0], recursive=True)
+        self.writer = pq.ParquetWriter(self.tmp_path, self.schema, filesystem=self.fs)
+        return self
+
+    def write(self, table: pa.Table) -> None:
+        self.writer.write_table(table)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.writer.close()
+        if exc_type is None:
+            self.fs.move(self.tmp_path, self.path)
+        else:
+            self.fs.delete_file(self.tmp_path)

@@ -1,0 +1,131 @@
+"""Tables people read: per-segment means (Parquet) and the per-method summary (mean, median, bootstrap 95% interval)
+printed and written as Markdown (``summary.md``) and JSON (``summary.json``).
+
+Statistics use the finite values of a metric: NaN (metric unavailable or row failed) and the ``+inf`` PSNR of an
+exact match are left out; ``n`` says how many values each statistic is over.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from scipy import stats
+
+from difix3d import storage
+from difix3d.eval.config import EvalConfig
+from difix3d.eval.metrics import HIGHER_IS_BETTER, PER_VIEW_METRICS
+
+PER_SEGMENT_FILE = "per_segment.parquet"
+SUMMARY_MD, SUMMARY_JSON = "summary.md", "summary.json"
+
+
+def write_reports(per_view: pa.Table, set_results: dict, unavailable: dict[str, str], config: EvalConfig,
+                  echo: bool = True) -> dict[str, str]:
+    """Write ``per_segment.parquet``, ``summary.md`` and ``summary.json`` under ``config.output``; print the table."""
+    metrics = [m for m in PER_VIEW_METRICS if m in config.metrics and m not in unavailable]
+    seg = per_segment_table(per_view, metrics)
+    seg_uri = storage.join(config.output, PER_SEGMENT_FILE)
+    buf = io.BytesIO()
+    seg.to_parquet(buf, index=False)
+    storage.write_bytes(seg_uri, buf.getvalue())
+
+    summary = summarize(per_view, set_results, metrics, config)
+    set_metrics = [m for m in ("fid", "kid") if m in config.metrics]
+    md = summary_markdown(summary, metrics, set_metrics, unavailable, config.confidence)
+    md_uri, json_uri = storage.join(config.output, SUMMARY_MD), storage.join(config.output, SUMMARY_JSON)
+    storage.write_text(md_uri, md)
+    storage.write_json(json_uri, {"methods": summary, "unavailable": unavailable, "confidence": config.confidence,
+                                  "bootstrap_resamples": config.bootstrap_resamples})
+    if echo:
+        print(md, flush=True)
+    return {"per_segment": seg_uri, "summary_md": md_uri, "summary_json": json_uri}
+
+
+def per_segment_table(per_view: pa.Table, metrics: list[str]) -> pd.DataFrame:
+    """One row per (segment, method): ``n_views``, ``n_errors`` and the mean of each metric over its ok views."""
+    df = per_view.select(["segment", "method", "status", *metrics]).to_pandas()
+    ok = df["status"] == "ok"
+    for m in metrics:
+        df[m] = df[m].where(ok & np.isfinite(df[m]))
+    grouped = df.groupby(["segment", "method"], sort=True)
+    out = grouped[metrics].mean() if metrics else grouped.size().to_frame("_").drop(columns="_")
+    out.insert(0, "n_views", grouped.size())
+    out.insert(1, "n_errors", grouped["status"].apply(lambda s: int((s != "ok").sum())))
+    return out.reset_index()
+
+
+def summarize(per_view: pa.Table, set_results: dict, metrics: list[str], config: EvalConfig) -> dict[str, dict]:
+    """Per method: ``n_views``, ``n_errors``, per metric ``{n, mean, median, ci_low, ci_high}``, plus FID/KID."""
+    methods = per_view.column("method").to_numpy(zero_copy_only=False).astype(str)
+    status = per_view.column("status").to_numpy(zero_copy_only=False).astype(str)
+    out = {}
+    for method in sorted(set(methods) | set(set_results)):
+        sel = methods == method
+        entry = {"n_views": int(sel.sum()), "n_errors": int((sel & (status != "ok")).sum())}
+        for m in metrics:
+            values = per_view.column(m).to_numpy(zero_copy_only=False)[sel & (status == "ok")]
+            entry[m] = describe(values, config.confidence, config.bootstrap_resamples, config.seed)
+        for k, v in set_results.get(method, {}).items():
+            if k != "n":
+                entry[k] = v
+        out[method] = entry
+    return out
+
+
+def describe(values, confidence: float = 0.95, resamples: int = 1000, seed: int = 0) -> dict:
+    """``{n, mean, median, ci_low, ci_high}`` over the finite values; the interval is a percentile bootstrap of the
+    mean (scipy.stats.bootstrap; percentile, not BCa, whose jackknife is O(n²) on large sets)."""
+    x = np.asarray(values, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    n = len(x)
+    if n == 0:
+        return {"n": 0, "mean": math.nan, "median": math.nan, "ci_low": math.nan, "ci_high": math.nan}
+    mean, median = float(x.mean()), float(np.median(x))
+    if n == 1 or np.all(x == x[0]):
+        lo = hi = mean
+    else:
+        res = stats.bootstrap((x,), np.mean, n_resamples=resamples, confidence_level=confidence,
+                              method="percentile", rng=np.random.default_rng(seed),
+                              batch=max(1, int(2e7 // n)))  # bounds the resample matrix to ~160 MB
+        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return {"n": n, "mean": mean, "median": median, "ci_low": lo, "ci_high": hi}
+
+
+def summary_markdown(summary: dict, metrics: list[str], set_metrics: list[str], unavailable: dict[str, str],
+                     confidence: float = 0.95) -> str:
+    pct = f"{confidence * 100:g}%"
+    head = ["method", "views", "errors"]
+    head += [f"{m.upper()} {'↑' if HIGHER_IS_BETTER[m] else '↓'} mean (median) [{pct} CI]" for m in metrics]
+    head += [f"{m.upper()} {'↑' if HIGHER_IS_BETTER[m] else '↓'}" for m in set_metrics]
+    lines = ["# Evaluation summary", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, e in summary.items():
+        cells = [method, str(e["n_views"]), str(e["n_errors"])]
+        for m in metrics:
+            d = e[m]
+            cells.append("n/a" if d["n"] == 0 else
+                         f"{_fmt(d['mean'])} ({_fmt(d['median'])}) [{_fmt(d['ci_low'])}, {_fmt(d['ci_high'])}]")
+        for m in set_metrics:
+            if m in unavailable:
+                cells.append("unavailable")
+            elif m == "kid" and "kid" in e:
+                cells.append(f"{_fmt(e['kid'])} ± {_fmt(e.get('kid_std', math.nan))}")
+            else:
+                cells.append(_fmt(e.get(m, math.nan)))
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [f"- **{m}** unavailable: {reason}" for m, reason in unavailable.items()]
+    notes += [f"- {method}: {e[k]}" for method, e in summary.items() for k in ("fid_error", "kid_error") if k in e]
+    if notes:
+        lines += ["", *notes]
+    lines += ["", "Statistics over finite per-view values (exact matches, PSNR = +inf, are left out); intervals are a "
+                  "percentile bootstrap of the mean.", ""]
+    return "\n".join(lines)
+
+
+def _fmt(v: float) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"

@@ -1,0 +1,28 @@
+"""Ray job: evaluate renders against ground truth over many segments (difix3d.eval.pipeline).
+
+    ray job submit --working-dir . -- python jobs/evaluate.py --input s3://bucket/fleet-out \
+        --output s3://bucket/eval --workers 8 --num-gpus-per-worker 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import ray
+
+from difix3d.eval.cli import add_arguments, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ray.init()  # joins the cluster under `ray job submit`, starts a local one otherwise
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
