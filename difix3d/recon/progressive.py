@@ -1,0 +1,457 @@
+"""Progressive Difix3D reconstruction and Difix3D+ post-rendering of one scene (Wu et al., CVPR 2025, Sec. 4).
+
+While the representation trains, every round moves one pseudo camera per target (novel view) a step closer to it,
+renders there, sends the renders to the fixer *asynchronously* (references: the nearest training image) and keeps
+training; fixed views join the training set when their future resolves (polled every iteration). At the end the
+renders at the targets are fixed once more (Difix3D+). A plain run of the same length without pseudo views is the
+baseline. Everything lands under one output URI (layout: :mod:`difix3d.recon.outputs`), and an interrupted run
+resumes from the last finished round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from difix3d import imageio, storage
+from difix3d.device import default_device
+from difix3d.recon.outputs import METHODS, SceneOutputs
+from difix3d.recon.schedule import ProgressiveSchedule, PseudoViewSampling, nearest_index
+from difix3d.recon.view_fixers import ViewFixer, as_view_fixer
+from difix3d.scene.camera import Camera
+
+
+def _gaussian_config():
+    from difix3d.recon.gaussians import GaussianConfig
+
+    return GaussianConfig()
+
+
+def _trainer_config():
+    from difix3d.recon.trainer import TrainerConfig
+
+    return TrainerConfig()
+
+
+@dataclass
+class ProgressiveConfig:
+    """Everything one scene's progressive Difix3D+ run depends on; written to ``config.json``."""
+
+    gaussian: Any = field(default_factory=_gaussian_config)
+    """``GaussianConfig`` of the representation (3DGS paper / gsplat defaults)."""
+    trainer: Any = field(default_factory=_trainer_config)
+    """``TrainerConfig``: ``iterations`` is the budget of the baseline and of the progressive run; ``seed``."""
+    schedule: ProgressiveSchedule = field(default_factory=ProgressiveSchedule)
+    sampling: PseudoViewSampling = field(default_factory=PseudoViewSampling)
+    target_splits: tuple[str, ...] = ("test", "shift_1m", "shift_2m", "shift_3m")
+    """Splits whose cameras are the targets of the pseudo views (the novel views to improve)."""
+    eval_splits: tuple[str, ...] = ("test", "shift_1m", "shift_2m", "shift_3m")
+    """Splits rendered and scored (those the scene lacks are skipped)."""
+    baseline: bool = True
+    """Also train the plain representation with the same budget (the ``baseline`` rows)."""
+    post_render: bool = True
+    """Difix3D+: fix the final renders at the eval cameras once more (the ``difix3d_plus`` rows)."""
+    fix_batch_size: int = 8
+    """Renders per fixer request."""
+    lpips: bool = True
+    """Report LPIPS when its pretrained weights are on this machine (never downloads)."""
+
+    @classmethod
+    def tiny(cls) -> "ProgressiveConfig":
+        """CPU tests and demos: tiny images, a few hundred iterations, rounds every 40 iterations, 1 m steps."""
+        from difix3d.recon.gaussians import GaussianConfig
+        from difix3d.recon.trainer import TrainerConfig
+
+        gaussian = GaussianConfig.tiny() if hasattr(GaussianConfig, "tiny") else GaussianConfig()
+        trainer = dataclasses.replace(TrainerConfig(), iterations=300)
+        return cls(gaussian=gaussian, trainer=trainer,
+                   schedule=ProgressiveSchedule(pretrain_iters=100, round_every=40, step_size=1.0),
+                   sampling=PseudoViewSampling(probability=0.5), lpips=False)
+
+    def to_dict(self) -> dict:
+        return _asdict(self)
+
+
+@dataclass
+class SceneResult:
+    """What one scene's run reports (the fleet job records it in its manifest and summary)."""
+
+    scene: str
+    output_uri: str
+    metrics: dict  # {split: {method: {"psnr", "ssim", "lpips"?}}}
+    timings: dict  # seconds, and wall_ratio_vs_plain
+    frames_fixed: int
+    num_rounds: int
+    notes: dict = field(default_factory=dict)  # e.g. {"lpips": "<why it is missing>"}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def reconstruct_scene(scene: Any, output_uri: str, config: ProgressiveConfig | None = None,
+                      fixer: Any = None, progress: bool = True, device: Any = None) -> SceneResult:
+    """Baseline, progressive Difix3D and Difix3D+ for one scene; outputs under ``output_uri``.
+
+    ``scene``: a ``Scene`` or its URI. ``fixer``: a :class:`ViewFixer`, a ``FixerClient`` (in-process or the Ray
+    pool), or None for the small fixer bundled with difix3d. Re-running with the same ``output_uri`` resumes.
+    """
+    config = config or ProgressiveConfig()
+    if isinstance(scene, (str, bytes)) or hasattr(scene, "__fspath__"):
+        from difix3d.scene import load_scene
+
+        scene = load_scene(str(scene))
+    out = SceneOutputs(str(output_uri))
+    device = default_device(device)
+    storage.write_json(out.config, config.to_dict())
+    data = _SceneData.load(scene, config, device)
+    for split, (cams, gts) in data.evals.items():
+        out.write_renders("gt", split, [c.name for c in cams], gts)
+
+    view_fixer = as_view_fixer(fixer)
+    timings: dict[str, float] = {}
+    renders: dict[str, dict[str, np.ndarray]] = {}  # method -> split -> uint8 [B, H, W, 3]
+    if config.baseline:
+        renders["baseline"], timings["baseline_train_s"] = _baseline(scene, data, config, out, device, progress)
+
+    loop = ProgressiveLoop(scene, data, config, out, view_fixer, device, progress)
+    rep = loop.run()
+    timings.update(loop.timings)
+    rep.export(out.gaussians)
+    renders["difix3d"] = _render_splits(rep, data.evals)
+    for split, imgs in renders["difix3d"].items():
+        out.write_renders("difix3d", split, [c.name for c in data.evals[split][0]], imgs)
+
+    frames_fixed = loop.frames_fixed
+    if config.post_render:
+        t0 = time.perf_counter()
+        renders["difix3d_plus"] = {}
+        for split, (cams, _) in data.evals.items():
+            refs = data.references(cams)
+            fixed = _fix_all(view_fixer, renders["difix3d"][split], refs, cams, config.fix_batch_size)
+            renders["difix3d_plus"][split] = fixed
+            out.write_renders("difix3d_plus", split, [c.name for c in cams], fixed)
+            frames_fixed += len(cams)
+        timings["post_render_s"] = time.perf_counter() - t0
+        n = sum(len(c) for c, _ in data.evals.values())
+        timings["post_render_ms_per_frame"] = 1000.0 * timings["post_render_s"] / max(1, n)
+    if "baseline_train_s" in timings and timings.get("progressive_train_s"):
+        timings["wall_ratio_vs_plain"] = timings["progressive_train_s"] / max(1e-9, timings["baseline_train_s"])
+
+    metrics, notes = _score(renders, data.evals, config.lpips, device)
+    result = SceneResult(scene=scene.name, output_uri=str(output_uri), metrics=metrics, timings=timings,
+                         frames_fixed=frames_fixed, num_rounds=loop.num_rounds, notes=notes)
+    storage.write_json(out.metrics, result.to_dict())
+    return result
+
+
+class ProgressiveLoop:
+    """The progressive Difix3D training loop of one scene (state in :meth:`state_dict`, saved each round)."""
+
+    STATE_FILE = "progressive.pt"
+
+    def __init__(self, scene: Any, data: "_SceneData", config: ProgressiveConfig, out: SceneOutputs,
+                 fixer: ViewFixer, device: torch.device, progress: bool = True):
+        self.scene, self.data, self.config, self.out, self.fixer = scene, data, config, out, fixer
+        self.device, self.progress = device, progress
+        self.iterations = int(config.trainer.iterations)
+        self.round_starts = config.schedule.round_starts(self.iterations)
+        self.rng = random.Random(_seed(config))
+        self.known: list[Camera] = [v.camera for v in data.train]  # cameras pseudo cameras start from
+        self.pseudo: list[list[Any]] = []  # round -> TrainingViews that joined
+        self.pending: list[_Pending] = []
+        self.iteration = 0
+        self.num_rounds = 0
+        self.frames_fixed = 0
+        self.timings = {"progressive_train_s": 0.0, "fix_wait_s": 0.0, "round_render_s": 0.0}
+
+    def run(self):
+        """Train to the budget (resuming if a saved state exists); returns the representation."""
+        rep = _new_representation(self.scene, self.config, self.device)
+        if storage.exists(self.out.state(self.STATE_FILE)):
+            self._load(rep)
+        if self.iteration >= self.iterations:
+            return rep
+        t_start, elapsed0 = time.perf_counter(), self.timings["progressive_train_s"]
+        bar = _progress_bar(self.progress, self.iteration, self.iterations, f"difix3d {self.scene.name}")
+        for it in range(self.iteration, self.iterations):
+            self.iteration = it
+            if it in self.round_starts and self.round_starts.index(it) == self.num_rounds:
+                self._drain()  # the previous round's views join before the checkpoint: a round is atomic
+                self.timings["progressive_train_s"] = elapsed0 + time.perf_counter() - t_start
+                self._save(rep)
+                self._start_round(rep)
+            self._poll()
+            view, is_pseudo = self.config.sampling.pick(self.rng, self.data.train, self.pseudo)
+            stats = rep.train_step([view.camera], view.image[None].to(self.device),
+                                   torch.tensor([view.weight], device=self.device),
+                                   None if view.mask is None else view.mask[None].to(self.device))
+            if bar is not None:
+                bar.update(1)
+                if it % 25 == 0:
+                    bar.set_postfix(loss=f"{float(stats.get('loss', 0.0)):.4f}", rounds=self.num_rounds,
+                                    pseudo=sum(map(len, self.pseudo)), n=rep.num_primitives)
+        self._drain()
+        self.iteration = self.iterations
+        self.timings["progressive_train_s"] = elapsed0 + time.perf_counter() - t_start
+        self._save(rep)
+        if bar is not None:
+            bar.close()
+        return rep
+
+    # ---------------------------------------------------------------- rounds
+
+    def _start_round(self, rep) -> None:
+        """Pseudo cameras one step closer to the targets; render, then send to the fixer without waiting."""
+        k = self.num_rounds
+        t0 = time.perf_counter()
+        cams = self.config.schedule.next_cameras(self.known, self.data.targets)
+        self.known += cams
+        rgb, alpha = _render(rep, cams)  # uint8 [B, H, W, 3], float [B, 1, H, W]
+        masks = self.config.sampling.mask(alpha).cpu()  # [B, 1, H, W]
+        refs = self.data.references(cams)
+        self.timings["round_render_s"] += time.perf_counter() - t0
+        bs = max(1, self.config.fix_batch_size)
+        for i in range(0, len(cams), bs):
+            future = self.fixer.submit(rgb[i:i + bs], refs[i:i + bs], cams[i:i + bs])
+            self.pending.append(_Pending(k, cams[i:i + bs], masks[i:i + bs], future))
+        self.pseudo.append([])
+        self.num_rounds += 1
+
+    def _poll(self) -> None:
+        """Fixed views whose futures resolved join training now; the rest keep going."""
+        still = []
+        for p in self.pending:
+            if p.future.done():
+                self._join(p, p.future.result())
+            else:
+                still.append(p)
+        self.pending = still
+
+    def _drain(self) -> None:
+        t0 = time.perf_counter()
+        for p in self.pending:
+            self._join(p, p.future.result())
+        self.pending = []
+        self.timings["fix_wait_s"] += time.perf_counter() - t0
+
+    def _join(self, p: "_Pending", fixed: np.ndarray) -> None:
+        fixed = np.asarray(fixed, dtype=np.uint8)
+        if fixed.shape[0] != len(p.cameras):
+            raise ValueError(f"fixer returned {fixed.shape[0]} views for {len(p.cameras)} renders")
+        TrainingView = _training_view_class()
+        weight = self.config.sampling.loss_weight(True)
+        for cam, image, mask in zip(p.cameras, fixed, p.masks):
+            imageio.write_image(self.out.pseudo(p.round_index, cam.name), image)
+            self.pseudo[p.round_index].append(
+                TrainingView(camera=cam, image=imageio.to_tensor(image)[0], weight=weight, mask=mask,
+                             is_pseudo=True))
+        self.frames_fixed += len(p.cameras)
+
+    # ---------------------------------------------------------------- resume
+
+    def _save(self, rep) -> None:
+        state = {
+            "iteration": self.iteration, "num_rounds": self.num_rounds, "frames_fixed": self.frames_fixed,
+            "rng": self.rng.getstate(), "timings": dict(self.timings), "representation": rep.state_dict(),
+            "known": [c.to_dict() for c in self.known],
+            "pseudo": [[{"camera": v.camera.to_dict(), "mask": None if v.mask is None else v.mask.bool()}
+                        for v in views] for views in self.pseudo],
+        }
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        storage.write_bytes(self.out.state(self.STATE_FILE), buf.getvalue())
+
+    def _load(self, rep) -> None:
+        data = storage.read_bytes(self.out.state(self.STATE_FILE))
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+        rep.load_state_dict(state["representation"])
+        self.iteration, self.num_rounds = state["iteration"], state["num_rounds"]
+        self.frames_fixed = state["frames_fixed"]
+        self.rng.setstate(state["rng"])
+        self.timings.update(state["timings"])
+        self.known = [Camera.from_dict(d) for d in state["known"]]
+        TrainingView = _training_view_class()
+        weight = self.config.sampling.loss_weight(True)
+        self.pseudo = []
+        for k, views in enumerate(state["pseudo"]):
+            self.pseudo.append([])
+            for v in views:
+                cam = Camera.from_dict(v["camera"])
+                image = imageio.to_tensor(imageio.read_image(self.out.pseudo(k, cam.name)))[0]
+                mask = None if v["mask"] is None else v["mask"].float()
+                self.pseudo[k].append(TrainingView(camera=cam, image=image, weight=weight, mask=mask,
+                                                   is_pseudo=True))
+
+
+@dataclass
+class _Pending:
+    round_index: int
+    cameras: list[Camera]
+    masks: torch.Tensor  # [B, 1, H, W] float
+    future: Any
+
+
+@dataclass
+class _SceneData:
+    """The scene's images loaded once: real training views, targets, eval cameras with ground truth."""
+
+    train: list[Any]  # TrainingView, image [3, H, W] float on CPU, weight = real_weight
+    train_uint8: list[np.ndarray]  # [H, W, 3]
+    targets: list[Camera]
+    evals: dict[str, tuple[list[Camera], np.ndarray]]  # split -> (cameras, uint8 [B, H, W, 3])
+
+    @classmethod
+    def load(cls, scene: Any, config: ProgressiveConfig, device: torch.device) -> "_SceneData":
+        TrainingView = _training_view_class()
+        train_idx = list(scene.splits["train"])
+        if not train_idx:
+            from difix3d.errors import InputError
+
+            raise InputError(getattr(scene, "root", scene.name), "the scene has no training views")
+        weight = config.sampling.loss_weight(False)
+        train_u8 = [scene.load_image(i) for i in train_idx]
+        train = [TrainingView(camera=scene.cameras[i], image=imageio.to_tensor(im)[0], weight=weight, mask=None,
+                              is_pseudo=False) for i, im in zip(train_idx, train_u8)]
+        seen, targets = set(), []
+        for split in config.target_splits:
+            for i in scene.splits.get(split, []):
+                if scene.cameras[i].name not in seen:
+                    seen.add(scene.cameras[i].name)
+                    targets.append(scene.cameras[i])
+        evals = {}
+        for split in config.eval_splits:
+            idx = list(scene.splits.get(split, []))
+            if idx:
+                evals[split] = ([scene.cameras[i] for i in idx], np.stack([scene.load_image(i) for i in idx]))
+        return cls(train=train, train_uint8=train_u8, targets=targets, evals=evals)
+
+    def references(self, cameras: list[Camera]) -> np.ndarray:
+        """The nearest training image to each camera: uint8 ``[B, H, W, 3]``."""
+        train_cams = [v.camera for v in self.train]
+        return np.stack([self.train_uint8[nearest_index(c, train_cams)] for c in cameras])
+
+
+# -------------------------------------------------------------------- baseline, rendering, scoring
+
+def _baseline(scene, data: _SceneData, config: ProgressiveConfig, out: SceneOutputs, device,
+              progress: bool) -> tuple[dict[str, np.ndarray], float]:
+    """Plain training with the same budget and sampling of real views; cached under state/ for re-runs."""
+    done = out.state("baseline.json")
+    if storage.exists(done):
+        info = storage.read_json(done)
+        renders = {split: np.stack([imageio.read_image(out.render("baseline", split, c.name)) for c in cams])
+                   for split, (cams, _) in data.evals.items()}
+        return renders, float(info["train_s"])
+    rep = _new_representation(scene, config, device)
+    rng = random.Random(_seed(config))
+    iterations = int(config.trainer.iterations)
+    bar = _progress_bar(progress, 0, iterations, f"baseline {scene.name}")
+    t0 = time.perf_counter()
+    for _ in range(iterations):
+        view = data.train[rng.randrange(len(data.train))]
+        rep.train_step([view.camera], view.image[None].to(device), torch.tensor([view.weight], device=device), None)
+        if bar is not None:
+            bar.update(1)
+    train_s = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    renders = _render_splits(rep, data.evals)
+    for split, imgs in renders.items():
+        out.write_renders("baseline", split, [c.name for c in data.evals[split][0]], imgs)
+    storage.write_json(done, {"train_s": train_s, "iterations": iterations})
+    return renders, train_s
+
+
+def _render(rep, cameras: list[Camera]) -> tuple[np.ndarray, torch.Tensor]:
+    """Render one camera at a time (cameras may differ in size): uint8 [B, H, W, 3], alpha [B, 1, H, W]."""
+    rgbs, alphas = [], []
+    with torch.no_grad():
+        for cam in cameras:
+            r = rep.render([cam])
+            rgbs.append(imageio.to_uint8(r.rgb)[0])
+            alphas.append(r.alpha[0].float().cpu())
+    return np.stack(rgbs), torch.stack(alphas)
+
+
+def _render_splits(rep, evals: dict) -> dict[str, np.ndarray]:
+    return {split: _render(rep, cams)[0] for split, (cams, _) in evals.items()}
+
+
+def _fix_all(fixer: ViewFixer, renders: np.ndarray, refs: np.ndarray, cams: list[Camera], bs: int) -> np.ndarray:
+    bs = max(1, bs)
+    futures = [fixer.submit(renders[i:i + bs], refs[i:i + bs], cams[i:i + bs]) for i in range(0, len(cams), bs)]
+    return np.concatenate([np.asarray(f.result(), dtype=np.uint8) for f in futures])
+
+
+def _score(renders: dict, evals: dict, want_lpips: bool, device) -> tuple[dict, dict]:
+    """{split: {method: {psnr, ssim, lpips?}}} means over views, plus notes on what is missing and why."""
+    from difix3d.eval import metrics as M
+
+    notes, lpips_model = {}, None
+    if want_lpips:
+        from difix3d.eval.perceptual import build_lpips, lpips_availability
+
+        avail = lpips_availability("alex")
+        if avail.available:
+            lpips_model = build_lpips("alex").to(device)
+        else:
+            notes["lpips"] = avail.reason
+    else:
+        notes["lpips"] = "disabled in the config"
+    out: dict = {}
+    for split, (_, gt) in evals.items():
+        target = imageio.to_tensor(gt)
+        for method in [m for m in METHODS if m in renders]:
+            pred = imageio.to_tensor(renders[method][split])
+            row = {"psnr": float(M.psnr(pred, target).clamp(max=100.0).mean()),
+                   "ssim": float(M.ssim(pred, target).mean())}
+            if lpips_model is not None:
+                row["lpips"] = float(M.lpips(lpips_model, pred.to(device), target.to(device)).mean())
+            out.setdefault(split, {})[method] = row
+    return out, notes
+
+
+# -------------------------------------------------------------------- small helpers
+
+def _new_representation(scene, config: ProgressiveConfig, device):
+    from difix3d.recon.gaussians import GaussianSplat
+
+    torch.manual_seed(_seed(config))
+    return GaussianSplat.from_scene(scene, config.gaussian, device)
+
+
+def _training_view_class():
+    from difix3d.recon.trainer import TrainingView
+
+    return TrainingView
+
+
+def _seed(config: ProgressiveConfig) -> int:
+    return int(getattr(config.trainer, "seed", 0) or 0)
+
+
+def _progress_bar(enabled: bool, start: int, total: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True)
+
+
+def _asdict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _asdict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_asdict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): _asdict(v) for k, v in obj.items()}
+    if isinstance(obj, (int, float, str, bool)) or obj is None:
+        return obj
+    return repr(obj)
