@@ -1,0 +1,55 @@
+"""The interface every 3D representation implements (3DGS now, NeRF later), so the trainer, the progressive
+Difix3D loop and curation never depend on one backend."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from difix3d.scene.camera import Camera
+
+
+@dataclass
+class RenderOutput:
+    rgb: Tensor  # [B, 3, H, W] float in [0, 1]
+    alpha: Tensor  # [B, 1, H, W] accumulated opacity
+    depth: Tensor | None = None  # [B, 1, H, W] expected depth (camera z), None when the backend has none
+
+
+class Representation(abc.ABC):
+    """A trainable scene representation: render any cameras, take optimizer steps on posed images."""
+
+    @abc.abstractmethod
+    def render(self, cameras: list[Camera]) -> RenderOutput:
+        """Render cameras (same width/height) without gradients."""
+
+    @abc.abstractmethod
+    def train_step(self, cameras: list[Camera], images: Tensor, weights: Tensor | None = None,
+                   masks: Tensor | None = None) -> dict:
+        """One optimizer step on images [B, 3, H, W] in [0, 1] seen by cameras, with per-view loss weights [B]
+        and pixel masks [B, 1, H, W]; includes the backend's own bookkeeping (e.g. densification).
+        Returns scalars for logging (at least "loss")."""
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict:
+        """Everything needed to resume training exactly: parameters, optimizer and strategy state, step."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict) -> None:
+        ...
+
+    @abc.abstractmethod
+    def export(self, uri: str) -> None:
+        """Write the representation in its standard interchange format (PLY for 3DGS)."""
+
+    @property
+    @abc.abstractmethod
+    def num_primitives(self) -> int:
+        """Gaussians, or samples/cells for other backends; shown in progress bars."""
+
+    @property
+    @abc.abstractmethod
+    def step(self) -> int:
+        """Optimizer steps taken so far."""
