@@ -90,3 +90,24 @@ def test_job_cli_is_built_from_fleet_config():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--device", "tpu"])
     assert "bundled" in build_parser().format_help()  # field docstrings become --help text
+
+
+def test_set_overrides_nested_config_fields():
+    from dataclasses import dataclass, field
+
+    from difix3d.fleet.scene_task import _with_overrides
+
+    @dataclass
+    class Inner:
+        iterations: int = 300
+
+    @dataclass
+    class Outer:
+        inner: Inner = field(default_factory=Inner)
+        splits: tuple = ("test",)
+        baseline: bool = True
+
+    cfg = _with_overrides(Outer(), {"inner.iterations": 50, "splits": ["a", "b"], "baseline": False})
+    assert cfg == Outer(Inner(50), ("a", "b"), False)
+    with pytest.raises(ValueError, match="inner.nope.*Inner has no field 'nope'"):
+        _with_overrides(Outer(), {"inner.nope": 1})

@@ -60,15 +60,25 @@ def reconstruct_with_progressive(scene: SceneRef, out: str, config: FleetConfig,
 
 
 def _with_overrides(cfg: Any, extra: dict) -> Any:
+    """``{"trainer.iterations": 100, "baseline": False}`` applied to a (nested) dataclass config."""
     import dataclasses
 
-    if not extra:
-        return cfg
-    names = {f.name for f in dataclasses.fields(cfg)}
-    unknown = sorted(set(extra) - names)
-    if unknown:
-        raise ValueError(f"unknown ProgressiveConfig fields in --set: {unknown}")
-    return dataclasses.replace(cfg, **extra)
+    for key, value in (extra or {}).items():
+        cfg = _replace_path(cfg, key.split("."), value, key)
+    return cfg
+
+
+def _replace_path(obj: Any, path: list[str], value: Any, key: str) -> Any:
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else set()
+    if path[0] not in names:
+        raise ValueError(f"--set {key}: {type(obj).__name__} has no field {path[0]!r} (fields: {sorted(names)})")
+    if len(path) > 1:
+        value = _replace_path(getattr(obj, path[0]), path[1:], value, key)
+    elif isinstance(getattr(obj, path[0]), tuple) and isinstance(value, list):
+        value = tuple(value)
+    return dataclasses.replace(obj, **{path[0]: value})
 
 
 def _limit_threads(num_cpus: float) -> None:
