@@ -69,8 +69,9 @@ class ProgressiveConfig:
         from difix3d.recon.gaussians import GaussianConfig
         from difix3d.recon.trainer import TrainerConfig
 
-        gaussian = GaussianConfig.tiny() if hasattr(GaussianConfig, "tiny") else GaussianConfig()
-        trainer = dataclasses.replace(TrainerConfig(), iterations=300)
+        iterations = 300
+        gaussian = GaussianConfig.tiny(iterations=iterations)
+        trainer = TrainerConfig.tiny(iterations=iterations)
         return cls(gaussian=gaussian, trainer=trainer,
                    schedule=ProgressiveSchedule(pretrain_iters=100, round_every=40, step_size=1.0),
                    sampling=PseudoViewSampling(probability=0.5), lpips=False)
@@ -424,7 +425,7 @@ def _new_representation(scene, config: ProgressiveConfig, device):
     from difix3d.recon.gaussians import GaussianSplat
 
     torch.manual_seed(_seed(config))
-    return GaussianSplat.from_scene(scene, config.gaussian, device)
+    return GaussianSplat.from_scene(scene, config.gaussian, device, seed=_seed(config))
 
 
 def _training_view_class():
