@@ -121,3 +121,18 @@ def test_load_rows_checks_columns(tmp_path):
     p.write_text('[{"segment": "s", "view": "v", "method": "m", "render_uri": "a.png"}]')
     with pytest.raises(InputError, match="gt_uri"):
         load_rows(str(p))
+
+
+def test_job_arguments_build_the_config():
+    import argparse
+
+    from difix3d.eval.cli import add_arguments, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    cfg = config_from_args(p.parse_args(["--input", "s3://b/fleet", "--output", "s3://b/eval", "--metrics",
+                                         "psnr,ssim,fid", "--workers", "8", "--num-gpus-per-worker", "0.5"]))
+    assert cfg.metrics == ("psnr", "ssim", "fid") and cfg.workers == 8 and cfg.num_gpus_per_worker == 0.5
+    assert cfg.min_workers == 1 and not cfg.overwrite
+    with pytest.raises(ValueError, match="unknown metrics"):
+        config_from_args(p.parse_args(["--input", "a", "--output", "b", "--metrics", "psnr,mse"]))

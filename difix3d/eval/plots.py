@@ -75,7 +75,8 @@ def plot_segment_improvement(seg, metrics: list[str], baseline: str):
         ax.set_xlabel(f"{baseline} {m.upper()}")
         ax.set_ylabel(f"method {m.upper()}")
         ax.set_title(f"per-segment {m.upper()}")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 

@@ -34,8 +34,9 @@ def write_reports(per_view: pa.Table, set_results: dict, unavailable: dict[str, 
     storage.write_bytes(seg_uri, buf.getvalue())
 
     summary = summarize(per_view, set_results, metrics, config)
+    shown = [m for m in PER_VIEW_METRICS if m in config.metrics]  # unavailable ones get a column saying so
     set_metrics = [m for m in ("fid", "kid") if m in config.metrics]
-    md = summary_markdown(summary, metrics, set_metrics, unavailable, config.confidence)
+    md = summary_markdown(summary, shown, set_metrics, unavailable, config.confidence)
     md_uri, json_uri = storage.join(config.output, SUMMARY_MD), storage.join(config.output, SUMMARY_JSON)
     storage.write_text(md_uri, md)
     storage.write_json(json_uri, {"methods": summary, "unavailable": unavailable, "confidence": config.confidence,
@@ -77,13 +78,16 @@ def summarize(per_view: pa.Table, set_results: dict, metrics: list[str], config:
 
 
 def describe(values, confidence: float = 0.95, resamples: int = 1000, seed: int = 0) -> dict:
-    """``{n, mean, median, ci_low, ci_high}`` over the finite values; the interval is a percentile bootstrap of the
-    mean (scipy.stats.bootstrap; percentile, not BCa, whose jackknife is O(n²) on large sets)."""
+    """``{n, n_inf, mean, median, ci_low, ci_high}`` over the finite values (``n_inf``: +inf values left out, the
+    PSNR of exact matches); the interval is a percentile bootstrap of the mean (scipy.stats.bootstrap; percentile,
+    not BCa, whose jackknife is O(n²) on large sets)."""
     x = np.asarray(values, dtype=np.float64)
+    n_inf = int(np.isposinf(x).sum())
     x = x[np.isfinite(x)]
     n = len(x)
     if n == 0:
-        return {"n": 0, "mean": math.nan, "median": math.nan, "ci_low": math.nan, "ci_high": math.nan}
+        return {"n": 0, "n_inf": n_inf, "mean": math.nan, "median": math.nan, "ci_low": math.nan,
+                "ci_high": math.nan}
     mean, median = float(x.mean()), float(np.median(x))
     if n == 1 or np.all(x == x[0]):
         lo = hi = mean
@@ -92,7 +96,7 @@ def describe(values, confidence: float = 0.95, resamples: int = 1000, seed: int 
                               method="percentile", rng=np.random.default_rng(seed),
                               batch=max(1, int(2e7 // n)))  # bounds the resample matrix to ~160 MB
         lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    return {"n": n, "mean": mean, "median": median, "ci_low": lo, "ci_high": hi}
+    return {"n": n, "n_inf": n_inf, "mean": mean, "median": median, "ci_low": lo, "ci_high": hi}
 
 
 def summary_markdown(summary: dict, metrics: list[str], set_metrics: list[str], unavailable: dict[str, str],
@@ -105,9 +109,15 @@ def summary_markdown(summary: dict, metrics: list[str], set_metrics: list[str], 
     for method, e in summary.items():
         cells = [method, str(e["n_views"]), str(e["n_errors"])]
         for m in metrics:
+            if m in unavailable:
+                cells.append("unavailable")
+                continue
             d = e[m]
-            cells.append("n/a" if d["n"] == 0 else
-                         f"{_fmt(d['mean'])} ({_fmt(d['median'])}) [{_fmt(d['ci_low'])}, {_fmt(d['ci_high'])}]")
+            cell = "n/a" if d["n"] == 0 else \
+                f"{_fmt(d['mean'])} ({_fmt(d['median'])}) [{_fmt(d['ci_low'])}, {_fmt(d['ci_high'])}]"
+            if d["n_inf"]:
+                cell += f"; {d['n_inf']} exact (+inf)"
+            cells.append(cell)
         for m in set_metrics:
             if m in unavailable:
                 cells.append("unavailable")
