@@ -1,0 +1,103 @@
+"""FinetuneConfig: every knob of a Difix fine-tuning run, with the original training recipe as defaults.
+
+Defaults follow the official Difix3D training command (README of nv-tlabs/Difix3D, ``src/train_difix.py``):
+lr 2e-5, AdamW weight decay 1e-2, grad clip 1.0, 10k steps, 512 px, batch 4, L2/LPIPS/Gram weights 1.0, the Gram
+term from step 2000 on, a 400 px Gram crop, checkpoints every 1000 steps, bf16 mixed precision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from difix3d import storage
+
+
+@dataclass
+class LossWeights:
+    """Weights of the three training losses (official command: ``--lambda_l2/lpips/gram 1.0``)."""
+
+    l2: float = 1.0
+    lpips: float = 1.0
+    gram: float = 1.0
+    gram_warmup_steps: int = 2000  # Gram loss only after this many steps (``--gram_loss_warmup_steps 2000``)
+    gram_crop: int = 400  # side of the shared random crop the Gram loss sees (train_difix.py: 400 x 400)
+
+
+@dataclass
+class FinetuneConfig:
+    """One fine-tuning run. ``name`` + ``storage_path`` identify it: re-running with both resumes it."""
+
+    train_shards: str = ""  # pair shards: folder, glob or file URI (difix3d.train.pairs)
+    val_shards: str = ""  # held-out pair shards; "" = validate on the first rows of the training shards
+    init: str = "tiny"  # "tiny" | "sd-turbo" preset, or a checkpoint URI (ours, official .pkl, nvidia or SD-Turbo folder)
+    name: str = "difix-finetune"
+    storage_path: str = "outputs/finetune"  # URI of the run storage (local, s3://, gs://)
+    export_uri: str = ""  # final model in our checkpoint format; "" = <storage_path>/<name>/final
+    seed: int = 0
+
+    # scale
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2  # worker/node failures survived by restarting from the last checkpoint
+    num_to_keep: int = 2  # checkpoints kept in the run storage
+
+    # optimisation (official command / train_difix.py defaults)
+    lr: float = 2e-5
+    weight_decay: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    steps: int = 10_000
+    batch_size: int = 4  # per worker
+    height: int = 512  # training crop (``--resolution 512``)
+    width: int = 512
+    mixed_precision: str = "bf16"  # "bf16" autocast on CUDA with fp32 master weights, or "no"; CPU always fp32
+    gradient_checkpointing: bool = False
+    use_reference: bool = True  # train the reference view too when a row has one (losses over both views)
+    loss: LossWeights = field(default_factory=LossWeights)
+
+    # perceptual network: "pretrained" (torchvision VGG16 file in the torch hub cache), "random" (explicit
+    # stand-in, tests only), or the path of a local torchvision vgg16 state dict
+    perceptual_weights: str = "pretrained"
+
+    # data
+    shuffle_window: int = 64  # rows shuffled together inside a worker's slice (keeps reads sequential)
+    skip_corrupt: bool = False  # a corrupt image: False = fail naming it, True = log and skip the row
+
+    # cadence
+    log_every: int = 10
+    val_every: int = 2000  # official --eval_freq 2000
+    val_rows: int = 16  # validation rows (per run, split over workers)
+    ckpt_every: int = 1000  # official --checkpointing_steps 1000
+    sample_grid_rows: int = 4  # rows of (degraded | output | target) in each sample grid
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FinetuneConfig":
+        d = dict(d)
+        loss = LossWeights(**d.pop("loss", {}))
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown FinetuneConfig fields: {unknown}")
+        return cls(loss=loss, **d)
+
+    def run_uri(self) -> str:
+        return storage.join(self.storage_path, self.name)
+
+    def final_uri(self) -> str:
+        return self.export_uri or storage.join(self.run_uri(), "final")
+
+    def write(self, uri: str) -> None:
+        storage.write_json(uri, self.to_dict())
+
+    def __str__(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)

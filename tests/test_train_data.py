@@ -1,0 +1,122 @@
+"""Distributed pair streams and the training losses."""
+
+import random
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from difix3d.errors import InputError, MissingWeightsError
+from difix3d.train.config import LossWeights
+from difix3d.train.data import PairStream, ShardIndex, collate_pairs, epoch_slice, read_rows
+from difix3d.train.losses import DifixLoss, build_perceptual_net, gram_loss, shared_random_crop
+from difix3d.train.pairs import write_pair_shard
+
+
+def _shards(root, n_shards=3, rows=5, size=12, ref=True):
+    rng = np.random.default_rng(0)
+    for s in range(n_shards):
+        out = []
+        for r in range(rows):
+            t = rng.integers(0, 256, (size, size + 4, 3), dtype=np.uint8)
+            out.append({"degraded": t, "target": t, "reference": t if ref else None, "scene": f"{s}", "camera": f"{r}"})
+        write_pair_shard(str(root / f"shard-{s}.parquet"), out)
+    return ShardIndex.build(str(root))
+
+
+def _ids(rows):
+    return [(r["scene"], r["camera"]) for r in rows]
+
+
+def test_workers_read_disjoint_equal_slices_that_change_per_epoch(tmp_path):
+    index = _shards(tmp_path)
+    assert index.total == 15
+    a, b = (epoch_slice(index, r, 2, seed=1, epoch=0) for r in (0, 1))
+    assert len(a) == len(b) == 7 and not set(a) & set(b)
+    assert epoch_slice(index, 0, 2, seed=1, epoch=0) == a  # deterministic
+    assert {tuple(x) for e in range(6) for x in epoch_slice(index, 0, 2, 1, e)} != set(a)  # reshuffled over epochs
+
+
+def test_stream_resumes_exactly_from_its_state(tmp_path):
+    index = _shards(tmp_path)
+    s = PairStream(index, rank=1, world_size=2, seed=3, shuffle_window=4)
+    it = iter(s)
+    first = _ids([next(it) for _ in range(10)])  # crosses an epoch boundary (7 rows per epoch)
+    state = s.state()
+    rest = _ids([next(it) for _ in range(5)])
+    again = PairStream(index, rank=1, world_size=2, seed=3, shuffle_window=4, start=state)
+    assert _ids([r for r, _ in zip(again, range(5))]) == rest
+    assert state[0] == 1 and len(set(first[:7])) == 7
+
+
+def test_corrupt_row_fails_naming_it_or_is_skipped(tmp_path):
+    index = _shards(tmp_path, n_shards=1, rows=3)
+    uri = index.shards[0]
+    table = pq.read_table(uri)
+    col = table.column("degraded").to_pylist()
+    col[1] = b"garbage"
+    pq.write_table(table.set_column(0, table.schema.field("degraded"), pa.array(col, pa.binary())), uri)
+    stream = PairStream(index, shuffle_window=1)
+    with pytest.raises(InputError, match=r"shard-0.parquet row 1 column degraded"):
+        [r for r, _ in zip(stream, range(3))]
+    skipping = PairStream(index, shuffle_window=1, skip_corrupt=True)
+    got = _ids([r for r, _ in zip(skipping, range(4))])
+    assert ("0", "1") not in got and len(got) == 4 and "row 1" in skipping.skipped[0]
+
+
+def test_collate_crops_aligned_windows_in_minus_one_one(tmp_path):
+    index = _shards(tmp_path, n_shards=1, rows=2)
+    rows = read_rows(index, 2)
+    batch = collate_pairs(rows, 8, 8, random.Random(0))
+    assert batch["x"].shape == batch["target"].shape == batch["ref"].shape == (2, 3, 8, 8)
+    assert torch.equal(batch["x"], batch["target"]) and batch["x"].min() >= -1 and batch["x"].max() <= 1
+    big = collate_pairs(rows, 24, 40, random.Random(0), use_reference=False)  # upsampled to cover the crop
+    assert big["x"].shape == (2, 3, 24, 40) and big["ref"] is None
+    assert _ids(read_rows(index, 2, rank=1, world_size=2)) == [("0", "1")]
+
+
+def test_missing_vgg_weights_error_names_the_file_and_the_flag(tmp_path):
+    with pytest.raises(MissingWeightsError, match=r"vgg16-397923af.pth.*--allow-random-perceptual"):
+        build_perceptual_net("pretrained", hub_dir=str(tmp_path))
+    with pytest.raises(MissingWeightsError, match="not found"):
+        build_perceptual_net(str(tmp_path / "vgg.pth"))
+
+
+def test_local_vgg_file_loads_into_the_backbone(tmp_path):
+    torch.manual_seed(5)
+    import torchvision
+
+    feats = torchvision.models.vgg16(weights=None).state_dict()
+    path = tmp_path / "vgg.pth"
+    torch.save(feats, path)
+    net = build_perceptual_net(str(path))
+    assert torch.equal(net.net.slice5[5].weight, feats["features.28.weight"])
+
+
+def test_loss_terms_zero_on_identity_and_gram_after_warmup():
+    net = build_perceptual_net("random", seed=0)
+    assert torch.equal(build_perceptual_net("random", seed=0).net.slice1[0].weight, net.net.slice1[0].weight)
+    loss = DifixLoss(LossWeights(gram_warmup_steps=5, gram_crop=16), net)
+    x = torch.rand(2, 3, 24, 24) * 2 - 1
+    same = loss(x, x, step=10)
+    assert float(same["total"]) == pytest.approx(0.0, abs=1e-6)
+    y = (x + 0.3 * torch.randn_like(x)).clamp(-1, 1)
+    before, after = loss(y, x, step=4), loss(y, x, step=5)
+    assert float(before["gram"]) == 0 and float(after["gram"]) > 0
+    assert float(after["l2"]) == pytest.approx(float(((y - x) ** 2).mean()), rel=1e-5)
+    assert float(after["total"]) == pytest.approx(float(after["l2"] + after["lpips"] + after["gram"]), rel=1e-5)
+    y.requires_grad_(True)
+    loss(y, x, step=6)["total"].backward()
+    assert y.grad is not None and y.grad.abs().sum() > 0
+
+
+def test_gram_loss_sees_texture_and_shared_crop_is_aligned():
+    a = torch.arange(2 * 3 * 10 * 12, dtype=torch.float32).reshape(2, 3, 10, 12)
+    ca, cb = shared_random_crop(a, a.clone(), 6, random.Random(0))
+    assert torch.equal(ca, cb) and ca.shape == (2, 3, 6, 6)
+    feats = {k: torch.ones(1, 2, 3, 3) for k in ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")}
+    assert float(gram_loss(feats, feats)) == 0
+    other = {k: v * 2 for k, v in feats.items()}
+    assert float(gram_loss(feats, other)) > 0
