@@ -1,0 +1,262 @@
+"""Driving segments in drivestudio's (OmniRe's) processed per-segment layout: reader and writer.
+
+Layout of one segment folder (as drivestudio's converters write it for Waymo, nuScenes, PandaSet, ...)::
+
+    images/{t:03d}_{cam}.jpg     frame t of camera cam (we also read .png/.jpeg; our synthetic segments write .png)
+    ego_pose/{t:03d}.txt         4x4 ego→world
+    extrinsics/{cam}.txt         4x4 camera→ego, camera axes in the *dataset* convention (x forward, y left, z up)
+    intrinsics/{cam}.txt         fx fy cx cy k1 k2 p1 p2 k3 (pixels, OpenCV distortion order)
+    lidar/{t:03d}.bin            optional float32 N x 14: origin(3) point(3) flow(3) flow class, ground, intensity,
+                                 elongation, laser id — points in the ego frame of frame t
+
+Conventions, as drivestudio's ``datasets/waymo/waymo_sourceloader.py`` reads them:
+- OpenCV camera→world = ``ego_to_world @ extrinsic @ OPENCV2DATASET`` with ``OPENCV2DATASET`` mapping OpenCV axes
+  (x right, y down, z forward) to the dataset camera axes (x forward, y left, z up).
+- World = the first ego pose (drivestudio re-expresses every pose relative to ``ego_pose/{first}.txt``, which also
+  keeps float32 rasterization away from UTM-sized coordinates). We do the same; segments whose first ego pose is the
+  identity (ours) load unchanged.
+- Camera names are the file-name token after ``{t:03d}_``: drivestudio's Waymo ids are ``0``..``4`` (front,
+  front-left, front-right, side-left, side-right); any token is accepted (ours: ``front``, ``left``, ``front_shift1m``).
+- Image sizes are not in the layout: they come from ``difix3d_split.json`` when present, else the first image of
+  each camera. Distortion is kept on the camera (``dist``); drivestudio itself ignores it.
+
+difix3d additions, both optional, so a plain drivestudio folder still loads:
+- ``difix3d_split.json``: ``{"format": "difix3d-driving", "version": 1, "cameras": {cam: {"width", "height"}},
+  "splits": {split: [image file names]}}`` — the train/test/cross_camera/shift_Xm views of synthetic segments.
+  Without it the split is every ``test_every``-th frame (all its cameras) for test, the rest train.
+- ``difix3d_points.npz``: ``points`` [N, 3] float32 (world, same frame as ``ego_pose``) and ``colors`` [N, 3] uint8.
+  Without it, lidar points (if any) initialize the scene, uncoloured.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+
+import numpy as np
+from PIL import Image
+
+from difix3d import storage
+from difix3d.errors import InputError
+from difix3d.scene.camera import Camera
+from difix3d.scene.poses import check_rigid, rigid_inverse
+from difix3d.scene.scene import DEFAULT_TEST_EVERY, Scene
+
+# OpenCV camera axes -> dataset camera axes (drivestudio's OPENCV2DATASET); a signed permutation, so exact
+OPENCV2DATASET = np.array([[0, 0, 1, 0], [-1, 0, 0, 0], [0, -1, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
+SPLIT_FILE = "difix3d_split.json"
+POINTS_FILE = "difix3d_points.npz"
+LIDAR_COLUMNS = 14
+_IMAGE_RE = re.compile(r"^(\d+)_(.+)\.(jpg|jpeg|png)$", re.IGNORECASE)
+
+
+def load_driving(uri: str, test_every: int = DEFAULT_TEST_EVERY, max_lidar_points: int = 300_000,
+                 normalize_world: bool = True) -> Scene:
+    """Read a driving segment folder (layout in the module docstring) into a :class:`Scene`."""
+    uri = str(uri).rstrip("/")
+    meta = _read_split_file(uri)
+    frames = _list_images(uri)  # {(t, cam): image uri}
+    if not frames:
+        raise InputError(storage.join(uri, "images"), "no images named {t:03d}_{cam}.jpg/.png")
+    times = sorted({t for t, _ in frames})
+    cam_order = list(meta["cameras"]) if meta else []
+    cam_order += sorted({c for _, c in frames} - set(cam_order))
+    cam_order = [c for c in cam_order if any(cc == c for _, cc in frames)]
+
+    ego = {t: _read_matrix(storage.join(uri, "ego_pose", f"{t:03d}.txt"), f"ego pose of frame {t:03d}")
+           for t in times}
+    origin_inv = None
+    if normalize_world and not np.array_equal(ego[times[0]], np.eye(4)):
+        origin_inv = rigid_inverse(ego[times[0]])
+        ego = {t: origin_inv @ e for t, e in ego.items()}
+    rigs = {c: _read_rig_camera(uri, c, frames, meta) for c in cam_order}
+
+    cameras, uris, by_file = [], [], {}
+    for t in times:
+        for c in cam_order:
+            if (t, c) not in frames:
+                continue
+            K, dist, w, h, cam_to_ego = rigs[c]
+            c2w = ego[t] @ cam_to_ego @ OPENCV2DATASET
+            name = f"{t:03d}_{c}"
+            cameras.append(Camera.from_c2w(c2w, K, w, h, dist=dist, name=name, camera_id=c, timestamp=float(t),
+                                           meta={"frame": t, "ego_to_world": ego[t].tolist(),
+                                                 "cam_to_ego": cam_to_ego.tolist()}))
+            uris.append(frames[(t, c)])
+            by_file[uris[-1].rsplit("/", 1)[-1].rsplit("\\", 1)[-1]] = len(cameras) - 1
+
+    if meta:
+        splits = {}
+        for split, files in meta["splits"].items():
+            missing = [f for f in files if f not in by_file]
+            if missing:
+                raise InputError(storage.join(uri, SPLIT_FILE),
+                                 f"split {split!r} names images that are not in images/: {missing[:3]}")
+            splits[split] = [by_file[f] for f in files]
+    else:
+        test_t = set(times[::test_every]) if test_every > 0 else set()
+        splits = {"train": [i for i, c in enumerate(cameras) if c.meta["frame"] not in test_t],
+                  "test": [i for i, c in enumerate(cameras) if c.meta["frame"] in test_t]}
+    points, colors = _read_points(uri, times, ego, origin_inv, max_lidar_points)
+    name = uri.rsplit("/", 1)[-1] or "segment"
+    return Scene(name=name, cameras=cameras, image_uris=uris, splits=splits, points=points, point_colors=colors,
+                 root=uri, meta={"layout": "driving"})
+
+
+def write_driving(scene: Scene, out_uri: str, images: dict[int, np.ndarray] | None = None,
+                  image_format: str = "png") -> None:
+    """Write ``scene`` in the driving layout (+ ``difix3d_split.json``, + ``difix3d_points.npz`` when it has points).
+
+    Each camera needs ``camera_id`` and ``meta`` with ``frame``, ``ego_to_world`` and ``cam_to_ego`` (what
+    :func:`load_driving` and the synthetic generator set). Images: ``images[i]`` (uint8 [H, W, 3]) when given, else
+    the bytes of ``scene.image_uris[i]`` copied as they are.
+    """
+    from difix3d import imageio
+
+    out_uri = str(out_uri).rstrip("/")
+    ego_written: dict[int, np.ndarray] = {}
+    rig: dict[str, Camera] = {}
+    files: list[str] = []
+    for i, cam in enumerate(scene.cameras):
+        if not cam.camera_id or not {"frame", "ego_to_world", "cam_to_ego"} <= set(cam.meta):
+            raise InputError(scene.root or scene.name, f"camera {cam.name!r} lacks camera_id or its frame/ego_to_world/"
+                                                       "cam_to_ego meta: not a driving-rig camera")
+        t = int(cam.meta["frame"])
+        ego = np.asarray(cam.meta["ego_to_world"], dtype=np.float64)
+        if t in ego_written and not np.array_equal(ego_written[t], ego):
+            raise InputError(scene.root or scene.name, f"frame {t:03d}: cameras disagree on the ego pose")
+        if t not in ego_written:
+            ego_written[t] = ego
+            storage.write_text(storage.join(out_uri, "ego_pose", f"{t:03d}.txt"), _format_matrix(ego))
+        if cam.camera_id not in rig:
+            rig[cam.camera_id] = cam
+            storage.write_text(storage.join(out_uri, "extrinsics", f"{cam.camera_id}.txt"),
+                               _format_matrix(np.asarray(cam.meta["cam_to_ego"], dtype=np.float64)))
+            dist = np.zeros(5) if cam.dist is None else np.pad(cam.dist, (0, max(0, 5 - len(cam.dist))))[:5]
+            values = [cam.K[0, 0], cam.K[1, 1], cam.K[0, 2], cam.K[1, 2], *dist]
+            storage.write_text(storage.join(out_uri, "intrinsics", f"{cam.camera_id}.txt"),
+                               "\n".join(_fmt(v) for v in values) + "\n")
+        if images is not None and i in images:
+            fname = f"{t:03d}_{cam.camera_id}.{image_format}"
+            imageio.write_image(storage.join(out_uri, "images", fname), images[i])
+        else:
+            ext = scene.image_uris[i].rsplit(".", 1)[-1].lower()
+            fname = f"{t:03d}_{cam.camera_id}.{ext}"
+            storage.write_bytes(storage.join(out_uri, "images", fname), storage.read_bytes(scene.image_uris[i]))
+        files.append(fname)
+    if scene.points is not None and len(scene.points):
+        buf = io.BytesIO()
+        colors = scene.point_colors if scene.point_colors is not None else np.full((len(scene.points), 3), 128,
+                                                                                   np.uint8)
+        np.savez(buf, points=scene.points.astype(np.float32), colors=colors.astype(np.uint8))
+        storage.write_bytes(storage.join(out_uri, POINTS_FILE), buf.getvalue())
+    storage.write_json(storage.join(out_uri, SPLIT_FILE), {
+        "format": "difix3d-driving", "version": 1,
+        "cameras": {c: {"width": cam.width, "height": cam.height} for c, cam in rig.items()},
+        "splits": {s: [files[i] for i in idx] for s, idx in scene.splits.items()},
+    })
+
+
+# --- helpers
+
+
+def _read_split_file(uri: str) -> dict | None:
+    path = storage.join(uri, SPLIT_FILE)
+    if not storage.exists(path):
+        return None
+    meta = storage.read_json(path)
+    if not isinstance(meta, dict) or not isinstance(meta.get("splits"), dict) or not isinstance(
+            meta.get("cameras"), dict):
+        raise InputError(path, "expected {'cameras': {...}, 'splits': {...}}")
+    return meta
+
+
+def _list_images(uri: str) -> dict[tuple[int, str], str]:
+    out = {}
+    for f in storage.list_dir(storage.join(uri, "images")):
+        m = _IMAGE_RE.match(f.replace("\\", "/").rsplit("/", 1)[-1])
+        if m:
+            key = (int(m.group(1)), m.group(2))
+            if key in out:
+                raise InputError(f, f"two images for frame {key[0]:03d} of camera {key[1]!r}")
+            out[key] = f
+    return out
+
+
+def _read_matrix(path: str, what: str) -> np.ndarray:
+    try:
+        text = storage.read_text(path)
+    except FileNotFoundError as e:
+        raise InputError(path, f"missing {what}") from e
+    try:
+        values = np.array(text.split(), dtype=np.float64)
+    except ValueError as e:
+        raise InputError(path, f"{what} is not numeric ({e})") from e
+    if values.size not in (12, 16):
+        raise InputError(path, f"{what}: expected a 4x4 matrix, got {values.size} numbers")
+    return check_rigid(values.reshape(-1, 4), path, what)
+
+
+def _read_rig_camera(uri: str, cam: str, frames: dict, meta: dict | None):
+    """(K [3, 3], dist [5] or None, width, height, camera→ego [4, 4] in dataset axes) of one rig camera."""
+    ipath = storage.join(uri, "intrinsics", f"{cam}.txt")
+    try:
+        values = np.array(storage.read_text(ipath).split(), dtype=np.float64)
+    except FileNotFoundError as e:
+        raise InputError(ipath, f"missing intrinsics of camera {cam!r}") from e
+    except ValueError as e:
+        raise InputError(ipath, f"intrinsics of camera {cam!r} are not numeric ({e})") from e
+    if values.size < 4 or not np.all(np.isfinite(values)) or values[0] <= 0 or values[1] <= 0:
+        raise InputError(ipath, f"intrinsics of camera {cam!r} must be 'fx fy cx cy [k1 k2 p1 p2 k3]' with "
+                                f"positive focal lengths, got {values.tolist()}")
+    K = np.array([[values[0], 0, values[2]], [0, values[1], values[3]], [0, 0, 1]])
+    dist = np.pad(values[4:9], (0, 5 - values[4:9].size))
+    dist = None if not np.any(dist) else dist
+    extrinsic = _read_matrix(storage.join(uri, "extrinsics", f"{cam}.txt"), f"extrinsics of camera {cam!r}")
+    if meta and cam in meta["cameras"]:
+        w, h = int(meta["cameras"][cam]["width"]), int(meta["cameras"][cam]["height"])
+    else:
+        first = frames[min(t for t, c in frames if c == cam), cam]
+        try:
+            with Image.open(io.BytesIO(storage.read_bytes(first))) as im:
+                w, h = im.size
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a bad image
+            raise InputError(first, f"cannot read image size of camera {cam!r} ({e})") from e
+    return K, dist, w, h, extrinsic
+
+
+def _read_points(uri: str, times: list[int], ego: dict, origin_inv, max_lidar_points: int):
+    path = storage.join(uri, POINTS_FILE)
+    if storage.exists(path):
+        try:
+            data = np.load(io.BytesIO(storage.read_bytes(path)))
+            points, colors = data["points"].astype(np.float64), data["colors"]
+        except Exception as e:  # noqa: BLE001
+            raise InputError(path, f"expected an npz with 'points' [N, 3] and 'colors' [N, 3] ({e})") from e
+        if origin_inv is not None:
+            points = points @ origin_inv[:3, :3].T + origin_inv[:3, 3]
+        return points.astype(np.float32), colors
+    chunks = []
+    for t in times:
+        lpath = storage.join(uri, "lidar", f"{t:03d}.bin")
+        if not storage.exists(lpath):
+            continue
+        raw = storage.read_bytes(lpath)
+        if len(raw) % (4 * LIDAR_COLUMNS):
+            raise InputError(lpath, f"lidar file size {len(raw)} is not a multiple of {LIDAR_COLUMNS} float32")
+        pts = np.frombuffer(raw, dtype=np.float32).reshape(-1, LIDAR_COLUMNS)[:, 3:6].astype(np.float64)
+        chunks.append(pts @ ego[t][:3, :3].T + ego[t][:3, 3])  # ego frame of t -> world
+    if not chunks:
+        return None, None
+    points = np.concatenate(chunks)
+    if len(points) > max_lidar_points:  # a deterministic even subsample
+        points = points[np.linspace(0, len(points) - 1, max_lidar_points).astype(np.int64)]
+    return points.astype(np.float32), None
+
+
+def _fmt(v: float) -> str:
+    return repr(float(v))  # shortest exact round-trip text
+
+
+def _format_matrix(M: np.ndarray) -> str:
+    return "\n".join(" ".join(_fmt(v) for v in row) for row in M) + "\n"

@@ -1,0 +1,223 @@
+"""nerfstudio ``transforms.json`` scenes: reader and writer.
+
+Honoured fields: shared or per-frame ``fl_x fl_y cx cy w h`` and distortion ``k1 k2 k3 p1 p2``; ``frames[i]``
+``file_path`` (relative to the JSON's folder) and ``transform_matrix`` (camera→world, OpenGL/Blender axes: x right,
+y up, z back — converted once here to OpenCV by flipping y and z); ``ply_file_path`` (initial points);
+``train_filenames``/``val_filenames``/``test_filenames`` (nerfstudio's explicit split). Without an explicit split
+every 8th frame is a test frame. Splits nerfstudio has no key for (``shift_1m``, ...) go under ``difix3d_splits``.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+
+import numpy as np
+from PIL import Image
+
+from difix3d import storage
+from difix3d.errors import InputError
+from difix3d.scene.camera import Camera
+from difix3d.scene.poses import check_rigid, rigid_inverse
+from difix3d.scene.scene import DEFAULT_TEST_EVERY, Scene, every_nth_split
+
+GL_TO_CV = np.diag([1.0, -1.0, -1.0, 1.0])  # flips y and z: OpenGL camera axes <-> OpenCV camera axes
+_DIST_KEYS = ("k1", "k2", "p1", "p2", "k3")  # OpenCV order, as Camera.dist
+_SPLIT_KEYS = {"train": "train_filenames", "val": "val_filenames", "test": "test_filenames"}
+
+
+def load_nerfstudio(uri: str, test_every: int = DEFAULT_TEST_EVERY) -> Scene:
+    """Read a ``transforms.json`` (the file's URI) into a :class:`Scene` with OpenCV cameras."""
+    uri = str(uri)
+    meta = storage.read_json(uri)
+    base = uri.rsplit("/", 1)[0] if "/" in uri else "."
+    frames = meta.get("frames") if isinstance(meta, dict) else None
+    if not frames:
+        raise InputError(uri, "no 'frames' in transforms.json")
+
+    cameras, uris, paths = [], [], []
+    stems = [posixpath.splitext(posixpath.basename(str(f.get("file_path", ""))))[0] for f in frames]
+    unique_stems = len(set(stems)) == len(stems)
+    for i, frame in enumerate(frames):
+        fp = frame.get("file_path")
+        if not fp:
+            raise InputError(uri, f"frame {i} has no file_path")
+        where = f"{uri} (frame {i}, {fp})"
+        image_uri = storage.join(base, fp) if not fp.startswith(("/", "s3://", "gs://")) else fp
+        c2w_gl = check_rigid(frame.get("transform_matrix", np.full((4, 4), np.nan)), where, "transform_matrix")
+        K, w, h, dist = _intrinsics(meta, frame, where, image_uri)
+        name = stems[i] if unique_stems else fp.replace("/", "_")
+        cameras.append(Camera(viewmat=rigid_inverse(c2w_gl @ GL_TO_CV), K=K, width=w, height=h, dist=dist, name=name,
+                              camera_id=str(frame.get("camera_id", "")), timestamp=float(frame.get("time", i)),
+                              meta={"file_path": fp, "transform_matrix": c2w_gl.tolist()}))
+        uris.append(image_uri)
+        paths.append(fp)
+
+    splits = _splits(meta, paths, uri, test_every)
+    points = colors = None
+    if meta.get("ply_file_path"):
+        points, colors = read_points_ply(storage.join(base, meta["ply_file_path"]))
+    name = base.rstrip("/").rsplit("/", 1)[-1] or "scene"
+    return Scene(name=name, cameras=cameras, image_uris=uris, splits=splits, points=points, point_colors=colors,
+                 root=base, meta={"layout": "nerfstudio"})
+
+
+def write_nerfstudio(scene: Scene, out_uri: str, images: str = "images") -> str:
+    """Write ``scene`` as ``out_uri/transforms.json`` (+ its images under ``images/``, + ``points3D.ply``).
+
+    Per-frame intrinsics (nerfstudio reads per-frame keys over shared ones). Returns the JSON's URI."""
+    out_uri = str(out_uri).rstrip("/")
+    frames, paths = [], []
+    for i, cam in enumerate(scene.cameras):
+        ext = scene.image_uris[i].rsplit(".", 1)[-1].lower()
+        fp = f"{images}/{cam.name}.{ext}"
+        storage.write_bytes(storage.join(out_uri, fp), storage.read_bytes(scene.image_uris[i]))
+        c2w_gl = _c2w_gl(cam)
+        frame = {"file_path": fp, "transform_matrix": c2w_gl.tolist(), "fl_x": cam.K[0, 0], "fl_y": cam.K[1, 1],
+                 "cx": cam.K[0, 2], "cy": cam.K[1, 2], "w": cam.width, "h": cam.height}
+        if cam.dist is not None:
+            frame.update({k: float(v) for k, v in zip(_DIST_KEYS, cam.dist)})
+        if cam.camera_id:
+            frame["camera_id"] = cam.camera_id
+        frame["time"] = cam.timestamp
+        frames.append(frame)
+        paths.append(fp)
+    meta: dict = {"camera_model": "OPENCV", "frames": frames}
+    extra = {}
+    for split, idx in scene.splits.items():
+        if split in _SPLIT_KEYS:
+            meta[_SPLIT_KEYS[split]] = [paths[i] for i in idx]
+        else:
+            extra[split] = [paths[i] for i in idx]
+    if extra:
+        meta["difix3d_splits"] = extra
+    if scene.points is not None and len(scene.points):
+        write_points_ply(storage.join(out_uri, "points3D.ply"), scene.points, scene.point_colors)
+        meta["ply_file_path"] = "points3D.ply"
+    json_uri = storage.join(out_uri, "transforms.json")
+    storage.write_json(json_uri, meta)
+    return json_uri
+
+
+# --- point clouds (the plain x y z red green blue vertex PLY that nerfstudio writes and reads)
+
+
+def write_points_ply(uri: str, points: np.ndarray, colors: np.ndarray | None = None) -> None:
+    points = np.asarray(points, dtype=np.float32).reshape(-1, 3)
+    colors = np.full((len(points), 3), 128, np.uint8) if colors is None else np.asarray(colors, np.uint8)
+    dtype = np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1")])
+    rec = np.empty(len(points), dtype=dtype)
+    rec["x"], rec["y"], rec["z"] = points.T
+    rec["red"], rec["green"], rec["blue"] = colors.T
+    header = ("ply\nformat binary_little_endian 1.0\n"
+              f"element vertex {len(points)}\n"
+              "property float x\nproperty float y\nproperty float z\n"
+              "property uchar red\nproperty uchar green\nproperty uchar blue\nend_header\n")
+    storage.write_bytes(uri, header.encode("ascii") + rec.tobytes())
+
+
+_PLY_TYPES = {"float": "f4", "float32": "f4", "double": "f8", "float64": "f8", "uchar": "u1", "uint8": "u1",
+              "char": "i1", "int8": "i1", "short": "i2", "int16": "i2", "ushort": "u2", "uint16": "u2",
+              "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4"}
+
+
+def read_points_ply(uri: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(points [N, 3] float32, colors [N, 3] uint8 or None) of a vertex PLY (ascii or binary little endian)."""
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError as e:
+        raise InputError(uri, "point cloud PLY not found") from e
+    end = data.find(b"end_header\n")
+    if not data.startswith(b"ply") or end < 0:
+        raise InputError(uri, "not a PLY file")
+    header = data[:end].decode("ascii", "replace").splitlines()
+    fmt, count, props, in_vertex = "", 0, [], False
+    for line in header:
+        parts = line.split()
+        if parts[:1] == ["format"]:
+            fmt = parts[1]
+        elif parts[:1] == ["element"]:
+            in_vertex = parts[1] == "vertex"
+            count = int(parts[2]) if in_vertex else count
+        elif parts[:1] == ["property"] and in_vertex:
+            if parts[1] == "list":
+                raise InputError(uri, "list properties in the vertex element are not supported")
+            props.append((parts[2], "<" + _PLY_TYPES[parts[1]]))
+    body = data[end + len(b"end_header\n"):]
+    names = [p for p, _ in props]
+    if not {"x", "y", "z"} <= set(names):
+        raise InputError(uri, f"vertex element lacks x/y/z (has {names})")
+    if fmt == "binary_little_endian":
+        rec = np.frombuffer(body, dtype=np.dtype(props), count=count)
+        col = {n: rec[n] for n in names}
+    elif fmt == "ascii":
+        table = np.loadtxt(io.StringIO(body.decode("ascii")), ndmin=2)[:count]
+        col = {n: table[:, j] for j, n in enumerate(names)}
+    else:
+        raise InputError(uri, f"unsupported PLY format {fmt!r}")
+    points = np.stack([col["x"], col["y"], col["z"]], axis=1).astype(np.float32)
+    colors = None
+    if {"red", "green", "blue"} <= set(names):
+        colors = np.stack([col["red"], col["green"], col["blue"]], axis=1).astype(np.uint8)
+    return points, colors
+
+
+# --- helpers
+
+
+def _c2w_gl(cam: Camera) -> np.ndarray:
+    """OpenGL camera→world; the matrix read from file when it still matches the camera (exact round trips)."""
+    if "transform_matrix" in cam.meta:
+        T = np.asarray(cam.meta["transform_matrix"], dtype=np.float64)
+        if T.shape == (4, 4) and np.allclose(rigid_inverse(T @ GL_TO_CV), cam.viewmat, atol=1e-12, rtol=0):
+            return T
+    return rigid_inverse(cam.viewmat) @ GL_TO_CV
+
+
+def _intrinsics(meta: dict, frame: dict, where: str, image_uri: str):
+    def get(key):
+        v = frame.get(key, meta.get(key))
+        return None if v is None else float(v)
+
+    fx, fy, cx, cy = get("fl_x"), get("fl_y"), get("cx"), get("cy")
+    if fx is None or fy is None:
+        raise InputError(where, "no fl_x/fl_y (shared or per frame)")
+    w, h = get("w"), get("h")
+    if w is None or h is None:
+        try:
+            with Image.open(io.BytesIO(storage.read_bytes(image_uri))) as im:
+                w, h = im.size
+        except FileNotFoundError as e:
+            raise InputError(image_uri, f"image of {where} not found (and no w/h given)") from e
+    w, h = int(w), int(h)
+    cx = w / 2.0 if cx is None else cx
+    cy = h / 2.0 if cy is None else cy
+    values = np.array([fx, fy, cx, cy])
+    if not np.all(np.isfinite(values)) or fx <= 0 or fy <= 0 or w <= 0 or h <= 0:
+        raise InputError(where, f"bad intrinsics fl_x={fx} fl_y={fy} cx={cx} cy={cy} w={w} h={h}")
+    K = np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
+    dist = np.array([get(k) or 0.0 for k in _DIST_KEYS])
+    return K, w, h, (dist if np.any(dist) else None)
+
+
+def _splits(meta: dict, paths: list[str], uri: str, test_every: int) -> dict[str, list[int]]:
+    index = {p: i for i, p in enumerate(paths)}
+    index.update({p.removeprefix("./"): i for i, p in enumerate(paths)})
+
+    def lookup(split: str, names: list[str]) -> list[int]:
+        missing = [n for n in names if n not in index and n.removeprefix("./") not in index]
+        if missing:
+            raise InputError(uri, f"{split} names files that are not frames: {missing[:3]}")
+        return [index.get(n, index.get(n.removeprefix("./"))) for n in names]
+
+    splits = {s: lookup(k, meta[k]) for s, k in _SPLIT_KEYS.items() if k in meta}
+    for s, names in (meta.get("difix3d_splits") or {}).items():
+        splits[s] = lookup(f"difix3d_splits[{s!r}]", names)
+    if "train" not in splits and "test" not in splits and "val" not in splits:
+        splits.update(every_nth_split(len(paths), test_every))
+    if "test" not in splits:
+        splits["test"] = list(splits.get("val", []))
+    if "train" not in splits:
+        held = set(splits["test"]) | set(splits.get("val", []))
+        splits["train"] = [i for i in range(len(paths)) if i not in held]
+    return splits
