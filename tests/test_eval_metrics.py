@@ -1,5 +1,6 @@
 """Per-view metrics, the missing-weights policy, FID/KID aggregation, rows discovery: no Ray needed."""
 
+import json
 import math
 
 import numpy as np
@@ -70,7 +71,7 @@ def test_fid_of_a_set_against_itself_is_zero_with_a_stand_in_net():
     imgs = torch.rand(40, 3, 32, 32, generator=gen)
     feats = net(imgs).numpy()
     other = net((imgs * 0.3).clamp(0, 1)).numpy()  # a darker set: its statistics differ
-    sets = SetMetrics(("fid", "kid"), 16, kid_subset_size=20, kid_subsets=10)
+    sets = SetMetrics(("fid", "kid"), kid_subset_size=20, kid_subsets=10)
     sets.update("same", feats[:25], feats[:25])
     sets.update("same", feats[25:], feats[25:])  # streamed in two batches
     sets.update("dark", other, feats)
@@ -82,7 +83,7 @@ def test_fid_of_a_set_against_itself_is_zero_with_a_stand_in_net():
 
 
 def test_set_metrics_too_few_views_reported_not_raised():
-    sets = SetMetrics(("fid", "kid"), 4)
+    sets = SetMetrics(("fid", "kid"))
     sets.update("one", np.ones((1, 4)), np.ones((1, 4)))
     res = sets.compute()["one"]
     assert math.isnan(res["fid"]) and "at least 2" in res["fid_error"] and math.isnan(res["kid"])
@@ -116,11 +117,17 @@ def test_rows_from_fleet_output(tmp_path):
         rows_from_fleet_output(str(tmp_path / "scenes"))
 
 
-def test_load_rows_checks_columns(tmp_path):
-    p = tmp_path / "rows.json"
-    p.write_text('[{"segment": "s", "view": "v", "method": "m", "render_uri": "a.png"}]')
+def test_load_rows_json_jsonl_parquet_and_column_check(tmp_path):
+    row = {"segment": 7, "view": "test/000", "method": "m", "render_uri": "r.png", "gt_uri": "g.png", "extra": 1}
+    (tmp_path / "rows.json").write_text(json.dumps([row]))
+    (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n\n" + json.dumps(row) + "\n")
+    expected = {**{k: str(v) for k, v in row.items() if k != "extra"}}
+    assert load_rows(str(tmp_path / "rows.json")) == [expected]
+    assert load_rows(str(tmp_path / "rows.jsonl")) == [expected, expected]
+    assert load_rows(str(tmp_path / "rows.parquet")) == str(tmp_path / "rows.parquet")  # Ray Data streams it
+    (tmp_path / "bad.json").write_text('[{"segment": "s", "view": "v", "method": "m", "render_uri": "a.png"}]')
     with pytest.raises(InputError, match="gt_uri"):
-        load_rows(str(p))
+        load_rows(str(tmp_path / "bad.json"))
 
 
 def test_job_arguments_build_the_config():
@@ -136,3 +143,13 @@ def test_job_arguments_build_the_config():
     assert cfg.min_workers == 1 and not cfg.overwrite
     with pytest.raises(ValueError, match="unknown metrics"):
         config_from_args(p.parse_args(["--input", "a", "--output", "b", "--metrics", "psnr,mse"]))
+
+
+@pytest.mark.gpu
+def test_cuda_metrics_match_cpu():
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(2, 3, 64, 96, generator=gen), torch.rand(2, 3, 64, 96, generator=gen)
+    model = build_lpips("alex", "random")
+    for fn in (M.psnr, M.ssim):
+        assert torch.allclose(fn(x.cuda(), y.cuda()).cpu(), fn(x, y), rtol=1e-4, atol=1e-4)
+    assert torch.allclose(M.lpips(model.cuda(), x.cuda(), y.cuda()).cpu(), M.lpips(model.cpu(), x, y), atol=1e-4)

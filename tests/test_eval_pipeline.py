@@ -111,14 +111,14 @@ def test_rerun_reuses_outputs_unless_overwrite(evaluated):
     assert again.skipped and again.n_views == first.n_views and again.set_metrics == first.set_metrics
 
 
-def test_rows_file_input_with_stand_in_lpips(fleet_out, tmp_path, ray_local):
+def test_parquet_rows_input_with_stand_in_lpips(fleet_out, tmp_path, ray_local):
     rows = [{"segment": "s", "view": f"v{i}", "method": m,
              "render_uri": str(fleet_out / f"scenes/seg-2/renders/{m}/test/00{i}.png"),
              "gt_uri": str(fleet_out / f"scenes/seg-2/renders/gt/test/00{i}.png")}
             for i in range(3) for m in ("baseline", "difix3d_plus")]
     rows.append({**rows[0], "view": "missing", "render_uri": str(tmp_path / "nope.png")})
-    (tmp_path / "rows.json").write_text(json.dumps(rows))
-    cfg = EvalConfig(input=str(tmp_path / "rows.json"), output=str(tmp_path / "out"), metrics="psnr,lpips",
+    pd.DataFrame(rows).to_parquet(tmp_path / "rows.parquet")  # read by ray.data.read_parquet
+    cfg = EvalConfig(input=str(tmp_path / "rows.parquet"), output=str(tmp_path / "out"), metrics="psnr,lpips",
                      lpips_weights="random", workers=1, batch_size=8, bootstrap_resamples=100)
     result = evaluate(cfg)
     df = pq.read_table(str(tmp_path / "out/per_view.parquet")).to_pandas()

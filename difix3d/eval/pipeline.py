@@ -94,8 +94,6 @@ def compute_per_view(config: EvalConfig, per_view_uri: str) -> tuple[dict, dict[
         log.warning("evaluate: %s unavailable: %s", m, reason)
     enabled = tuple(m for m in config.metrics if avail[m].available)
     features_needed = any(m in enabled for m in M.SET_METRICS)
-    num_features = (build_feature_net(config.fid_features, config.hub_dir, config.random_feature_dim).num_features
-                    if features_needed else 0)
 
     rows = load_rows(config.input)
     ds = ray.data.read_parquet(rows, columns=list(ROW_COLUMNS)) if isinstance(rows, str) else \
@@ -109,7 +107,7 @@ def compute_per_view(config: EvalConfig, per_view_uri: str) -> tuple[dict, dict[
         num_gpus=config.num_gpus_per_worker, num_cpus=config.num_cpus_per_worker,
         batch_size=config.batch_size, batch_format="numpy",
     )
-    sets = SetMetrics(enabled, num_features, config.kid_subset_size, config.kid_subsets, config.kid_max_samples,
+    sets = SetMetrics(enabled, config.kid_subset_size, config.kid_subsets, config.kid_max_samples,
                       config.seed)
     with _AtomicParquetWriter(per_view_uri, PER_VIEW_SCHEMA) as writer:
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):

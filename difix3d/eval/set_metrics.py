@@ -20,10 +20,10 @@ from torchmetrics.image.kid import KernelInceptionDistance
 class SetMetrics:
     """``update(method, render_feats, gt_feats)`` per batch, ``compute()`` → ``{method: {"fid": .., "kid": ..}}``."""
 
-    def __init__(self, metrics: tuple[str, ...], num_features: int, kid_subset_size: int = 1000,
-                 kid_subsets: int = 100, kid_max_samples: int = 10000, seed: int = 0):
+    def __init__(self, metrics: tuple[str, ...], kid_subset_size: int = 1000, kid_subsets: int = 100,
+                 kid_max_samples: int = 10000, seed: int = 0):
         self.metrics = tuple(m for m in metrics if m in ("fid", "kid"))
-        self.num_features = num_features
+        self.num_features = 0  # D, taken from the first batch (the driver never builds the feature network)
         self.kid_subset_size, self.kid_subsets = kid_subset_size, kid_subsets
         self.kid_max_samples = kid_max_samples
         self.seed = seed
@@ -34,8 +34,12 @@ class SetMetrics:
         """``render_feats``, ``gt_feats``: ``[N, D]`` features of the same N views."""
         if len(render_feats) == 0:
             return
-        fake = torch.as_tensor(np.asarray(render_feats, dtype=np.float64))
-        real = torch.as_tensor(np.asarray(gt_feats, dtype=np.float64))
+        fake = torch.as_tensor(np.asarray(render_feats, dtype=np.float64))  # [N, D]
+        real = torch.as_tensor(np.asarray(gt_feats, dtype=np.float64))  # [N, D]
+        if fake.ndim != 2 or real.shape != fake.shape or (self.num_features and fake.shape[1] != self.num_features):
+            raise ValueError(f"expected two [N, {self.num_features or 'D'}] feature arrays, got {tuple(fake.shape)} "
+                             f"and {tuple(real.shape)}")
+        self.num_features = fake.shape[1]
         if "fid" in self.metrics:
             if method not in self._fid:
                 self._fid[method] = FrechetInceptionDistance(feature=_Precomputed(self.num_features),
