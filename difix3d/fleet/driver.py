@@ -17,7 +17,7 @@ from typing import Any, Callable
 from difix3d import storage
 
 from .config import FleetConfig
-from .fixers import open_fixer, pool_size, resolve_checkpoint
+from .fixers import open_fixer, pool_frames, pool_size, resolve_checkpoint
 from .inputs import SceneRef, resolve_scenes
 from .progress import FleetProgress
 from .scene_task import SceneFn, run_scene_task
@@ -162,8 +162,8 @@ def _stream(todo: list[_Work], manifest: storage.Manifest, config: FleetConfig, 
                 ref = task.options(**opts, name=f"scene:{w.scene.scene_id}").remote(
                     scene_fn, w.scene, config, fixer, w.attempts, config.scene_num_cpus)
                 running[ref] = w
-            progress.started(len(running))
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=10.0)
+            progress.started(len(running), pool_frames(fixer))
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=5.0)
             for ref in ready:
                 w = running.pop(ref)
                 res = _result_of(ref)

@@ -47,8 +47,9 @@ def open_fixer(config, checkpoint: str, cluster_gpus: float) -> tuple[Any, Calla
     from difix3d import pool
 
     lo, hi, gpus = pool_size(config, cluster_gpus)
+    # an autoscaling pool may ask for replicas the cluster does not have yet: the cluster autoscaler adds nodes
     client = pool.start_pool(checkpoint, name=config.pool_name, min_replicas=lo, max_replicas=hi,
-                             num_gpus_per_replica=gpus)
+                             num_gpus_per_replica=gpus, scale_beyond_free_resources=hi > lo)
     return client, lambda: pool.shutdown_pool(config.pool_name)
 
 
@@ -65,3 +66,16 @@ def materialize_fixer(fixer: Any) -> Any:
 
         _LOCAL_CACHE[fixer] = LocalFixerClient(FixerRunner.from_checkpoint(fixer.checkpoint, device=fixer.device))
     return _LOCAL_CACHE[fixer]
+
+
+def pool_frames(fixer: Any) -> tuple[int, float] | None:
+    """(frames fixed since the pool started, frames/s over its recent window) for the progress line; None when the
+    fixer keeps no such figures or cannot answer now."""
+    stats = getattr(fixer, "stats", None)
+    if stats is None or isinstance(fixer, (str, LocalFixerSpec)):
+        return None
+    try:
+        s = stats()
+        return int(s.get("frames_ok", 0)), float(s.get("frames_per_s", 0.0))
+    except Exception:  # noqa: BLE001 - progress must never stop the run
+        return None

@@ -15,13 +15,16 @@ class FleetProgress:
         self.total = total
         self.start = time.time()
         self.done = self.failed = self.in_flight = self.frames = 0
+        self.pool: tuple[int, float] | None = None  # (frames fixed, frames/s) reported by a shared pool
         self.already_done = already_done
         self.enabled = enabled
         self.bar = tqdm(total=total, desc="scenes", unit="scene", file=sys.stderr, dynamic_ncols=True,
                         disable=not enabled)
 
-    def started(self, n_in_flight: int) -> None:
+    def started(self, n_in_flight: int, pool: tuple[int, float] | None = None) -> None:
         self.in_flight = n_in_flight
+        if pool is not None:
+            self.pool = pool
         self._refresh()
 
     def finished(self, scene_id: str, ok: bool, frames: int, n_in_flight: int, message: str = "") -> None:
@@ -41,6 +44,9 @@ class FleetProgress:
         (self.bar.write if self.enabled else print)(f"[fleet] {scene_id} failed, retrying: {message}")
 
     def frames_per_s(self) -> float:
+        """The pool's live rate when it reports one, else frames of finished scenes over the run's time."""
+        if self.pool is not None:
+            return self.pool[1]
         return self.frames / max(1e-6, time.time() - self.start)
 
     def eta_s(self) -> float | None:
