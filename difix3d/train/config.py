@@ -75,6 +75,9 @@ class FinetuneConfig:
     ckpt_every: int = 1000  # official --checkpointing_steps 1000
     sample_grid_rows: int = 4  # rows of (degraded | output | target) in each sample grid
 
+    # fault injection for recovery tests: the last worker's process exits once at this step (0 = never)
+    fail_once_at_step: int = 0
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -128,25 +128,27 @@ class PairStream:
         return decode_pair_row(record, f"{self.index.shards[shard]} row {row}")
 
 
-def collate_pairs(rows: list[dict], height: int, width: int, rng: random.Random, use_reference: bool = True,
-                  random_crop: bool = True) -> dict[str, torch.Tensor]:
-    """Rows → model batch in [-1, 1]: ``x``, ``target`` ``[B, 3, h, w]`` and ``ref`` ``[B, 3, h, w]`` or None.
+def collate_pairs(rows: list[dict], height: int, width: int, rng: random.Random | None, use_reference: bool = True
+                  ) -> dict:
+    """Rows → model batch in [-1, 1]: ``x``, ``target`` ``[B, 3, h, w]``, ``ref`` ``[B, 3, h, w]`` or None, and
+    ``ids`` (``"scene/camera"`` per row).
 
     Each row is resized (keeping aspect) until it covers ``height`` × ``width`` and cropped there, the same window
     for all of its images. ``ref`` is present only when every row has a reference (the model takes a whole
     batch with or without one); rows without one then train single-view.
     """
     xs, ts, rs = [], [], []
+    ids = [f"{r.get('scene', '')}/{r.get('camera', '')}" for r in rows]
     with_ref = use_reference and all(r.get("reference") is not None for r in rows)
     for r in rows:
         imgs = [r["degraded"], r["target"]] + ([r["reference"]] if with_ref else [])
         stack = to_tensor(np.stack(imgs))  # [V, 3, H, W] in [0, 1]
-        stack = _cover_and_crop(stack, height, width, rng if random_crop else None)
+        stack = _cover_and_crop(stack, height, width, rng)  # rng None: centre crop
         xs.append(stack[0])
         ts.append(stack[1])
         if with_ref:
             rs.append(stack[2])
-    batch = {"x": torch.stack(xs) * 2 - 1, "target": torch.stack(ts) * 2 - 1}
+    batch = {"x": torch.stack(xs) * 2 - 1, "target": torch.stack(ts) * 2 - 1, "ids": ids}
     batch["ref"] = torch.stack(rs) * 2 - 1 if with_ref else None
     return batch
 

@@ -1,0 +1,294 @@
+"""The per-worker Ray Train function: DDP fine-tuning of Difix on pair shards, with checkpoints and resume.
+
+Every rank runs :func:`train_loop_per_worker`; ``ray.train.report`` is a barrier, so all ranks report at the same
+steps (log, validation and checkpoint steps are decided by the step counter alone). A checkpoint folder holds
+``model/`` (our fixer format, loadable by ``load_checkpoint``) and ``train_state.pt`` (optimizer, step, every
+rank's data-stream position), so a restarted worker group or a re-run job continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from difix3d import storage
+from difix3d.train.config import FinetuneConfig
+from difix3d.train.data import PairStream, ShardIndex, batches, collate_pairs, read_rows
+from difix3d.train.losses import DifixLoss, build_perceptual_net
+from difix3d.train.validate import validation_sums, write_sample_grid
+from difix3d.train.views import AllViewsFixer, training_targets
+
+log = logging.getLogger(__name__)
+
+MODEL_DIR = "model"
+STATE_FILE = "train_state.pt"
+MAX_RECORDED_IDS = 10_000  # rows named in a worker's summary (enough to audit small runs, bounded for big ones)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Fine-tune on this worker's slice of the pair shards; returns a summary (rank 0's is the run's result)."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = FinetuneConfig.from_dict(config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+
+    model, state = _initial_model_and_state(cfg, ray.train.get_checkpoint())
+    counts = model.prepare_for_training()  # paper: UNet full, decoder LoRA + skip convs, encoder frozen
+    if cfg.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+    net = ray.train.torch.prepare_model(AllViewsFixer(model))  # moves to device; DDP when world > 1
+    params = model.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    step, start = 0, (0, 0)
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        streams = state["streams"]
+        start = tuple(streams[rank]) if len(streams) == world else (max(s[0] for s in streams) + 1, 0)
+    start_step = step
+
+    perceptual = build_perceptual_net(cfg.perceptual_weights, seed=cfg.seed)  # same stand-in on every rank
+    loss_fn = DifixLoss(cfg.loss, perceptual, seed=cfg.seed * 7919 + rank).to(device)
+    lpips_for_val = None if cfg.perceptual_weights == "random" else loss_fn.perceptual  # stand-in LPIPS means nothing
+    stream = PairStream(ShardIndex.build(cfg.train_shards), rank, world, cfg.seed, cfg.shuffle_window,
+                        cfg.skip_corrupt, start=start)
+    train_batches = batches(stream, cfg.batch_size, cfg.height, cfg.width, seed=cfg.seed * 1000 + rank + step,
+                            use_reference=cfg.use_reference)
+    val_batches = _validation_batches(cfg, rank, world)
+    autocast = _autocast(cfg, device)
+    logger = _RankZeroLogger(cfg, rank) if rank == 0 else None
+    if logger:
+        logger.console(f"fine-tuning {cfg.init} from step {step} on {world} worker(s) ({device.type}); "
+                       f"trainable {counts['trainable']:,} (unet {counts['unet']:,}, decoder LoRA "
+                       f"{counts['decoder_lora']:,}, skip convs {counts['skip_convs']:,}), frozen {counts['frozen']:,}")
+
+    seen: dict[str, None] = {}
+    window = {"total": 0.0, "l2": 0.0, "lpips": 0.0, "gram": 0.0, "n": 0}
+    t0, samples = time.perf_counter(), 0
+    net.train()
+    while step < cfg.steps:
+        batch = next(train_batches)
+        for i in batch["ids"]:
+            if len(seen) < MAX_RECORDED_IDS:
+                seen.setdefault(i)
+        x, target = batch["x"].to(device), batch["target"].to(device)  # [B, 3, H, W]
+        ref = batch["ref"].to(device) if batch["ref"] is not None else None
+        with autocast():
+            pred = net(x, ref)  # [B, V, 3, H, W]: both views supervised, as in the original
+            losses = loss_fn(pred.flatten(0, 1), training_targets(target, ref).flatten(0, 1), step)
+        opt.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        step += 1
+        samples += x.shape[0]
+        _maybe_fail(cfg, step, rank)
+        for k in ("total", "l2", "lpips", "gram"):
+            window[k] += float(losses[k].detach())
+        window["n"] += 1
+        if logger:
+            logger.step_loss(step, float(losses["total"]))
+
+        is_log = step % cfg.log_every == 0 or step == cfg.steps
+        is_val = step % cfg.val_every == 0 or step == cfg.steps
+        is_ckpt = step % cfg.ckpt_every == 0 or step == cfg.steps
+        if not (is_log or is_val or is_ckpt):
+            continue
+        elapsed = time.perf_counter() - t0
+        metrics = {f"train_{k}": v for k, v in _mean_over_ranks(window, device).items()}
+        metrics.update(step=step, grad_norm=float(grad_norm), samples_per_s=_sum_over_ranks(samples / elapsed, device),
+                       lr=opt.param_groups[0]["lr"])
+        window = dict.fromkeys(window, 0.0) | {"n": 0}
+        t0, samples = time.perf_counter(), 0
+        if is_val and val_batches:
+            metrics.update(_validate(model, val_batches, device, lpips_for_val, autocast, logger, step, cfg))
+        if logger:
+            logger.metrics(step, metrics)
+        _report(metrics, model, opt, step, stream, cfg, save=is_ckpt, rank=rank)
+
+    final = cfg.final_uri()
+    if rank == 0:
+        from difix3d.fixer.checkpoint import save_checkpoint
+
+        save_checkpoint(model, final)
+        logger.console(f"final model written to {final}")
+        logger.close()
+    summary = {"rank": rank, "world_size": world, "start_step": start_step, "end_step": step, "final": final,
+               "rows_seen": list(seen), "skipped": stream.skipped, "stream_state": list(stream.state())}
+    storage.write_json(storage.join(cfg.run_uri(), "workers", f"rank-{rank}.json"), summary)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+def _initial_model_and_state(cfg: FinetuneConfig, checkpoint) -> tuple[torch.nn.Module, dict | None]:
+    """From the run's latest checkpoint when there is one (restart / re-run), else from ``cfg.init``."""
+    from difix3d.fixer.checkpoint import load_checkpoint
+    from difix3d.fixer.config import PRESETS
+    from difix3d.fixer.model import build_model
+
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            model = load_checkpoint(os.path.join(d, MODEL_DIR))
+            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+        return model.train(), state
+    if cfg.init in PRESETS:
+        return build_model(cfg.init, seed=cfg.seed).train(), None
+    return load_checkpoint(cfg.init).train(), None
+
+
+def _report(metrics: dict, model, opt, step: int, stream: PairStream, cfg: FinetuneConfig, save: bool,
+            rank: int) -> None:
+    """``ray.train.report`` on every rank; on checkpoint steps rank 0 attaches model + optimizer + streams."""
+    import ray.train
+
+    if not save:
+        ray.train.report(metrics)
+        return
+    streams = _gather(list(stream.state()))  # collective: every rank takes part
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    from difix3d.fixer.checkpoint import save_checkpoint
+
+    with tempfile.TemporaryDirectory() as d:
+        save_checkpoint(model, os.path.join(d, MODEL_DIR))
+        torch.save({"optimizer": opt.state_dict(), "step": step, "streams": streams, "config": cfg.to_dict()},
+                   os.path.join(d, STATE_FILE))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _validation_batches(cfg: FinetuneConfig, rank: int, world: int) -> list[dict]:
+    """This rank's share of the fixed validation rows, centre-cropped to the training size."""
+    if cfg.val_rows <= 0:
+        return []
+    index = ShardIndex.build(cfg.val_shards or cfg.train_shards)
+    rows = read_rows(index, cfg.val_rows, rank, world)
+    return [collate_pairs(rows[i:i + cfg.batch_size], cfg.height, cfg.width, None, cfg.use_reference)
+            for i in range(0, len(rows), cfg.batch_size)]
+
+
+def _validate(model, val_batches, device, lpips_net, autocast, logger, step: int, cfg: FinetuneConfig) -> dict:
+    sums, grid = validation_sums(model, val_batches, device, lpips_net, autocast)
+    keys = sorted(sums)
+    totals = dict(zip(keys, _all_reduce([sums[k] for k in keys], device)))
+    n = max(totals["n"], 1.0)
+    out = {"val_l2": totals["l2"] / n, "val_psnr": totals["psnr"] / n}
+    if lpips_net is not None:
+        out["val_lpips"] = totals["lpips"] / n
+    if logger:
+        uri = storage.join(cfg.run_uri(), "samples", f"step-{step:07d}.png")
+        write_sample_grid(uri, grid, cfg.sample_grid_rows)
+        logger.image(step, grid, cfg.sample_grid_rows)
+    return out
+
+
+def _autocast(cfg: FinetuneConfig, device: torch.device):
+    """bf16 autocast on CUDA (weights and optimizer stay fp32: the master copy); fp32 elsewhere."""
+    if device.type == "cuda" and cfg.mixed_precision == "bf16":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def _all_reduce(values: list[float], device: torch.device) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _mean_over_ranks(window: dict, device: torch.device) -> dict[str, float]:
+    keys = [k for k in window if k != "n"]
+    totals = _all_reduce([window[k] for k in keys] + [window["n"]], device)
+    return {k: v / max(totals[-1], 1.0) for k, v in zip(keys, totals[:-1])}
+
+
+def _sum_over_ranks(value: float, device: torch.device) -> float:
+    return _all_reduce([value], device)[0]
+
+
+def _gather(obj: Any) -> list:
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _maybe_fail(cfg: FinetuneConfig, step: int, rank: int) -> None:
+    """Fault injection for recovery tests: the last rank's process dies once at ``cfg.fail_once_at_step``."""
+    if cfg.fail_once_at_step <= 0 or step != cfg.fail_once_at_step:
+        return
+    import ray.train
+
+    if rank != ray.train.get_context().get_world_size() - 1:
+        return
+    marker = storage.join(cfg.run_uri(), "fault-injected")
+    if storage.exists(marker):
+        return
+    storage.write_text(marker, f"step {step}\n")
+    log.warning("fault injection: worker %d exits at step %d", rank, step)
+    os._exit(1)
+
+
+class _RankZeroLogger:
+    """Console lines, TensorBoard scalars/images and a ``history.json`` of per-step losses (rank 0 only)."""
+
+    def __init__(self, cfg: FinetuneConfig, rank: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.cfg = cfg
+        self.history_uri = storage.join(cfg.run_uri(), "history.json")
+        self.history = storage.read_json(self.history_uri) if storage.exists(self.history_uri) else {}
+        self.history.setdefault("loss", {})
+        self.history.setdefault("metrics", [])
+        self.writer = SummaryWriter(log_dir=_tensorboard_dir(cfg))
+
+    def console(self, line: str) -> None:
+        print(f"[finetune] {line}", flush=True)
+
+    def step_loss(self, step: int, loss: float) -> None:
+        self.history["loss"][str(step)] = loss
+
+    def metrics(self, step: int, metrics: dict) -> None:
+        for k, v in metrics.items():
+            if k != "step" and isinstance(v, (int, float)):
+                self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+        self.history["metrics"].append(metrics)
+        storage.write_json(self.history_uri, self.history)
+        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "step")
+        self.console(f"step {step}/{self.cfg.steps} {shown}")
+
+    def image(self, step: int, rows, max_rows: int) -> None:
+        import numpy as np
+
+        if rows:
+            self.writer.add_image("samples", np.concatenate(rows[:max_rows], axis=0), step, dataformats="HWC")
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _tensorboard_dir(cfg: FinetuneConfig) -> str:
+    """TensorBoard writes local files: under the run folder when storage is local, else a local folder by name."""
+    if storage.is_local(cfg.run_uri()):
+        return storage.resolve(storage.join(cfg.run_uri(), "tensorboard"))[1]
+    return os.path.join(tempfile.gettempdir(), "difix3d-tensorboard", cfg.name)
+
+
+def load_history(cfg: FinetuneConfig) -> dict:
+    """The run's ``history.json``: ``loss`` {step: loss of rank 0} and the reported ``metrics`` list."""
+    return json.loads(storage.read_text(storage.join(cfg.run_uri(), "history.json")))

@@ -1,0 +1,63 @@
+"""``finetune(config)``: a Ray Train ``TorchTrainer`` running :func:`~difix3d.train.loop.train_loop_per_worker`.
+
+The run lives at ``<storage_path>/<name>``: re-running with the same two resumes from its latest checkpoint, and
+``FailureConfig(max_failures)`` restarts the worker group from it after a worker or node failure.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from difix3d import storage
+from difix3d.train.config import FinetuneConfig
+from difix3d.train.losses import build_perceptual_net
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneResult:
+    """What a finished run left behind."""
+
+    final_uri: str  # the exported model (our checkpoint format; FixerRunner.from_checkpoint / load_checkpoint)
+    checkpoint_path: str | None  # the latest Ray Train checkpoint folder (model/ + train_state.pt)
+    metrics: dict[str, Any]  # last reported metrics
+    summary: dict[str, Any]  # rank 0's summary (start/end step, rows seen, skipped rows)
+    run_uri: str
+
+
+def finetune(config: FinetuneConfig) -> FinetuneResult:
+    """Run (or resume) a fine-tuning job on the Ray cluster this process is connected to."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from difix3d.train.loop import train_loop_per_worker
+    from difix3d.train.pairs import list_shards
+
+    list_shards(config.train_shards)  # fail here, naming the URI, rather than inside every worker
+    if config.perceptual_weights != "random" and (config.loss.lpips > 0 or config.loss.gram > 0):
+        build_perceptual_net(config.perceptual_weights)  # MissingWeightsError before any worker starts
+    storage_fs, storage_root = storage.resolve(config.storage_path)
+    config.write(storage.join(config.run_uri(), "finetune_config.json"))
+    resources = {"CPU": config.cpus_per_worker} | ({"GPU": 1} if config.use_gpu else {})
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config.to_dict(),
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=config.name, storage_path=storage_root, storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.num_to_keep),
+            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(config.cpus_per_worker)))}},
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    summary = result.return_value or {}
+    return FinetuneResult(final_uri=config.final_uri(),
+                          checkpoint_path=result.checkpoint.path if result.checkpoint else None,
+                          metrics=dict(result.metrics or {}), summary=summary, run_uri=config.run_uri())
