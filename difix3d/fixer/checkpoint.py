@@ -1,0 +1,363 @@
+"""Every fixer checkpoint format, in one place; the model itself knows nothing of files.
+
+- ours: ``<uri>/model.safetensors`` + ``<uri>/config.json`` (FixerConfig, prompt embedding inside the weights);
+  any storage URI (local, s3://, gs://). Round-trips exactly.
+- an SD-Turbo diffusers folder (or a hub id found in the local HF cache): a fresh Difix to fine-tune; the prompt
+  embedding is computed once here with the folder's CLIP tokenizer and text encoder.
+- the official Difix ``.pkl`` (``state_dict_unet`` full, ``state_dict_vae`` LoRA + skip keys, ``rank_vae``,
+  ``vae_lora_target_modules``): its VAE base weights and prompt come from an SD-Turbo folder (``base``).
+- the diffusers-format ``nvidia/difix`` / ``nvidia/difix_ref`` folders: ``unet/`` plus ``vae/`` whose config carries
+  ``gamma`` / ``ignore_skip`` / ``lora_rank`` and whose weights carry the skip convs and LoRA.
+Nothing reaches the network: a hub id is looked up in the local cache only.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+
+import torch
+
+from difix3d import storage
+from difix3d.errors import CheckpointError, MissingWeightsError
+from difix3d.fixer.config import ADAPTER_NAME, LORA_TARGETS, FixerConfig, preset_config
+from difix3d.fixer.model import DifixModel
+
+log = logging.getLogger(__name__)
+
+FORMAT = "difix3d-fixer"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+SD_TURBO_ENV = "DIFIX3D_SD_TURBO"  # where an SD-Turbo folder lies, for .pkl checkpoints that need its base weights
+FETCH_SD_TURBO = ("fetch it with `huggingface-cli download stabilityai/sd-turbo --local-dir DIR` on a machine with "
+                  f"internet and pass base=DIR (CLI: --base DIR) or set {SD_TURBO_ENV}=DIR")
+
+
+def save_checkpoint(model: DifixModel, uri: str) -> str:
+    """Write ``model`` in our format under ``uri`` (a folder URI); returns ``uri``. Weights are written as they are
+    (dtype kept), the config last so a half-written checkpoint is never mistaken for a whole one."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    storage.makedirs(uri)
+    storage.write_bytes(storage.join(uri, WEIGHTS_FILE), save(state))
+    storage.write_json(storage.join(uri, CONFIG_FILE),
+                       {"format": FORMAT, "version": FORMAT_VERSION, "config": model.config.to_dict()})
+    return uri
+
+
+def load_checkpoint(uri: str, device: str | torch.device | None = None, base: str | None = None) -> DifixModel:
+    """Any supported checkpoint -> a :class:`DifixModel` in eval mode, fp32, on ``device`` (CPU if None).
+
+    ``base``: an SD-Turbo folder, needed only by the official ``.pkl`` format (default: ``$DIFIX3D_SD_TURBO``).
+    Raises :class:`CheckpointError` (corrupt or mismatched, naming the file and keys) or :class:`MissingWeightsError`.
+    """
+    kind, path = detect_format(uri)
+    if kind == "difix3d":
+        model = _load_ours(path)
+    elif kind == "official-pkl":
+        model = _load_official_pkl(path, base or os.environ.get(SD_TURBO_ENV))
+    elif kind == "nvidia-diffusers":
+        model = _load_nvidia_folder(path)
+    else:
+        model = _load_sd_turbo(path)
+    log.info("loaded %s fixer checkpoint %s (preset %s)", kind, uri, model.config.preset)
+    return model.to(device or "cpu").eval()
+
+
+def convert_checkpoint(src: str, dst: str, base: str | None = None) -> str:
+    """Any supported checkpoint at ``src`` -> ours at ``dst``."""
+    return save_checkpoint(load_checkpoint(src, base=base), dst)
+
+
+def detect_format(uri: str) -> tuple[str, str]:
+    """-> (kind, location): ``difix3d`` | ``official-pkl`` | ``nvidia-diffusers`` | ``sd-turbo``."""
+    uri = str(uri)
+    if storage.exists(uri) and not storage.is_dir(uri):
+        if uri.endswith(".safetensors") and storage.exists(storage.join(os.path.dirname(uri), CONFIG_FILE)):
+            return "difix3d", os.path.dirname(uri)
+        return "official-pkl", uri
+    if storage.is_dir(uri):
+        if storage.exists(storage.join(uri, CONFIG_FILE)) and not storage.exists(storage.join(uri, "unet")):
+            return "difix3d", uri
+        if storage.is_local(uri) and os.path.isdir(os.path.join(uri, "unet")) and os.path.isdir(os.path.join(uri, "vae")):
+            vae_cfg = _read_json_file(os.path.join(uri, "vae", CONFIG_FILE))
+            if {"gamma", "ignore_skip", "lora_rank"} & set(vae_cfg) or "difix" in str(vae_cfg.get("_class_name", "")).lower():
+                return "nvidia-diffusers", uri
+            return "sd-turbo", uri
+        raise CheckpointError(uri, f"not a fixer checkpoint: expected {WEIGHTS_FILE} + {CONFIG_FILE}, an official "
+                                   "Difix .pkl, or a diffusers folder with unet/ and vae/")
+    if _looks_like_hub_id(uri):
+        return detect_format(_hub_cache_path(uri))
+    raise MissingWeightsError(f"{uri}: no such checkpoint")
+
+
+# --- ours ----------------------------------------------------------------------------------------------------------
+def _load_ours(uri: str) -> DifixModel:
+    cfg_uri, w_uri = storage.join(uri, CONFIG_FILE), storage.join(uri, WEIGHTS_FILE)
+    if not storage.exists(cfg_uri):
+        raise CheckpointError(cfg_uri, "missing: a difix3d checkpoint folder holds config.json and model.safetensors")
+    try:
+        meta = json.loads(storage.read_text(cfg_uri))
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"format is {meta.get('format')!r}, expected {FORMAT!r}")
+        config = FixerConfig.from_dict(meta["config"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(cfg_uri, f"not a difix3d fixer config: {e}") from e
+    if not storage.exists(w_uri):
+        raise CheckpointError(w_uri, "missing: the weights of this checkpoint were never written or were deleted")
+    state = _read_safetensors(w_uri)
+    return materialize(config, state, source=w_uri)
+
+
+def materialize(config: FixerConfig, state: dict[str, torch.Tensor], source: str) -> DifixModel:
+    """Build the model of ``config`` without allocating random weights, then take ``state`` (all keys, exactly)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config.unet)
+        vae = AutoencoderKL.from_config(config.vae)
+        model = DifixModel(config, unet, vae, torch.empty(1, config.prompt_tokens, config.cross_attention_dim))
+    _check_keys(model.state_dict(), state, source)
+    _check_shapes(model.state_dict(), state, source)
+    model.load_state_dict(state, strict=True, assign=True)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if left:
+        raise CheckpointError(source, f"tensors not provided by the checkpoint: {left[:8]}")
+    return model
+
+
+# --- SD-Turbo folder -----------------------------------------------------------------------------------------------
+def _load_sd_turbo(folder: str) -> DifixModel:
+    unet, vae = _pretrained(folder, "unet"), _pretrained(folder, "vae")
+    config = _config_from(unet, vae)
+    prompt = encode_prompt(folder, config.prompt)
+    config.prompt_tokens = prompt.shape[1]
+    return DifixModel(config, unet, vae, prompt)
+
+
+def encode_prompt(folder: str, prompt: str) -> torch.Tensor:
+    """CLIP text embedding ``[1, tokens, D]`` of ``prompt`` with the folder's tokenizer/ and text_encoder/."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    for sub in ("tokenizer", "text_encoder"):
+        if not os.path.isdir(os.path.join(folder, sub)):
+            raise MissingWeightsError(f"{os.path.join(folder, sub)}: missing; the prompt embedding is computed with "
+                                      f"the SD-Turbo tokenizer and text encoder: {FETCH_SD_TURBO}")
+    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+    encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").eval()
+    ids = tokenizer(prompt, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        return encoder(ids)[0].float()  # last hidden state, as the official code uses
+
+
+# --- official .pkl -------------------------------------------------------------------------------------------------
+def _load_official_pkl(path: str, base: str | None) -> DifixModel:
+    try:
+        sd = torch.load(storage.bytes_io(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        raise CheckpointError(path, f"not a readable torch checkpoint: {e}") from e
+    need = ("state_dict_unet", "state_dict_vae")
+    if not isinstance(sd, dict) or any(k not in sd for k in need):
+        raise CheckpointError(path, f"not an official Difix .pkl: missing {[k for k in need if k not in (sd or {})]}")
+    if not base or not os.path.isdir(base):
+        raise MissingWeightsError(f"{path}: the official Difix .pkl holds only the VAE's LoRA and skip weights, "
+                                  f"their base comes from SD-Turbo ({base or 'no base given'}): {FETCH_SD_TURBO}")
+    model = _load_sd_turbo(base)
+    model.config.lora_rank = int(sd.get("rank_vae", model.config.lora_rank))
+    model.config.lora_targets = tuple(sd.get("vae_lora_target_modules", LORA_TARGETS))
+    if model.config.lora_rank != 4 or model.config.lora_targets != LORA_TARGETS:  # rebuild with its LoRA shape
+        model = DifixModel(model.config, model.unet, _strip_adapter(model.vae), model.prompt_embeds)
+    _check_keys(model.unet.state_dict(), sd["state_dict_unet"], f"{path}[state_dict_unet]")
+    vae_state = model.vae.state_dict()
+    extra = sorted(set(sd["state_dict_vae"]) - set(vae_state))
+    if extra:
+        raise CheckpointError(f"{path}[state_dict_vae]", f"unexpected keys {extra[:8]} (of {len(extra)}); "
+                                                         f"rank_vae={model.config.lora_rank}")
+    vae_state.update(sd["state_dict_vae"])
+    _check_shapes(model.unet.state_dict(), sd["state_dict_unet"], f"{path}[state_dict_unet]")
+    _check_shapes(model.vae.state_dict(), vae_state, f"{path}[state_dict_vae]")
+    model.unet.load_state_dict(sd["state_dict_unet"], strict=True)
+    model.vae.load_state_dict(vae_state, strict=True)
+    return model
+
+
+def save_official_pkl(model: DifixModel, path: str) -> None:
+    """Write ``model`` in the official Difix layout (for exchanging with the original code and for tests)."""
+    sd = {"state_dict_unet": model.unet.state_dict(),
+          "state_dict_vae": {k: v for k, v in model.vae.state_dict().items() if "lora" in k or "skip" in k},
+          "rank_vae": model.config.lora_rank, "vae_lora_target_modules": list(model.config.lora_targets),
+          "optimizer": {}}
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    storage.write_bytes(path, buf.getvalue())
+
+
+# --- nvidia/difix diffusers folder ---------------------------------------------------------------------------------
+def _load_nvidia_folder(folder: str) -> DifixModel:
+    from diffusers import AutoencoderKL
+
+    unet = _pretrained(folder, "unet")
+    vae_dir = os.path.join(folder, "vae")
+    vae_cfg = _read_json_file(os.path.join(vae_dir, CONFIG_FILE))
+    vae = AutoencoderKL.from_config({k: v for k, v in vae_cfg.items() if k not in ("gamma", "ignore_skip", "lora_rank")})
+    config = _config_from(unet, vae)
+    config.lora_rank = int(vae_cfg.get("lora_rank", config.lora_rank))
+    config.skip_gamma = 0.0 if vae_cfg.get("ignore_skip") else float(vae_cfg.get("gamma", config.skip_gamma))
+    prompt = encode_prompt(folder, config.prompt)
+    config.prompt_tokens = prompt.shape[1]
+    model = DifixModel(config, unet, vae, prompt)
+    w_path = _weights_file(vae_dir)
+    state = _normalize_vae_keys(_read_safetensors(w_path), model.vae.state_dict())
+    want = model.vae.state_dict()
+    if not any("lora_" in k for k in state):  # a merged export: LoRA folded into the base weights, adapter stays 0
+        state.update({k: v for k, v in want.items() if "lora_" in k})
+        log.info("%s carries no LoRA weights: treating it as merged", w_path)
+    _check_keys(want, state, w_path)
+    _check_shapes(want, state, w_path)
+    model.vae.load_state_dict(state, strict=True)
+    return model
+
+
+def save_nvidia_folder(model: DifixModel, folder: str, text_folder: str | None = None) -> None:
+    """Write ``model`` as a diffusers-format Difix folder (unet/, vae/ with gamma/ignore_skip/lora_rank), copying
+    tokenizer/ and text_encoder/ from ``text_folder``; used by ``difix3d convert --to nvidia`` users and tests."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    model.unet.save_pretrained(os.path.join(folder, "unet"))
+    vae_dir = os.path.join(folder, "vae")
+    os.makedirs(vae_dir, exist_ok=True)
+    cfg = {k: v for k, v in model.vae.config.items()}
+    cfg.update(_class_name="AutoencoderKLDifix", gamma=model.config.skip_gamma, ignore_skip=False,
+               lora_rank=model.config.lora_rank)
+    with open(os.path.join(vae_dir, CONFIG_FILE), "w") as f:
+        json.dump(cfg, f, indent=2, default=list)
+    save_file({k: v.contiguous() for k, v in model.vae.state_dict().items()},
+              os.path.join(vae_dir, "diffusion_pytorch_model.safetensors"))
+    if text_folder:
+        for sub in ("tokenizer", "text_encoder"):
+            shutil.copytree(os.path.join(text_folder, sub), os.path.join(folder, sub), dirs_exist_ok=True)
+
+
+def _normalize_vae_keys(state: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map a diffusers export's key names onto peft's (``x.weight`` -> ``x.base_layer.weight``,
+    ``lora_A.weight`` -> ``lora_A.vae_skip.weight``); keys that match nothing are kept, so they get reported."""
+    out = {}
+    for k, v in state.items():
+        cand = [k]
+        for part in ("lora_A", "lora_B"):
+            cand.append(k.replace(f".{part}.weight", f".{part}.{ADAPTER_NAME}.weight"))
+        stem, _, leaf = k.rpartition(".")
+        cand.append(f"{stem}.base_layer.{leaf}")
+        out[next((c for c in cand if c in want), k)] = v
+    return out
+
+
+# --- helpers -------------------------------------------------------------------------------------------------------
+def _check_keys(want: dict, got: dict, source: str) -> None:
+    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)} in all)")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} "
+                         f"({len(unexpected)} in all)")
+        raise CheckpointError(source, "; ".join(parts) + " — does it match the model's preset? Re-export it with "
+                                                         "`difix3d convert`, or fetch the complete checkpoint")
+
+
+def _check_shapes(want: dict, got: dict, source: str) -> None:
+    bad = [f"{k}: {tuple(got[k].shape)} vs model {tuple(want[k].shape)}" for k in want
+           if k in got and tuple(got[k].shape) != tuple(want[k].shape)]
+    if bad:
+        raise CheckpointError(source, f"shape mismatch in {len(bad)} tensors, e.g. {bad[:4]}")
+
+
+def _read_safetensors(uri: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    try:
+        return load(storage.read_bytes(uri))
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for one meaning: corrupt file
+        raise CheckpointError(uri, f"not a readable safetensors file ({type(e).__name__}: {e})") from e
+
+
+def _read_json_file(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+    except json.JSONDecodeError as e:
+        raise CheckpointError(path, f"not valid JSON: {e}") from e
+
+
+def _weights_file(folder: str) -> str:
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"):
+        if os.path.exists(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    raise MissingWeightsError(f"{folder}: no diffusion_pytorch_model.safetensors; fetch the complete nvidia/difix "
+                              "folder (`huggingface-cli download nvidia/difix --local-dir DIR`)")
+
+
+def _pretrained(folder: str, sub: str):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    cls = UNet2DConditionModel if sub == "unet" else AutoencoderKL
+    errors = []
+    for variant in (None, "fp16"):
+        try:
+            return cls.from_pretrained(folder, subfolder=sub, variant=variant, torch_dtype=torch.float32)
+        except (OSError, EnvironmentError, ValueError) as e:
+            errors.append(str(e).splitlines()[0])
+    raise MissingWeightsError(f"{os.path.join(folder, sub)}: cannot load {cls.__name__} ({'; '.join(errors)}); "
+                              "fetch the complete folder from the hub on a machine with internet")
+
+
+def _config_from(unet, vae) -> FixerConfig:
+    """A FixerConfig that rebuilds these diffusers models; preset named when the architecture is a known one."""
+    unet_cfg = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+    vae_cfg = {k: v for k, v in vae.config.items() if not k.startswith("_")}
+    preset = "custom"
+    for name in ("sd-turbo", "tiny"):
+        ref = preset_config(name)
+        if all(_same(unet_cfg.get(k), v) for k, v in ref.unet.items()) and \
+                all(_same(vae_cfg.get(k), v) for k, v in ref.vae.items()):
+            preset = name
+    return FixerConfig(preset=preset, unet=json.loads(json.dumps(unet_cfg, default=list)),
+                       vae=json.loads(json.dumps(vae_cfg, default=list)))
+
+
+def _same(a, b) -> bool:
+    norm = lambda x: list(x) if isinstance(x, (list, tuple)) else x  # noqa: E731
+    return norm(a) == norm(b)
+
+
+def _strip_adapter(vae):
+    """A VAE without our skip convs and LoRA, so a DifixModel with another LoRA shape can be built on it."""
+    vae.delete_adapters(ADAPTER_NAME)
+    for i in range(1, 5):
+        if hasattr(vae.decoder, f"skip_conv_{i}"):
+            delattr(vae.decoder, f"skip_conv_{i}")
+    return vae
+
+
+def _looks_like_hub_id(uri: str) -> bool:
+    return "://" not in uri and uri.count("/") == 1 and not uri.startswith((".", "/"))
+
+
+def _hub_cache_path(repo_id: str) -> str:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - not in the cache, whatever the exception type
+        raise MissingWeightsError(f"{repo_id}: not a local path and not in the Hugging Face cache; fetch it with "
+                                  f"`huggingface-cli download {repo_id}` on a machine with internet") from e

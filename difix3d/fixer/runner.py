@@ -1,0 +1,130 @@
+"""Images in, fixed images out: devices, dtypes, batching, padding and input checks around a DifixModel."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from difix3d.device import default_device, default_dtype
+from difix3d.fixer.model import DifixModel
+
+MULTIPLE = 8  # the VAE downsamples by 8; the UNet copes with any latent size itself (upsample_size)
+
+
+class FixerRunner:
+    """Runs a :class:`DifixModel` on images of any size and batch.
+
+    ``fix(images, refs=None)``: numpy uint8 ``[B, H, W, 3]`` (or ``[H, W, 3]``) -> the same; float tensor
+    ``[B, 3, H, W]`` in [0, 1] -> float32 tensor on the input's device. H, W are padded by reflection to a multiple of
+    8 and cropped back (aspect ratio never changes); batches run in micro-batches of ``max_batch``. Thread-safe.
+    """
+
+    def __init__(self, model: DifixModel, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                 compile: bool = False, channels_last: bool | None = None, max_batch: int | None = None):
+        self.device = default_device(device)
+        self.dtype = dtype or default_dtype(self.device)
+        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
+        self.max_batch = max_batch or (4 if self.device.type == "cuda" else 8)
+        self.model = model.to(self.device, self.dtype).eval().requires_grad_(False)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self._forward = torch.compile(self.model, dynamic=False) if compile else self.model
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_checkpoint(cls, uri: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                        compile: bool = False, channels_last: bool | None = None, max_batch: int | None = None,
+                        base: str | None = None) -> "FixerRunner":
+        from difix3d.fixer.checkpoint import load_checkpoint
+
+        return cls(load_checkpoint(uri, base=base), device, dtype, compile, channels_last, max_batch)
+
+    def fix(self, images, refs=None):
+        if isinstance(images, torch.Tensor):
+            x = _check_tensor(images, "images")
+            r = None if refs is None else _check_tensor(refs, "refs")
+            _check_pair(x, r)
+            return self._run(x, r).to(images.device)
+        if isinstance(images, np.ndarray) or isinstance(images, list):
+            arr, single = _check_uint8(images, "images")
+            rarr = None if refs is None else _check_uint8(refs, "refs")[0]
+            x = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255.0)  # [B, 3, H, W]
+            r = None if rarr is None else torch.from_numpy(rarr).permute(0, 3, 1, 2).float().div_(255.0)
+            _check_pair(x, r)
+            out = self._run(x, r).mul_(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            return out[0] if single else out
+        raise ValueError(f"images: expected a uint8 numpy array [B, H, W, 3] or a float tensor [B, 3, H, W], "
+                         f"got {type(images).__name__}")
+
+    @torch.no_grad()  # not inference_mode: callers may edit the outputs in place
+    def _run(self, x: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
+        """x, r: float [B, 3, H, W] in [0, 1] on any device -> float32 [B, 3, H, W] on CPU/any device."""
+        h, w = x.shape[-2:]
+        outs = []
+        with self._lock:
+            for i in range(0, x.shape[0], self.max_batch):
+                xb = self._prepare(x[i:i + self.max_batch])
+                rb = None if r is None else self._prepare(r[i:i + self.max_batch])
+                y = self._forward(xb, rb)  # [b, 3, H', W'] in [-1, 1]
+                outs.append(y[..., :h, :w].float().add_(1.0).mul_(0.5).to(x.device))
+        return torch.cat(outs).clamp_(0.0, 1.0)
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        x = pad_to_multiple(x.to(self.device, torch.float32).clamp(0.0, 1.0) * 2.0 - 1.0, MULTIPLE)
+        x = x.to(self.dtype)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad [B, C, H, W] at the bottom/right to multiples of ``multiple``: reflection (no hard border for the
+    network to reproduce), replication where the image is too small to reflect."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return x
+    mode = "reflect" if ph < h and pw < w else "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+
+def _check_tensor(t: torch.Tensor, name: str) -> torch.Tensor:
+    if t.ndim == 3:
+        t = t[None]
+    if t.ndim != 4 or t.shape[1] != 3:
+        raise ValueError(f"{name}: expected a float tensor [B, 3, H, W], got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name}: expected a float tensor in [0, 1], got dtype {t.dtype}")
+    if t.shape[0] == 0:
+        raise ValueError(f"{name}: empty batch")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name}: contains NaN or infinite values")
+    return t
+
+
+def _check_uint8(a, name: str) -> tuple[np.ndarray, bool]:
+    if isinstance(a, list):
+        if not a:
+            raise ValueError(f"{name}: empty list")
+        shapes = {np.asarray(i).shape for i in a}
+        if len(shapes) != 1:
+            raise ValueError(f"{name}: images of one call must share one size, got {sorted(shapes)}")
+        a = np.stack([np.asarray(i) for i in a])
+    if a.dtype != np.uint8:
+        raise ValueError(f"{name}: expected dtype uint8 (HWC images), got {a.dtype}; floats go in as tensors "
+                         "[B, 3, H, W] in [0, 1]")
+    single = a.ndim == 3
+    if single:
+        a = a[None]
+    if a.ndim != 4 or a.shape[-1] != 3:
+        raise ValueError(f"{name}: expected shape [B, H, W, 3] or [H, W, 3], got {a.shape}")
+    if a.shape[0] == 0:
+        raise ValueError(f"{name}: empty batch")
+    return np.ascontiguousarray(a), single
+
+
+def _check_pair(x: torch.Tensor, r: torch.Tensor | None) -> None:
+    if r is not None and tuple(r.shape) != tuple(x.shape):
+        raise ValueError(f"refs: shape {tuple(r.shape)} must equal the images' shape {tuple(x.shape)} "
+                         "(one reference per image, same size)")
