@@ -72,7 +72,8 @@ def main() -> None:
         write_image(os.path.join(tmp, "gt.png"), gt)
         write_image(os.path.join(tmp, "render.png"), render)
         n = args.batch
-        batch = {"segment": np.array(["s"] * n, dtype=object), "view": np.array([f"v{i}" for i in range(n)], dtype=object),
+        batch = {"segment": np.array(["s"] * n, dtype=object),
+                 "view": np.array([f"v{i}" for i in range(n)], dtype=object),
                  "method": np.array(["m"] * n, dtype=object),
                  "render_uri": np.array([os.path.join(tmp, "render.png")] * n, dtype=object),
                  "gt_uri": np.array([os.path.join(tmp, "gt.png")] * n, dtype=object)}

@@ -27,7 +27,8 @@ _LPIPS_BACKBONE_URLS = {
     "squeeze": "https://download.pytorch.org/models/squeezenet1_1-b8a52dc0.pth",
 }
 # torch-fidelity's InceptionV3 port of the TF FID network (what torchmetrics' FID uses by default).
-INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                 "weights-inception-2015-12-05-6726825d.pth")
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,10 @@ class SetMetrics:
             if n < 2:
                 res["fid"], res["fid_error"] = math.nan, f"FID needs at least 2 views, got {n}"
             else:
-                res["fid"] = max(0.0, float(fid.compute()))  # tiny negatives are round-off of sqrtm
+                try:
+                    res["fid"] = max(0.0, float(fid.compute()))  # tiny negatives are round-off of sqrtm
+                except Exception as e:  # noqa: BLE001 - e.g. a non-finite covariance: reported, others go on
+                    res["fid"], res["fid_error"] = math.nan, f"FID failed: {e!r}"
         for method, (real, fake) in self._kid.items():
             res = out.setdefault(method, {})
             res.setdefault("n", fake.seen)
@@ -79,8 +82,11 @@ class SetMetrics:
                                               subset_size=subset, reset_real_features=False)
             kid.update(torch.as_tensor(real.array()), real=True)
             kid.update(torch.as_tensor(fake.array()), real=False)
-            mean, std = kid.compute()
-            res["kid"], res["kid_std"] = float(mean), float(std)
+            try:
+                mean, std = kid.compute()
+                res["kid"], res["kid_std"] = float(mean), float(std)
+            except Exception as e:  # noqa: BLE001 - reported, the other metrics go on
+                res["kid"], res["kid_std"], res["kid_error"] = math.nan, math.nan, f"KID failed: {e!r}"
         return out
 
 
