@@ -14,6 +14,7 @@ _COMMANDS = {
     "convert": "difix3d.fixer.cli",
     "synth": "difix3d.scene.cli",
     "pairs": "difix3d.curate.cli",
+    "evaluate": "difix3d.eval.cli",
 }
 
 
