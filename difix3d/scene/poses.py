@@ -37,7 +37,9 @@ def interpolate_cameras(a: Camera, b: Camera, t: float) -> Camera:
 def rotation_angle(a: Camera, b: Camera) -> float:
     """Angle in radians of the rotation between two cameras' orientations, in [0, π]."""
     rel = a.rotation_c2w.T @ b.rotation_c2w
-    return float(np.arccos(np.clip((np.trace(rel) - 1.0) / 2.0, -1.0, 1.0)))
+    # atan2(sin, cos) stays accurate near 0 (arccos of the trace loses half the digits there)
+    sin = 0.5 * np.linalg.norm([rel[2, 1] - rel[1, 2], rel[0, 2] - rel[2, 0], rel[1, 0] - rel[0, 1]])
+    return float(np.arctan2(sin, (np.trace(rel) - 1.0) / 2.0))
 
 
 def pose_distance(a: Camera, b: Camera, rotation_weight: float = 1.0) -> float:
