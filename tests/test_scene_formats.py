@@ -1,0 +1,260 @@
+"""Scene formats: nerfstudio transforms.json and drivestudio driving segments — hand-computed projections, exact
+round trips, split handling, and bad inputs that name the file and frame."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from difix3d import imageio
+from difix3d.errors import InputError
+from difix3d.scene import Scene, load_scene
+from difix3d.scene.driving import load_driving, write_driving
+from difix3d.scene.nerfstudio import load_nerfstudio, write_nerfstudio, write_points_ply
+
+W, H = 32, 24
+
+
+def _image(seed: int, w: int = W, h: int = H) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _assert_same_scene(a: Scene, b: Scene, exact: bool = True):
+    assert len(a) == len(b)
+    assert a.splits == b.splits
+    for ca, cb in zip(a.cameras, b.cameras):
+        assert (ca.name, ca.camera_id, ca.width, ca.height) == (cb.name, cb.camera_id, cb.width, cb.height)
+        if exact:
+            np.testing.assert_array_equal(ca.viewmat, cb.viewmat)
+        else:
+            np.testing.assert_allclose(ca.viewmat, cb.viewmat, atol=1e-12)
+        np.testing.assert_array_equal(ca.K, cb.K)
+        assert (ca.dist is None) == (cb.dist is None)
+        if ca.dist is not None:
+            np.testing.assert_array_equal(ca.dist, cb.dist)
+    for i in range(len(a)):
+        np.testing.assert_array_equal(a.load_image(i), b.load_image(i))
+    if a.points is None:
+        assert b.points is None
+    else:
+        np.testing.assert_array_equal(a.points, b.points)
+        np.testing.assert_array_equal(a.point_colors, b.point_colors)
+
+
+# --- nerfstudio
+
+
+def _nerfstudio(tmp_path, n=10, split=True, per_frame=False) -> str:
+    root = tmp_path / "ns"
+    frames = []
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        c2w = np.eye(4)
+        a = rng.uniform(-0.5, 0.5)
+        c2w[:3, :3] = [[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]]
+        c2w[:3, 3] = rng.normal(size=3)
+        fp = f"images/frame_{i:05d}.png"
+        imageio.write_image(str(root / fp), _image(i))
+        frame = {"file_path": fp, "transform_matrix": c2w.tolist()}
+        if per_frame:
+            frame.update({"fl_x": 40.0 + i, "fl_y": 41.0 + i, "cx": 16.0, "cy": 12.0, "w": W, "h": H})
+        frames.append(frame)
+    meta = {"camera_model": "OPENCV", "fl_x": 40.0, "fl_y": 42.0, "cx": 15.5, "cy": 11.5, "w": W, "h": H,
+            "k1": 0.01, "k2": -0.002, "p1": 0.0005, "p2": 0.0, "frames": frames}
+    if split:
+        meta["train_filenames"] = [f["file_path"] for f in frames[1:]]
+        meta["test_filenames"] = [frames[0]["file_path"]]
+    write_points_ply(str(root / "sparse.ply"), rng.normal(size=(50, 3)), rng.integers(0, 256, (50, 3)))
+    meta["ply_file_path"] = "sparse.ply"
+    (root / "transforms.json").write_text(json.dumps(meta))
+    return str(root)
+
+
+def test_nerfstudio_opengl_to_opencv_hand_computed_projection(tmp_path):
+    root = tmp_path / "one"
+    imageio.write_image(str(root / "a.png"), _image(0))
+    meta = {"fl_x": 100.0, "fl_y": 80.0, "cx": 16.0, "cy": 12.0, "w": W, "h": H,
+            "frames": [{"file_path": "a.png", "transform_matrix": np.eye(4).tolist()}]}
+    (root / "transforms.json").write_text(json.dumps(meta))
+    cam = load_scene(str(root)).cameras[0]
+    # OpenGL camera at the origin looks down -z with y up: world (1, 2, -10) is 10 m ahead, right and up
+    uv, z = cam.project(np.array([[1.0, 2.0, -10.0]]))
+    np.testing.assert_allclose(uv[0], [100 * 0.1 + 16, 80 * -0.2 + 12])
+    assert z[0] == pytest.approx(10.0)
+
+
+def test_nerfstudio_reads_intrinsics_distortion_split_and_points(tmp_path):
+    scene = load_scene(_nerfstudio(tmp_path))
+    assert scene.splits == {"train": list(range(1, 10)), "test": [0]}
+    c = scene.cameras[3]
+    np.testing.assert_array_equal(c.K, [[40, 0, 15.5], [0, 42, 11.5], [0, 0, 1]])
+    np.testing.assert_allclose(c.dist, [0.01, -0.002, 0.0005, 0.0, 0.0])
+    assert scene.points.shape == (50, 3) and scene.point_colors.dtype == np.uint8
+    assert scene.load_image(3).shape == (H, W, 3)
+    cams, uris = scene.subset("test")
+    assert [c.name for c in cams] == ["frame_00000"] and uris[0].endswith("frame_00000.png")
+
+    per_frame = load_scene(_nerfstudio(tmp_path / "pf", split=False, per_frame=True))
+    assert per_frame.cameras[2].K[0, 0] == 42.0 and per_frame.cameras[2].K[1, 1] == 43.0
+    assert per_frame.splits["test"] == [0, 8]  # every 8th without an explicit split
+    assert sorted(per_frame.splits["train"] + per_frame.splits["test"]) == list(range(10))
+
+
+def test_nerfstudio_round_trip_is_exact(tmp_path):
+    a = load_scene(_nerfstudio(tmp_path))
+    a.splits["shift_1m"] = [2, 5]  # a split nerfstudio has no key for survives too
+    json_uri = write_nerfstudio(a, str(tmp_path / "out"))
+    b = load_nerfstudio(json_uri)
+    _assert_same_scene(a, b)
+    c = load_nerfstudio(write_nerfstudio(b, str(tmp_path / "out2")))
+    _assert_same_scene(b, c)
+
+
+# --- driving segments
+
+OPENCV2DATASET = np.array([[0, 0, 1, 0], [-1, 0, 0, 0], [0, -1, 0, 0], [0, 0, 0, 1]], dtype=float)
+
+
+def _driving(tmp_path, frames=4, cams=("0", "1"), first_ego=None, lidar=True, ext="jpg") -> str:
+    """A plain drivestudio folder (no difix3d files): Waymo-style numeric camera ids, JPEG images."""
+    root = tmp_path / "seg"
+    for t in range(frames):
+        ego = np.eye(4) if first_ego is None else first_ego.copy()
+        ego[0, 3] += 2.0 * t
+        os.makedirs(root / "ego_pose", exist_ok=True)
+        np.savetxt(root / "ego_pose" / f"{t:03d}.txt", ego)
+        for c in cams:
+            imageio.write_image(str(root / "images" / f"{t:03d}_{c}.{ext}"), _image(t * 10 + int(c)))
+        if lidar:
+            pts = np.zeros((3, 14), np.float32)
+            pts[:, 3:6] = [[10, 0, 0], [0, 5, 0], [1, 1, 1]]  # ego frame of frame t
+            os.makedirs(root / "lidar", exist_ok=True)
+            pts.tofile(root / "lidar" / f"{t:03d}.bin")
+    os.makedirs(root / "extrinsics", exist_ok=True)
+    os.makedirs(root / "intrinsics", exist_ok=True)
+    for k, c in enumerate(cams):
+        E = np.eye(4)
+        yaw = 0.7 * k
+        E[:3, :3] = [[np.cos(yaw), -np.sin(yaw), 0], [np.sin(yaw), np.cos(yaw), 0], [0, 0, 1]]
+        E[:3, 3] = [1.5, 0.1 * k, 2.0]
+        np.savetxt(root / "extrinsics" / f"{c}.txt", E)
+        np.savetxt(root / "intrinsics" / f"{c}.txt", [100.0, 100.0, 16.0, 12.0, 0.1, 0, 0, 0, 0])
+    return str(root)
+
+
+def test_driving_hand_computed_projection(tmp_path):
+    root = tmp_path / "p"
+    os.makedirs(root / "ego_pose"), os.makedirs(root / "extrinsics"), os.makedirs(root / "intrinsics")
+    np.savetxt(root / "ego_pose" / "000.txt", np.eye(4))
+    np.savetxt(root / "extrinsics" / "front.txt", np.eye(4))  # camera at the ego origin, looking along ego x
+    np.savetxt(root / "intrinsics" / "front.txt", [100.0, 100.0, 50.0, 40.0, 0, 0, 0, 0, 0])
+    imageio.write_image(str(root / "images" / "000_front.png"), _image(0, 100, 80))
+    cam = load_scene(str(root)).cameras[0]
+    assert (cam.width, cam.height, cam.dist) == (100, 80, None)
+    # 10 m ahead, 2 m left, 1 m up -> OpenCV (x right, y down, z forward) = (-2, -1, 10)
+    uv, z = cam.project(np.array([[10.0, 2.0, 1.0]]))
+    np.testing.assert_allclose(uv[0], [100 * -0.2 + 50, 100 * -0.1 + 40])
+    assert z[0] == pytest.approx(10.0)
+
+
+def test_plain_drivestudio_folder_loads_with_every_nth_split_world_at_first_ego_and_lidar(tmp_path):
+    first = np.eye(4)
+    first[:3, 3] = [500000.0, 4000000.0, 30.0]  # UTM-like: re-expressed relative to the first ego pose
+    scene = load_scene(_driving(tmp_path, frames=9, first_ego=first), test_every=4)
+    assert len(scene) == 18 and scene.cameras[0].name == "000_0" and scene.cameras[1].camera_id == "1"
+    test_frames = sorted({scene.cameras[i].meta["frame"] for i in scene.splits["test"]})
+    assert test_frames == [0, 4, 8]
+    assert len(scene.splits["train"]) == 12
+    np.testing.assert_allclose(scene.cameras[2].meta["ego_to_world"], np.eye(4) + np.pad([[2.0]], ((0, 3), (3, 0))))
+    # camera 0 sits 1.5 m ahead, 2 m up of the ego; frame 1 ego is 2 m further along x
+    np.testing.assert_allclose(scene.cameras[2].position, [3.5, 0.0, 2.0], atol=1e-9)
+    np.testing.assert_allclose(scene.cameras[0].dist, [0.1, 0, 0, 0, 0])
+    assert scene.points.shape == (27, 3)
+    np.testing.assert_allclose(scene.points[:3], [[10, 0, 0], [0, 5, 0], [1, 1, 1]], atol=1e-3)
+    np.testing.assert_allclose(scene.points[3], [12, 0, 0], atol=1e-3)  # frame 1: ego moved 2 m
+    assert scene.points is not None and scene.point_colors is None
+    assert scene.load_image(0).shape == (H, W, 3)
+
+
+def test_driving_round_trip_is_exact(tmp_path):
+    a = load_scene(_driving(tmp_path, frames=5, lidar=False))
+    a.splits["shift_1m"] = [1, 3]
+    a.points = np.random.default_rng(0).normal(size=(20, 3)).astype(np.float32)
+    a.point_colors = np.random.default_rng(1).integers(0, 256, (20, 3)).astype(np.uint8)
+    write_driving(a, str(tmp_path / "out"))
+    b = load_driving(str(tmp_path / "out"))
+    _assert_same_scene(a, b)
+    write_driving(b, str(tmp_path / "out2"))
+    _assert_same_scene(b, load_driving(str(tmp_path / "out2")))
+
+
+def test_driving_to_nerfstudio_keeps_cameras(tmp_path):
+    a = load_scene(_driving(tmp_path, frames=3, lidar=False))
+    b = load_scene(os.path.dirname(write_nerfstudio(a, str(tmp_path / "ns"))))
+    _assert_same_scene(a, b, exact=False)
+
+
+# --- bad inputs name the file and the frame
+
+
+def test_missing_image_names_file_and_frame(tmp_path):
+    scene = load_scene(_driving(tmp_path, frames=2, lidar=False))
+    os.remove(scene.image_uris[1])
+    with pytest.raises(InputError, match="001_0.jpg|000_1.jpg") as e:
+        scene.load_image(1)
+    assert scene.cameras[1].name in str(e.value) and "not found" in str(e.value)
+
+
+def test_inconsistent_image_size_is_named(tmp_path):
+    scene = load_scene(_driving(tmp_path, frames=2, lidar=False))
+    imageio.write_image(scene.image_uris[3], _image(0, W + 2, H))
+    with pytest.raises(InputError, match="inconsistent sizes") as e:
+        scene.load_image(3)
+    assert scene.image_uris[3] in str(e.value) and scene.cameras[3].name in str(e.value)
+
+
+def test_nan_ego_pose_names_the_file(tmp_path):
+    root = _driving(tmp_path, frames=3, lidar=False)
+    np.savetxt(os.path.join(root, "ego_pose", "002.txt"), np.full((4, 4), np.nan))
+    with pytest.raises(InputError, match="NaN") as e:
+        load_scene(root)
+    assert "002.txt" in str(e.value) and "frame 002" in str(e.value)
+
+
+def test_missing_intrinsics_and_degenerate_extrinsics_are_named(tmp_path):
+    root = _driving(tmp_path, frames=2, lidar=False)
+    os.remove(os.path.join(root, "intrinsics", "1.txt"))
+    with pytest.raises(InputError, match="missing intrinsics") as e:
+        load_scene(root)
+    assert os.path.join("intrinsics", "1.txt") in str(e.value)
+    np.savetxt(os.path.join(root, "intrinsics", "1.txt"), [100.0, 100.0, 16.0, 12.0])
+    np.savetxt(os.path.join(root, "extrinsics", "0.txt"), np.diag([1.0, 1.0, 0.0, 1.0]))
+    with pytest.raises(InputError, match="orthonormal") as e:
+        load_scene(root)
+    assert os.path.join("extrinsics", "0.txt") in str(e.value)
+
+
+def test_missing_ego_pose_for_an_image_is_named(tmp_path):
+    root = _driving(tmp_path, frames=2, lidar=False)
+    os.remove(os.path.join(root, "ego_pose", "001.txt"))
+    with pytest.raises(InputError, match="missing ego pose of frame 001"):
+        load_scene(root)
+
+
+def test_nerfstudio_bad_pose_names_the_frame(tmp_path):
+    root = _nerfstudio(tmp_path, n=3)
+    meta = json.loads(open(os.path.join(root, "transforms.json")).read())
+    meta["frames"][2]["transform_matrix"] = (np.eye(4) * 3).tolist()
+    open(os.path.join(root, "transforms.json"), "w").write(json.dumps(meta))
+    with pytest.raises(InputError, match="frame 2") as e:
+        load_scene(root)
+    assert "transforms.json" in str(e.value) and "frame_00002.png" in str(e.value)
+
+
+def test_unknown_layout_and_missing_scene(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="unknown scene layout"):
+        load_scene(str(tmp_path / "empty"))
+    with pytest.raises(InputError, match="not found"):
+        load_scene(str(tmp_path / "nope"))
