@@ -118,8 +118,35 @@ def build_perceptual_net(weights: str = "pretrained", hub_dir: str | None = None
     if weights == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return build_lpips("vgg", "random", hub_dir)
+            return build_lpips("vgg", _random_vgg_lpips)
     return _lpips_from_vgg16_file(weights)
+
+
+def _random_vgg_lpips() -> nn.Module:
+    """LPIPS(vgg) with a random backbone, built without VGG16's 120 M-parameter classifier: lpips only keeps
+    ``.features``, and initialising the classifier takes seconds on every worker start."""
+    import types
+
+    import lpips
+    import lpips.pretrained_networks as pn
+    from torchvision.models.vgg import VGG, cfgs, make_layers
+
+    class _FeaturesOnly(VGG):
+        def __init__(self):
+            nn.Module.__init__(self)
+            self.features = make_layers(cfgs["D"])
+            for m in self.features.modules():  # torchvision's VGG init for convs
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                    nn.init.constant_(m.bias, 0)
+
+    real_tv = pn.tv
+    pn.tv = types.SimpleNamespace(vgg16=lambda **_: _FeaturesOnly())
+    try:
+        model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
+    finally:
+        pn.tv = real_tv
+    return model
 
 
 def _lpips_from_vgg16_file(path: str) -> nn.Module:
