@@ -109,13 +109,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         metrics = {f"train_{k}": v for k, v in _mean_over_ranks(window, device).items()}
         metrics.update(step=step, grad_norm=float(grad_norm), samples_per_s=_sum_over_ranks(samples / elapsed, device),
                        lr=opt.param_groups[0]["lr"])
+        if device.type == "cuda":
+            metrics["peak_mem_gb"] = _max_over_ranks(torch.cuda.max_memory_allocated(device) / 1e9, device)
         window = dict.fromkeys(window, 0.0) | {"n": 0}
-        t0, samples = time.perf_counter(), 0
         if is_val and val_batches:
             metrics.update(_validate(model, val_batches, device, lpips_for_val, autocast, logger, step, cfg))
         if logger:
             logger.metrics(step, metrics)
         _report(metrics, model, opt, step, stream, cfg, save=is_ckpt, rank=rank)
+        t0, samples = time.perf_counter(), 0  # throughput windows exclude validation and checkpointing
 
     final = cfg.final_uri()
     if rank == 0:
@@ -217,6 +219,14 @@ def _mean_over_ranks(window: dict, device: torch.device) -> dict[str, float]:
 
 def _sum_over_ranks(value: float, device: torch.device) -> float:
     return _all_reduce([value], device)[0]
+
+
+def _max_over_ranks(value: float, device: torch.device) -> float:
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
 
 
 def _gather(obj: Any) -> list:

@@ -1,0 +1,80 @@
+"""Command line of fine-tuning, built from :class:`FinetuneConfig` (one flag per field, defaults from the config).
+
+Used by ``jobs/finetune.py`` and, once registered in ``difix3d.cli``, by ``difix3d finetune``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from difix3d.train.config import FinetuneConfig, LossWeights
+
+_HELP = {
+    "train_shards": "pair shards: folder, glob or file URI",
+    "init": "tiny | sd-turbo preset, or a checkpoint URI (ours, official .pkl, nvidia/difix folder, SD-Turbo folder)",
+    "storage_path": "run storage URI; the same --name and --storage-path resume a run",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="JSON file of FinetuneConfig fields (flags override it)")
+    for f in dataclasses.fields(FinetuneConfig):
+        if f.name in ("loss", "perceptual_weights", "betas", "fail_once_at_step"):
+            continue
+        _add_field(parser, f.name, f.type, _HELP.get(f.name))
+    for f in dataclasses.fields(LossWeights):
+        _add_field(parser, f"loss.{f.name}", f.type, "loss weight / schedule (LossWeights)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--allow-random-perceptual", action="store_true",
+                       help="train LPIPS/Gram with a random VGG16 stand-in (smoke tests only; results not comparable)")
+    group.add_argument("--vgg-weights", metavar="PATH", help="local torchvision vgg16 state dict for LPIPS/Gram")
+
+
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    d = json.load(open(args.config)) if args.config else {}
+    loss = dict(d.pop("loss", {}))
+    for f in dataclasses.fields(FinetuneConfig):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            d[f.name] = value
+    for f in dataclasses.fields(LossWeights):
+        value = getattr(args, f"loss.{f.name}", None)
+        if value is not None:
+            loss[f.name] = value
+    d["loss"] = loss
+    if args.allow_random_perceptual:
+        d["perceptual_weights"] = "random"
+    elif args.vgg_weights:
+        d["perceptual_weights"] = args.vgg_weights
+    return FinetuneConfig.from_dict(d)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("finetune", help="fine-tune Difix on pair shards with Ray Train (DDP)")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import ray
+
+    from difix3d.train.trainer import finetune
+
+    config = config_from_args(args)
+    ray.init()  # joins the cluster under `ray job submit`, else starts a local one
+    result = finetune(config)
+    print(json.dumps({"final": result.final_uri, "checkpoint": result.checkpoint_path, "metrics": result.metrics},
+                     default=str))
+    return 0
+
+
+def _add_field(parser: argparse.ArgumentParser, name: str, type_: object, help_: str | None) -> None:
+    flag = "--" + name.replace("_", "-")
+    t = str(type_)
+    if t == "bool":
+        parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        return
+    conv = {"int": int, "float": float}.get(t, str)
+    parser.add_argument(flag, dest=name, type=conv, default=None, help=help_)
