@@ -9,6 +9,7 @@ import torch
 
 from difix3d.errors import MissingWeightsError
 from difix3d.fixer.checkpoint import load_checkpoint
+from difix3d.fixer.runner import FixerRunner
 from difix3d.train.config import FinetuneConfig, LossWeights
 from difix3d.train.loop import load_history
 from difix3d.train.pairs import write_pair_shard
@@ -61,9 +62,8 @@ def test_two_workers_train_checkpoint_survive_a_crash_and_resume(tmp_path, ray_l
         assert torch.equal(p, ckpt_model.state_dict()[name]), name
     state = torch.load(os.path.join(result.checkpoint_path, "train_state.pt"), weights_only=False)
     assert state["step"] == 16 and len(state["streams"]) == 2 and state["optimizer"]["state"]
-    with torch.no_grad():
-        out = final(torch.zeros(1, 3, 32, 32))
-    assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
+    fixed = FixerRunner.from_checkpoint(result.final_uri, device="cpu").fix(np.zeros((32, 40, 3), np.uint8))
+    assert fixed.shape == (32, 40, 3) and fixed.dtype == np.uint8
 
     # a re-run of the same name + storage continues from the saved step
     more = finetune(_config(tmp_path, shards, steps=20))
@@ -77,3 +77,12 @@ def test_missing_vgg_weights_stop_the_job_before_workers_start(tmp_path, monkeyp
     with pytest.raises(MissingWeightsError, match="allow-random-perceptual"):
         finetune(cfg)
     assert not (tmp_path / "runs" / "ft").exists()
+
+
+@pytest.mark.gpu
+def test_one_gpu_worker_trains_in_bf16_and_reports_memory(tmp_path, ray_local):
+    cfg = _config(tmp_path, _shard(tmp_path), num_workers=1, use_gpu=True, steps=4, ckpt_every=4, val_every=4,
+                  gradient_checkpointing=True)
+    result = finetune(cfg)
+    assert result.metrics["peak_mem_gb"] > 0 and np.isfinite(result.metrics["train_total"])
+    assert load_checkpoint(result.final_uri).config.preset == "tiny"

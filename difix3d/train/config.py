@@ -32,7 +32,8 @@ class FinetuneConfig:
 
     train_shards: str = ""  # pair shards: folder, glob or file URI (difix3d.train.pairs)
     val_shards: str = ""  # held-out pair shards; "" = validate on the first rows of the training shards
-    init: str = "tiny"  # "tiny" | "sd-turbo" preset, or a checkpoint URI (ours, official .pkl, nvidia or SD-Turbo folder)
+    init: str = "tiny"  # "tiny" | "sd-turbo" preset (random), "bundled", or a checkpoint URI (ours, official .pkl,
+    #                     nvidia/difix folder, SD-Turbo folder)
     name: str = "difix-finetune"
     storage_path: str = "outputs/finetune"  # URI of the run storage (local, s3://, gs://)
     export_uri: str = ""  # final model in our checkpoint format; "" = <storage_path>/<name>/final

@@ -147,6 +147,10 @@ def _initial_model_and_state(cfg: FinetuneConfig, checkpoint) -> tuple[torch.nn.
         return model.train(), state
     if cfg.init in PRESETS:
         return build_model(cfg.init, seed=cfg.seed).train(), None
+    if cfg.init == "bundled":  # the small fixer shipped with the package
+        from difix3d.fixer.bundled import default_checkpoint
+
+        return load_checkpoint(default_checkpoint()).train(), None
     return load_checkpoint(cfg.init).train(), None
 
 
