@@ -1,0 +1,85 @@
+"""``difix3d pairs show SHARD -o sheet.png [--rows N]``: a contact sheet of a pair shard."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> None:
+    pairs = subparsers.add_parser("pairs", help="inspect curated pair shards")
+    sub = pairs.add_subparsers(dest="pairs_command", required=True, metavar="ACTION")
+    show = sub.add_parser("show", help="write a contact sheet (degraded | target | reference per row) as a PNG")
+    show.add_argument("shard", help="pair shard URI (.parquet)")
+    show.add_argument("-o", "--output", required=True, help="PNG to write")
+    show.add_argument("--rows", type=int, default=8, help="pairs shown (default 8)")
+    show.set_defaults(func=_show)
+
+
+def _show(args: argparse.Namespace) -> int:
+    from difix3d.curate.contact import write_contact_sheet
+
+    if args.rows < 1:
+        raise SystemExit("difix3d pairs show: --rows must be >= 1")
+    for i, meta in enumerate(write_contact_sheet(args.shard, args.output, args.rows)):
+        print(f"row {i}: {meta['scene']} {meta['camera']} {meta['strategy']} psnr {meta['psnr']:.2f} dB")
+    print(f"wrote {args.output}")
+    return 0
+
+
+def build_job_parser() -> argparse.ArgumentParser:
+    """The curation job's command line (``jobs/curate.py``), built on :class:`CurateConfig`'s defaults."""
+    from difix3d.curate.job import CurateConfig
+    from difix3d.curate.strategies import STRATEGIES
+
+    d = CurateConfig()
+    p = argparse.ArgumentParser(prog="curate", description="Make (artifact render, clean image, reference) pair "
+                                "shards from many scenes with the four Difix3D+ curation strategies, on Ray.")
+    p.add_argument("--scenes", required=True, help="scene manifest: .parquet/.json list, glob, folder, comma list")
+    p.add_argument("--output", required=True, help="output URI (shards/, _manifest/, summary.json)")
+    p.add_argument("--strategies", default=",".join(d.strategies), help=f"comma list of {sorted(STRATEGIES)}")
+    p.add_argument("--iterations", type=int, default=d.recon.iterations, help="3DGS budget per model")
+    p.add_argument("--every-nth", type=int, default=d.sparse.every_nth, help="sparse: train on every Nth frame")
+    p.add_argument("--held-out-camera", default=None, help="cross_camera: rig camera left out (default: the "
+                   "scene's cross_camera split, else the last camera)")
+    p.add_argument("--underfit-range", type=float, nargs=2, default=d.underfit.fraction_range,
+                   metavar=("LO", "HI"), help="underfit: fraction of the budget trained")
+    p.add_argument("--shift-range", type=float, nargs=2, default=d.cycle.shift_range, metavar=("LO", "HI"),
+                   help="cycle: lateral shift in metres")
+    p.add_argument("--min-psnr", type=float, default=d.filter.min_psnr, help="drop pairs below (hopeless)")
+    p.add_argument("--max-psnr", type=float, default=d.filter.max_psnr, help="drop pairs above (nearly perfect)")
+    p.add_argument("--shard-size", type=int, default=d.shard_size, help="pairs per shard")
+    p.add_argument("--gpus-per-task", type=float, default=None, help="default: 1 on a GPU cluster, else 0")
+    p.add_argument("--max-attempts", type=int, default=d.max_attempts)
+    p.add_argument("--seed", type=int, default=d.recon.seed)
+    p.add_argument("--tiny", action="store_true", help="tiny 3DGS preset (demos, CPU)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    """A :class:`CurateConfig` from parsed job arguments."""
+    from difix3d.curate.filters import PsnrFilter
+    from difix3d.curate.job import CurateConfig
+    from difix3d.curate.strategies import (CrossCamera, CycleReconstruction, ReconstructionSettings,
+                                           SparseReconstruction, UnderFitted)
+    from difix3d.recon.gaussians import GaussianConfig
+
+    gaussian = GaussianConfig.tiny(sh_degree=0, densify=False) if args.tiny else GaussianConfig()
+    return CurateConfig(
+        scenes=args.scenes, output=args.output,
+        strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()),
+        sparse=SparseReconstruction(every_nth=args.every_nth), cross_camera=CrossCamera(held_out=args.held_out_camera),
+        underfit=UnderFitted(fraction_range=tuple(args.underfit_range)),
+        cycle=CycleReconstruction(shift_range=tuple(args.shift_range)),
+        recon=ReconstructionSettings(iterations=args.iterations, gaussian=gaussian, seed=args.seed),
+        filter=PsnrFilter(args.min_psnr, args.max_psnr), shard_size=args.shard_size,
+        gpus_per_task=args.gpus_per_task, max_attempts=args.max_attempts)
+
+
+def print_report(report, config) -> int:
+    """Print the per-strategy counts, totals and failures → the job's exit code (1 if any unit failed)."""
+    print(report.counts.table())
+    print(f"{len(report.shards)} shards, {report.counts.total('kept')} pairs, {len(report.skipped)} units already "
+          f"done, {len(report.failed)} failed, {report.seconds:.1f} s -> {config.output}")
+    for unit, error in sorted(report.failed.items()):
+        print(f"FAILED {unit}: {error}")
+    return 1 if report.failed else 0

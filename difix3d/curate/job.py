@@ -1,0 +1,215 @@
+"""The curation job: one Ray task per (scene, strategy), each writing its filtered pairs as Parquet shards.
+
+Output layout under ``CurateConfig.output`` (any storage URI)::
+
+    shards/{scene_id}-{strategy}-{k:05d}.parquet   pair shards (difix3d.train.pairs schema)
+    _manifest/…                                     one record per unit: done (shards, counts) / failed (error)
+    config.json, summary.json                       the run's settings; kept/dropped counts and failures
+
+Re-running the same command skips units the manifest marks done, retries failed ones up to ``max_attempts``;
+a bad scene fails its own units only (the error names the file) and the job goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+from difix3d import storage
+from difix3d.curate.filters import FilterCounts, PsnrFilter
+from difix3d.curate.strategies import (STRATEGIES, CrossCamera, CurationStrategy, CycleReconstruction, NotApplicable,
+                                       ReconstructionSettings, SparseReconstruction, UnderFitted)
+from difix3d.fleet.inputs import SceneRef, resolve_scenes
+from difix3d.train.pairs import SHARD_SUFFIX, write_pair_shard
+
+log = logging.getLogger(__name__)
+
+SHARDS_DIR = "shards"
+
+
+@dataclass
+class CurateConfig:
+    scenes: str = ""  # scene manifest: .parquet/.json list, glob, folder of scenes, or comma list (fleet.inputs)
+    output: str = "curated"  # output URI
+    strategies: tuple[str, ...] = ("sparse", "cross_camera", "underfit", "cycle")
+    sparse: SparseReconstruction = field(default_factory=SparseReconstruction)
+    cross_camera: CrossCamera = field(default_factory=CrossCamera)
+    underfit: UnderFitted = field(default_factory=UnderFitted)
+    cycle: CycleReconstruction = field(default_factory=CycleReconstruction)
+    recon: ReconstructionSettings = field(default_factory=ReconstructionSettings)
+    filter: PsnrFilter = field(default_factory=PsnrFilter)
+    shard_size: int = 256  # pairs per shard (~256 × 3 PNGs at 576×1024 ≈ 0.5 GB)
+    max_attempts: int = 2  # a failed unit is retried by later runs until it has failed this often
+    cpus_per_task: float = 1.0
+    gpus_per_task: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    max_in_flight: int = 0  # tasks submitted at once (0: as many as the cluster can run)
+
+    def strategy(self, name: str) -> CurationStrategy:
+        if name not in STRATEGIES:
+            raise ValueError(f"unknown strategy {name!r} (known: {sorted(STRATEGIES)})")
+        return getattr(self, name)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "strategies": list(self.strategies)}
+
+
+@dataclass
+class CurationReport:
+    units: dict[str, dict[str, Any]]  # unit -> {"status", "shards", "pairs", "counts", "error", ...}
+    counts: FilterCounts  # kept / dropped per strategy over every done unit (this run's and earlier ones)
+    skipped: list[str]  # units already done before this run
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> dict[str, str]:
+        return {u: r.get("error", "") for u, r in self.units.items() if r["status"] == "failed"}
+
+    @property
+    def shards(self) -> list[str]:
+        return sorted(s for r in self.units.values() if r["status"] == "done" for s in r.get("shards", []))
+
+
+def unit_name(scene_id: str, strategy: str) -> str:
+    return f"{scene_id}/{strategy}"
+
+
+def run_curation(config: CurateConfig, scenes: list[SceneRef] | None = None, progress: bool = True) -> CurationReport:
+    """Curate every (scene, strategy) unit not yet done, on the Ray cluster ``ray.init()`` joined (or starts)."""
+    import ray
+
+    t0 = time.perf_counter()
+    scenes = scenes if scenes is not None else resolve_scenes(config.scenes)
+    for name in config.strategies:
+        config.strategy(name)  # unknown names fail before any work starts
+    manifest = storage.Manifest(config.output)
+    storage.write_json(storage.join(config.output, "config.json"), config.to_dict())
+    todo, skipped = plan(scenes, config, manifest)
+    if not ray.is_initialized():
+        ray.init()
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    task = ray.remote(curate_unit).options(**unit_task_options(config, use_gpu))
+    limit = config.max_in_flight or max(1, int(ray.cluster_resources().get("CPU", 1) // max(config.cpus_per_task,
+                                                                                                1e-3)))
+    for unit, result in _stream(task, todo, config, limit, progress):
+        prev = manifest.get(unit)
+        attempts = (prev.attempts if prev else 0) + 1
+        info = {**{k: v for k, v in result.items() if k != "status"}, "outcome": result["status"]}
+        manifest.mark(unit, "done" if result["status"] in ("done", "not_applicable") else "failed", attempts, **info)
+        if result["status"] == "failed":
+            log.warning("curation unit %s failed: %s", unit, result.get("error"))
+    report = summarize(scenes, config, manifest, skipped)
+    report.seconds = time.perf_counter() - t0
+    storage.write_json(storage.join(config.output, "summary.json"), {
+        "counts": report.counts.to_dict(), "failed": report.failed, "skipped": report.skipped,
+        "shards": len(report.shards), "pairs": report.counts.total("kept"), "seconds": report.seconds})
+    return report
+
+
+def plan(scenes: list[SceneRef], config: CurateConfig, manifest: storage.Manifest
+         ) -> tuple[list[tuple[str, SceneRef, str]], list[str]]:
+    """(units to run as (unit, scene, strategy), units already done)."""
+    todo, skipped = [], []
+    for ref in scenes:
+        for name in config.strategies:
+            unit = unit_name(ref.scene_id, name)
+            entry = manifest.get(unit)
+            if entry is not None and entry.status == "done":
+                skipped.append(unit)
+            elif entry is not None and entry.status == "failed" and entry.attempts >= config.max_attempts:
+                skipped.append(unit)  # gave up on it; its failure stays in the manifest
+            else:
+                todo.append((unit, ref, name))
+    return todo, skipped
+
+
+def unit_task_options(config: CurateConfig, use_gpu: bool) -> dict[str, Any]:
+    """Resources of one (scene, strategy) task: it fits one or two 3DGS models on one GPU (or CPU)."""
+    gpus = config.gpus_per_task if config.gpus_per_task is not None else (1.0 if use_gpu else 0.0)
+    return {"num_cpus": config.cpus_per_task, "num_gpus": gpus, "max_retries": 0}
+
+
+def curate_unit(scene: SceneRef, strategy_name: str, config: CurateConfig) -> dict[str, Any]:
+    """Run one strategy on one scene and write its kept pairs as shards → a result dict that never raises:
+    ``{"status": "done" | "not_applicable" | "failed", "shards", "pairs", "counts", "seconds", "error"}``."""
+    from difix3d.scene.scene import load_scene
+
+    t0 = time.perf_counter()
+    counts = FilterCounts()
+    written: list[str] = []
+    try:
+        loaded = load_scene(scene.uri)
+        pairs = config.strategy(strategy_name).make_pairs(loaded, config.recon)
+        for k, rows in enumerate(_chunks(config.filter.apply(pairs, counts), config.shard_size)):
+            uri = storage.join(config.output, SHARDS_DIR, f"{scene.scene_id}-{strategy_name}-{k:05d}{SHARD_SUFFIX}")
+            write_pair_shard(uri, rows)
+            written.append(uri)
+        status, error = "done", ""
+    except NotApplicable as e:
+        status, error = "not_applicable", str(e)
+    except Exception as e:  # noqa: BLE001 — any failure is this unit's alone; recorded, the job goes on
+        for uri in written:  # no half-finished unit's shards for the fine-tuning reader to find
+            storage.delete(uri)
+        written = []
+        log.debug("unit %s/%s failed:\n%s", scene.scene_id, strategy_name, traceback.format_exc())
+        status, error = "failed", f"{type(e).__name__}: {e}"
+    return {"status": status, "scene": scene.scene_id, "uri": scene.uri, "strategy": strategy_name,
+            "shards": written, "pairs": counts.total("kept"), "counts": counts.to_dict(),
+            "seconds": time.perf_counter() - t0, "error": error}
+
+
+def summarize(scenes: list[SceneRef], config: CurateConfig, manifest: storage.Manifest,
+              skipped: list[str]) -> CurationReport:
+    """Every unit of this run's scenes × strategies as the manifest now records it."""
+    units, counts = {}, FilterCounts()
+    for ref in scenes:
+        for name in config.strategies:
+            unit = unit_name(ref.scene_id, name)
+            entry = manifest.get(unit)
+            if entry is None:
+                continue
+            units[unit] = {**entry.info, "status": entry.status, "attempts": entry.attempts}
+            if entry.status == "done":
+                counts.merge(entry.info.get("counts", {}))
+    return CurationReport(units=units, counts=counts, skipped=skipped)
+
+
+def _stream(task, todo: list[tuple[str, SceneRef, str]], config: CurateConfig, limit: int,
+            progress: bool) -> Iterator[tuple[str, dict]]:
+    """Submit at most ``limit`` tasks at once; yield (unit, result) as they finish. A task that dies (worker
+    crash, OOM kill) yields a failed result instead of ending the job."""
+    import ray
+    from tqdm.auto import tqdm
+
+    pending, running = list(todo), {}
+    bar = tqdm(total=len(todo), disable=not progress, desc="curate", unit="unit", dynamic_ncols=True)
+    while pending or running:
+        while pending and len(running) < limit:
+            unit, ref, name = pending.pop(0)
+            running[task.remote(ref, name, config)] = (unit, ref, name)
+        done, _ = ray.wait(list(running), num_returns=1)
+        for ref_done in done:
+            unit, ref, name = running.pop(ref_done)
+            try:
+                result = ray.get(ref_done)
+            except Exception as e:  # noqa: BLE001 — the task itself died
+                result = {"status": "failed", "scene": ref.scene_id, "uri": ref.uri, "strategy": name, "shards": [],
+                          "pairs": 0, "counts": {}, "error": f"{type(e).__name__}: {e}"}
+            bar.update(1)
+            bar.set_postfix(unit=unit, status=result["status"], pairs=result.get("pairs", 0), refresh=False)
+            yield unit, result
+    bar.close()
+
+
+def _chunks(items: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    chunk: list[dict] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
