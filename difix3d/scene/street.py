@@ -116,9 +116,11 @@ class StreetScene:
 
     def _colors_at(self, camera: Camera, uv, chunk: int) -> np.ndarray:
         origin, dirs = camera_rays(camera, torch.as_tensor(np.asarray(uv), dtype=torch.float32).reshape(-1, 2))
-        bidx, pidx = self._object_lists(self._visible(camera)[None], 1)
-        out = [self._shade_rays(origin.expand(len(dirs[s:s + chunk]), 3), dirs[s:s + chunk], bidx, pidx)
-               for s in range(0, len(dirs), chunk)]
+        bidx, pidx = self._object_lists(self._visible(camera), 1)
+        out = []
+        for s in range(0, len(dirs), chunk):
+            d = dirs[s:s + chunk]
+            out.append(self._shade_rays(origin.expand_as(d), d, bidx.expand(len(d), -1), pidx.expand(len(d), -1)))
         return _to_u8(torch.cat(out)) if out else np.zeros((0, 3), np.uint8)
 
     def depth_at(self, camera: Camera, uv: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -128,8 +130,8 @@ class StreetScene:
 
     def _depth_at(self, camera: Camera, uv) -> np.ndarray:
         origin, dirs = camera_rays(camera, torch.as_tensor(np.asarray(uv), dtype=torch.float32).reshape(-1, 2))
-        bidx, pidx = self._object_lists(self._visible(camera)[None], 1)
-        t, *_ = self._intersect(origin.expand_as(dirs), dirs, bidx, pidx)
+        bidx, pidx = self._object_lists(self._visible(camera), 1)
+        t, *_ = self._intersect(origin.expand_as(dirs), dirs, bidx.expand(len(dirs), -1), pidx.expand(len(dirs), -1))
         fwd = torch.as_tensor(camera.rotation_c2w[:, 2], dtype=torch.float32)
         return (t * (dirs @ fwd)).cpu().numpy()
 
