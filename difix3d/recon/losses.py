@@ -41,10 +41,10 @@ def photometric_loss(
         raise ValueError(f"weights {tuple(weights.shape)}: expected ({B},)")
     area = masks.flatten(1).sum(dim=1).clamp_min(1e-8)  # [B]
     l1 = ((render - target).abs().mean(dim=1, keepdim=True) * masks).flatten(1).sum(dim=1) / area  # [B]
-    ssim = (ssim_map(render, target).mean(dim=1, keepdim=True) * masks).flatten(1).sum(dim=1) / area  # [B]
-    per_view = (1.0 - ssim_lambda) * l1 + ssim_lambda * (1.0 - ssim)  # [B]
+    dssim = ((1.0 - ssim_map(render, target).mean(dim=1, keepdim=True)) * masks).flatten(1).sum(dim=1) / area
+    per_view = (1.0 - ssim_lambda) * l1 + ssim_lambda * dssim  # [B]; a fully masked view gives 0
     loss = (weights.to(per_view) * per_view).mean()
-    return loss, {"l1": l1.detach(), "ssim": ssim.detach()}
+    return loss, {"l1": l1.detach(), "ssim": (1.0 - dssim).detach()}
 
 
 def ssim_map(x: Tensor, y: Tensor, window_size: int = 11, sigma: float = 1.5) -> Tensor:

@@ -10,7 +10,7 @@ paths render the same image (a ``gpu`` test holds them together):
 - front-to-back compositing in depth order, alpha = min(0.999, o·exp(-σ)), skipped below 1/255, a pixel stops
   before the Gaussian that would bring its transmittance to ≤ 1e-4.
 
-Memory is bounded by compositing one tile at a time: [tile pixels, Gaussians touching the tile].
+Tiles are composited in batches padded to their longest Gaussian list; memory stays under a set element budget.
 """
 
 from __future__ import annotations
@@ -139,51 +139,78 @@ def _composite_image(
     width: int,
     height: int,
     tile_size: int,
+    max_elements: int = 1 << 23,
 ) -> tuple[Tensor, Tensor]:
-    """Front-to-back alpha compositing of one camera, tile by tile → (colors [H, W, D], alphas [H, W, 1])."""
+    """Front-to-back alpha compositing of one camera → (colors [H, W, D], alphas [H, W, 1]).
+
+    Tiles are batched: each tile gets the depth-sorted list of Gaussians touching it, padded to the longest list
+    with a transparent dummy; tile chunks keep [tiles, tile pixels, Gaussians] under ``max_elements``.
+    """
     D = feats.shape[-1]
-    out_col = feats.new_zeros(height, width, D)
-    out_alpha = feats.new_zeros(height, width, 1)
+    tiles_w, tiles_h = math.ceil(width / tile_size), math.ceil(height / tile_size)
     visible = torch.nonzero((radii > 0).all(dim=-1)).flatten()
-    if visible.numel() == 0:
-        return out_col, out_alpha
     visible = visible[torch.argsort(depths.detach()[visible], stable=True)]  # depth order, as gsplat's sort
     with torch.no_grad():  # tile range each Gaussian touches, as gsplat's isect_tiles: [min, max)
         m, r = means2d.detach()[visible], radii[visible].float()
-        tiles_w, tiles_h = math.ceil(width / tile_size), math.ceil(height / tile_size)
-        tx0 = torch.floor((m[:, 0] - r[:, 0]) / tile_size).clamp(0, tiles_w).long()
-        tx1 = torch.ceil((m[:, 0] + r[:, 0]) / tile_size).clamp(0, tiles_w).long()
-        ty0 = torch.floor((m[:, 1] - r[:, 1]) / tile_size).clamp(0, tiles_h).long()
-        ty1 = torch.ceil((m[:, 1] + r[:, 1]) / tile_size).clamp(0, tiles_h).long()
-    for ty in range(tiles_h):
-        for tx in range(tiles_w):
-            ids = visible[(tx0 <= tx) & (tx < tx1) & (ty0 <= ty) & (ty < ty1)]  # [M] depth-sorted
-            if ids.numel() == 0:
-                continue
-            x0, y0 = tx * tile_size, ty * tile_size
-            x1, y1 = min(x0 + tile_size, width), min(y0 + tile_size, height)
-            col, alp = _composite_pixels(means2d[ids], conics[ids], feats[ids], opacities[ids], x0, x1, y0, y1)
-            out_col[y0:y1, x0:x1] = col
-            out_alpha[y0:y1, x0:x1] = alp
-    return out_col, out_alpha
+        tx0 = torch.floor((m[:, 0] - r[:, 0]) / tile_size).clamp(0, tiles_w)
+        tx1 = torch.ceil((m[:, 0] + r[:, 0]) / tile_size).clamp(0, tiles_w)
+        ty0 = torch.floor((m[:, 1] - r[:, 1]) / tile_size).clamp(0, tiles_h)
+        ty1 = torch.ceil((m[:, 1] + r[:, 1]) / tile_size).clamp(0, tiles_h)
+    # a transparent dummy at index N pads the per-tile lists
+    pad = lambda t: torch.cat([t, t.new_zeros(1, *t.shape[1:])])  # noqa: E731
+    means2d, conics, feats, opacities = pad(means2d), pad(conics), pad(feats), pad(opacities)
+    P = tile_size * tile_size
+    offs = torch.arange(tile_size, device=means2d.device, dtype=means2d.dtype) + 0.5  # pixel centres in a tile
+    oy, ox = torch.meshgrid(offs, offs, indexing="ij")
+    tile_pix = torch.stack([ox.reshape(-1), oy.reshape(-1)], dim=-1)  # [P, 2]
+    n_tiles = tiles_w * tiles_h
+    cols, alps, t = [], [], 0
+    while t < n_tiles:
+        with torch.no_grad():
+            counts_all = None
+            chunk = max(1, min(n_tiles - t, 64))
+            while True:  # shrink the chunk until [tiles, P, longest list] fits the budget
+                tid = torch.arange(t, t + chunk, device=means2d.device)
+                tyy, txx = (tid // tiles_w)[:, None], (tid % tiles_w)[:, None]
+                touch = (tx0 <= txx) & (txx < tx1) & (ty0 <= tyy) & (tyy < ty1)  # [T, Nv] in depth order
+                counts_all = touch.sum(dim=1)
+                M = max(1, int(counts_all.max()) if counts_all.numel() else 1)
+                if chunk == 1 or chunk * P * M <= max_elements:
+                    break
+                chunk = max(1, chunk // 2)
+            slot = torch.cumsum(touch, dim=1) - 1  # position of each touching Gaussian in its tile's list
+            ids = torch.full((chunk, M), len(radii), dtype=torch.long, device=means2d.device)
+            rows, cols_ = torch.nonzero(touch, as_tuple=True)
+            ids[rows, slot[rows, cols_]] = visible[cols_]
+            origin = torch.stack([txx[:, 0], tyy[:, 0]], dim=-1).to(means2d.dtype) * tile_size  # [T, 2]
+            pix = origin[:, None] + tile_pix[None]  # [T, P, 2]
+        col, alp = _composite_tiles(means2d[ids], conics[ids], feats[ids], opacities[ids], pix)
+        cols.append(col)
+        alps.append(alp)
+        t += chunk
+    col = torch.cat(cols) if cols else feats.new_zeros(0, P, D)  # [n_tiles, P, D]
+    alp = torch.cat(alps) if alps else feats.new_zeros(0, P, 1)
+    return _untile(col, tiles_h, tiles_w, tile_size)[:height, :width], _untile(alp, tiles_h, tiles_w, tile_size)[
+        :height, :width]
 
 
-def _composite_pixels(means2d, conics, feats, opacities, x0, x1, y0, y1) -> tuple[Tensor, Tensor]:
-    """Composite M depth-sorted Gaussians over the pixel rectangle [y0, y1) × [x0, x1) → [h, w, D], [h, w, 1]."""
-    ys = torch.arange(y0, y1, device=means2d.device, dtype=means2d.dtype) + 0.5  # pixel centres
-    xs = torch.arange(x0, x1, device=means2d.device, dtype=means2d.dtype) + 0.5
-    py, px = torch.meshgrid(ys, xs, indexing="ij")
-    pix = torch.stack([px.reshape(-1), py.reshape(-1)], dim=-1)  # [P, 2]
-    d = means2d[None] - pix[:, None]  # [P, M, 2]
-    sigma = (0.5 * (conics[:, 0] * d[..., 0] ** 2 + conics[:, 2] * d[..., 1] ** 2)
-             + conics[:, 1] * d[..., 0] * d[..., 1])  # [P, M]
-    alpha = torch.clamp_max(opacities * torch.exp(-sigma), MAX_ALPHA)  # [P, M]
-    alpha = torch.where((sigma >= 0) & (alpha >= ALPHA_THRESHOLD), alpha, torch.zeros_like(alpha))
-    trans_after = torch.cumprod(1.0 - alpha, dim=1)  # [P, M] transmittance after each Gaussian
-    keep = trans_after > MIN_TRANSMITTANCE  # prefix of each row: the pixel stops at the first failure
-    trans_before = F.pad(trans_after[:, :-1], (1, 0), value=1.0)  # [P, M]
-    weights = torch.where(keep, alpha * trans_before, torch.zeros_like(alpha))  # [P, M]
-    col = weights @ feats  # [P, D]
-    alp = weights.sum(dim=1, keepdim=True)  # [P, 1] = 1 - final transmittance
-    h, w = y1 - y0, x1 - x0
-    return col.reshape(h, w, -1), alp.reshape(h, w, 1)
+def _composite_tiles(means2d, conics, feats, opacities, pix) -> tuple[Tensor, Tensor]:
+    """Composite depth-sorted Gaussians [T, M, ·] over tile pixels [T, P, 2] → colors [T, P, D], alphas [T, P, 1]."""
+    d = means2d[:, None] - pix[:, :, None]  # [T, P, M, 2]
+    dx, dy = d[..., 0], d[..., 1]
+    cx, cy, cz = (conics[:, None, :, i] for i in range(3))  # [T, 1, M]
+    sigma = 0.5 * (cx * dx * dx + cz * dy * dy) + cy * dx * dy  # [T, P, M]
+    alpha = torch.clamp_max(opacities[:, None] * torch.exp(-sigma), MAX_ALPHA)  # [T, P, M]
+    alpha = alpha * ((sigma >= 0) & (alpha >= ALPHA_THRESHOLD))
+    trans_after = torch.cumprod(1.0 - alpha, dim=-1)  # [T, P, M] transmittance after each Gaussian
+    keep = trans_after > MIN_TRANSMITTANCE  # a prefix of each row: the pixel stops at the first failure
+    trans_before = F.pad(trans_after[..., :-1], (1, 0), value=1.0)  # [T, P, M]
+    weights = alpha * trans_before * keep  # [T, P, M]
+    return torch.bmm(weights, feats), weights.sum(dim=-1, keepdim=True)  # [T, P, D], [T, P, 1]
+
+
+def _untile(x: Tensor, tiles_h: int, tiles_w: int, tile_size: int) -> Tensor:
+    """[tiles_h·tiles_w, tile², D] → [tiles_h·tile, tiles_w·tile, D]."""
+    D = x.shape[-1]
+    x = x.reshape(tiles_h, tiles_w, tile_size, tile_size, D).permute(0, 2, 1, 3, 4)
+    return x.reshape(tiles_h * tile_size, tiles_w * tile_size, D)

@@ -1,0 +1,251 @@
+"""GaussianSplat, its trainer, loss and PLY on tiny CPU scenes."""
+
+import numpy as np
+import pytest
+import torch
+
+from difix3d.errors import CheckpointError, InputError
+from difix3d.imageio import to_uint8
+from difix3d.recon.gaussians import GaussianConfig, GaussianSplat
+from difix3d.recon.losses import photometric_loss
+from difix3d.recon.ply import read_ply, write_ply
+from difix3d.recon.rasterize import rasterize
+from difix3d.recon.trainer import TrainerConfig, TrainingView, evaluate, load_checkpoint, load_views, train
+from difix3d.scene.camera import Camera
+
+W, H = 48, 32
+
+
+def look_at(position, target=(0.0, 0.0, 0.0), name="") -> Camera:
+    """An OpenCV camera at ``position`` looking at ``target`` with world -y up."""
+    p, t = np.asarray(position, float), np.asarray(target, float)
+    z = (t - p) / np.linalg.norm(t - p)
+    x = np.cross([0.0, 1.0, 0.0], z)
+    x /= np.linalg.norm(x)
+    c2w = np.eye(4)
+    c2w[:3, :3] = np.stack([x, np.cross(z, x), z], axis=1)
+    c2w[:3, 3] = p
+    K = np.array([[45.0, 0, W / 2], [0, 45.0, H / 2], [0, 0, 1]])
+    return Camera.from_c2w(c2w, K, W, H, name=name)
+
+
+class TinyScene:
+    """A ring of cameras around coloured blobs, ground truth rendered from known Gaussians (Scene's interface)."""
+
+    def __init__(self, n_views=12, n_gaussians=150, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.name = "tiny"
+        angles = np.linspace(-0.9, 0.9, n_views)
+        self.cameras = [look_at((4 * np.sin(a), -0.6, -4 * np.cos(a)), name=f"{i:03d}") for i, a in enumerate(angles)]
+        self.image_uris = [f"mem://{c.name}.png" for c in self.cameras]
+        self.splits = {"train": [i for i in range(n_views) if i % 4 != 2], "test": list(range(2, n_views, 4))}
+        self.points = (torch.rand(n_gaussians, 3, generator=g) * 2 - 1).numpy() * [1.2, 0.8, 0.8]
+        self.point_colors = (torch.rand(n_gaussians, 3, generator=g) * 255).to(torch.uint8).numpy()
+        gt = dict(means=torch.tensor(self.points, dtype=torch.float32), quats=torch.randn(n_gaussians, 4, generator=g),
+                  scales=torch.rand(n_gaussians, 3, generator=g) * 0.15 + 0.05, opacities=torch.full((n_gaussians,), .9),
+                  colors=torch.tensor(self.point_colors).float() / 255)
+        viewmats = torch.stack([c.torch_viewmat() for c in self.cameras])
+        Ks = torch.stack([c.torch_K() for c in self.cameras])
+        rgb, _, _ = rasterize(gt["means"], gt["quats"], gt["scales"], gt["opacities"], gt["colors"], viewmats, Ks, W,
+                              H, backgrounds=torch.ones(n_views, 3) * 0.2)
+        self._images = to_uint8(rgb.permute(0, 3, 1, 2))  # [V, H, W, 3]
+
+    def load_image(self, i):
+        return self._images[i]
+
+    def subset(self, split):
+        return [self.cameras[i] for i in self.splits[split]], [self.image_uris[i] for i in self.splits[split]]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and far faster on a shared, loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return TinyScene()
+
+
+def _model(scene, seed=0, **kw) -> GaussianSplat:
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    noisy = scene.points + rng.normal(0, 0.1, scene.points.shape)  # a rough start, as from SfM
+    grey = np.full_like(scene.point_colors, 128)
+    cfg = GaussianConfig.tiny(**{"iterations": 100, "background": (0.2, 0.2, 0.2), **kw})
+    return GaussianSplat.from_points(noisy, grey, cfg, device="cpu", scene_scale=4.0)
+
+
+def test_training_raises_held_out_psnr(scene):
+    model = _model(scene)
+    test_views = load_views(scene, "test")
+    before = evaluate(model, test_views)
+    result = train(model, scene, TrainerConfig(iterations=100, eval_every=50), progress=False)
+    after = result.metrics["test"]
+    assert after["psnr"] > before["psnr"] + 4.0, (before, after)
+    assert after["ssim"] > before["ssim"] + 0.1
+    assert result.step == 100 and [h["step"] for h in result.history] == [50, 100]
+    assert result.num_primitives == model.num_primitives > 0 and result.iters_per_s > 0
+
+
+def test_densification_grows_then_stops_and_opacity_reset_runs(scene):
+    model = _model(scene, iterations=60, grow_grad2d=1e-6, refine_stop_iter=5000, reset_every=3000)
+    # at a 60-step budget: refine after step 3 every 5 steps until 10, reset opacities every 6 steps
+    assert (model.strategy.refine_every, model.strategy.refine_stop_iter, model.strategy.reset_every) == (5, 10, 6)
+    views = load_views(scene, "train")
+    n0 = model.num_primitives
+    for _ in range(7):  # steps 0..6
+        model.train_step([views[0].camera], views[0].image[None])
+    assert model.num_primitives > n0  # grown at step 5 (every Gaussian passes a 1e-6 gradient threshold)
+    assert torch.sigmoid(model.params["opacities"]).max() <= 0.01 + 1e-6  # reset at step 6 (to 2·prune_opa)
+    assert model.optimizers["opacities"].state[model.params["opacities"]]["exp_avg"].abs().max() == 0
+    while model.step < 10:
+        model.train_step([views[0].camera], views[0].image[None])
+    n = model.num_primitives
+    model.train_step([views[0].camera], views[0].image[None])  # step 10 = refine_stop_iter: no refinement
+    assert model.num_primitives == n and model.step == 11
+
+
+def test_checkpoint_resume_reproduces_uninterrupted_training(scene, tmp_path):
+    cfg = TrainerConfig(iterations=12, seed=3)
+    straight = _model(scene, seed=1, iterations=24)
+    train(straight, scene, cfg, progress=False, eval_views={})
+
+    ckpt = str(tmp_path / "state" / "gaussians.ckpt")
+    first = _model(scene, seed=1, iterations=24)
+    train(first, scene, TrainerConfig(iterations=6, seed=3), checkpoint_uri=ckpt, progress=False, eval_views={})
+    torch.manual_seed(123)  # a new process: different global RNG state, restored from the checkpoint
+    resumed = _model(scene, seed=7, iterations=24)
+    result = train(resumed, scene, cfg, checkpoint_uri=ckpt, progress=False, eval_views={})
+    assert result.resumed_from == 6 and resumed.step == 12
+    assert straight.num_primitives != 150  # densification ran (at step 5 and 10), and was resumed exactly
+    for k in GaussianSplat.PARAM_NAMES:
+        torch.testing.assert_close(resumed.params[k], straight.params[k], rtol=0, atol=0)
+    assert resumed.means_scheduler.get_last_lr() == straight.means_scheduler.get_last_lr()
+    torch.testing.assert_close(resumed.strategy_state["grad2d"], straight.strategy_state["grad2d"])
+
+
+def test_state_dict_round_trip_and_corrupt_checkpoint(scene, tmp_path):
+    model = _model(scene)
+    views = load_views(scene, "train")
+    model.train_step([views[0].camera], views[0].image[None])
+    clone = GaussianSplat.from_state_dict(model.state_dict(), device="cpu")
+    assert clone.step == 1 and clone.num_primitives == model.num_primitives
+    torch.testing.assert_close(clone.render(scene.cameras[:2]).rgb, model.render(scene.cameras[:2]).rgb)
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="bad.ckpt"):
+        load_checkpoint(str(bad), model)
+
+
+def test_view_weights_and_masks_shape_the_loss():
+    torch.manual_seed(0)
+    target = torch.rand(1, 3, 16, 16).repeat(2, 1, 1, 1)  # two identical views
+    render = target.clone()
+    render[:, :, :, :8] = 1 - render[:, :, :, :8]  # wrong on the left half only
+    base, _ = photometric_loss(render, target)
+    doubled, _ = photometric_loss(render, target, weights=torch.tensor([2.0, 2.0]))
+    assert doubled.item() == pytest.approx(2 * base.item(), rel=1e-6)
+    half, _ = photometric_loss(render, target, weights=torch.tensor([1.0, 0.0]))
+    assert half.item() == pytest.approx(base.item() / 2, rel=1e-6)
+    right = torch.zeros(2, 1, 16, 16)
+    right[..., 8:] = 1  # keep only the correct half
+    masked, terms = photometric_loss(render, target, masks=right)
+    assert terms["l1"].max().item() == 0.0 and masked.item() < 0.2 * base.item()
+    assert photometric_loss(target, target)[0].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_zero_weight_view_leaves_the_model_unchanged(scene):
+    model = _model(scene, densify=False)
+    views = load_views(scene, "train")
+    before = {k: v.detach().clone() for k, v in model.params.items()}
+    stats = model.train_step([views[0].camera], views[0].image[None], weights=torch.tensor([0.0]))
+    assert stats["loss"] == 0.0 and model.step == 1
+    for k, v in model.params.items():
+        torch.testing.assert_close(v.detach(), before[k], rtol=0, atol=0)
+
+
+def test_trainer_samples_pseudo_views_from_the_pool_with_weights_and_masks(scene):
+    model = _model(scene, densify=False)
+    real = load_views(scene, "train")[:2]
+    pseudo = TrainingView(scene.cameras[2], torch.zeros(3, H, W), weight=0.3, mask=torch.zeros(1, H, W),
+                          is_pseudo=True)
+    seen = []
+
+    def spy(step, stats, views):
+        seen.append(stats["loss"])
+        if step == 2:
+            views.append(pseudo)  # the progressive loop adds fixed views while training runs
+
+    picks = []
+
+    def only_new(views, step, batch_size, generator):
+        picks.append(len(views))
+        return [len(views) - 1]
+
+    train(model, None, TrainerConfig(iterations=4), views=list(real), progress=False, sample_fn=only_new,
+          step_callback=spy)
+    assert picks == [2, 2, 3, 3] and seen[2:] == [0.0, 0.0]  # the fully masked pseudo view contributes nothing
+
+
+def test_ply_round_trip_is_exact_and_standard(scene, tmp_path):
+    model = _model(scene, sh_degree=3)
+    with torch.no_grad():
+        model.params["shN"].normal_()
+    uri = str(tmp_path / "g.ply")
+    model.export(uri)
+    data = open(uri, "rb").read()
+    header = data[:data.index(b"end_header")].decode()
+    props = [line.split()[-1] for line in header.splitlines() if line.startswith("property")]
+    assert props[:9] == ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
+    assert props[9:54] == [f"f_rest_{i}" for i in range(45)]
+    assert props[54:] == ["opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
+    assert "format binary_little_endian 1.0" in header and f"element vertex {model.num_primitives}" in header
+    back = read_ply(uri)
+    for k in GaussianSplat.PARAM_NAMES:
+        assert torch.equal(back[k], model.params[k].detach().reshape(back[k].shape)), k
+    # f_rest is channel-major, as the Inria code writes it
+    assert back["shN"][0, 1, 0] == model.params["shN"][0, 1, 0]
+    loaded = GaussianSplat.from_ply(uri, device="cpu")
+    assert loaded.config.sh_degree == 3 and loaded.num_primitives == model.num_primitives
+
+
+def test_bad_inputs_raise_named_errors(scene, tmp_path):
+    model = _model(scene)
+    bad = tmp_path / "bad.ply"
+    bad.write_bytes(b"ply\nformat ascii 1.0\nend_header\n")
+    with pytest.raises(InputError, match="bad.ply.*binary_little_endian"):
+        read_ply(str(bad))
+    with pytest.raises(ValueError, match="expected"):
+        model.train_step([scene.cameras[0]], torch.rand(1, 3, H + 1, W))
+    odd = scene.cameras[1].scaled(0.5)
+    with pytest.raises(ValueError, match="share a size"):
+        model.render([scene.cameras[0], odd])
+    with pytest.raises(ValueError, match="NaN"):
+        GaussianSplat.from_points(np.full((4, 3), np.nan), np.zeros((4, 3), np.uint8), device="cpu")
+    with pytest.raises(ValueError, match="weights"):
+        photometric_loss(torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8), weights=torch.ones(3))
+
+
+def test_from_scene_uses_points_or_random_points_in_view(scene):
+    model = GaussianSplat.from_scene(scene, GaussianConfig.tiny(), device="cpu")
+    assert model.num_primitives == len(scene.points)
+    cams = [scene.cameras[i] for i in scene.splits["train"]]
+    spread = np.linalg.norm(np.stack([c.position for c in cams]) - np.mean([c.position for c in cams], 0), axis=1)
+    assert model.scene_scale == pytest.approx(1.1 * spread.max())
+
+    class NoPoints(TinyScene):
+        points = None
+
+    bare = NoPoints.__new__(NoPoints)
+    bare.__dict__.update({k: v for k, v in scene.__dict__.items() if k not in ("points", "point_colors")})
+    model = GaussianSplat.from_scene(bare, GaussianConfig.tiny(init_num_random=500), device="cpu")
+    assert model.num_primitives == 500
+    out = model.render([scene.cameras[0]])
+    assert out.rgb.shape == (1, 3, H, W) and out.alpha.mean() > 0.5  # the random points fill the view
+    uv, z = scene.cameras[0].project(model.params["means"].detach().numpy())
+    assert (z > 0).mean() > 0.5
