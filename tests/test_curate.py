@@ -1,0 +1,146 @@
+"""Curation pieces without Ray: which views each strategy trains on and renders, references, lateral shifts, the
+PSNR filter and its counts, contact sheets and ``difix3d pairs show``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from difix3d import imageio
+from difix3d.cli import main as cli_main
+from difix3d.curate.contact import PAD, contact_sheet
+from difix3d.curate.filters import FilterCounts, PsnrFilter
+from difix3d.curate.strategies import (CrossCamera, CycleReconstruction, NotApplicable, ReconstructionSettings,
+                                       SparseReconstruction, UnderFitted, pairs_from_renders, shift_laterally)
+from difix3d.recon.gaussians import GaussianConfig
+from difix3d.scene.scene import Scene
+from difix3d.scene.synthetic import make_segment
+from difix3d.train.pairs import psnr_uint8, read_pair_shard, write_pair_shard
+
+H, W = 24, 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def segment(tmp_path_factory):
+    return make_segment(str(tmp_path_factory.mktemp("seg") / "seg-a"), seed=3, frames=6, height=H, width=W,
+                        cameras=("front", "left"), holdout_cameras=("right",), shifts=(), num_points=300)
+
+
+def _tiny_recon(iterations: int = 30) -> ReconstructionSettings:
+    return ReconstructionSettings(iterations=iterations, gaussian=GaussianConfig.tiny(sh_degree=0, densify=False),
+                                  device="cpu")
+
+
+def test_sparse_trains_on_every_nth_frame_per_camera_and_renders_the_rest(segment):
+    train, targets = SparseReconstruction(every_nth=3).split_views(segment)
+    frames = {i: (segment.cameras[i].camera_id, segment.cameras[i].meta["frame"]) for i in train + targets}
+    assert sorted(frames[i] for i in train) == sorted((c, t) for c in ("front", "left") for t in (0, 3))
+    assert sorted(frames[i] for i in targets) == sorted((c, t) for c in ("front", "left") for t in (1, 2, 4, 5))
+    assert not set(segment.splits["cross_camera"]) & set(train + targets)  # the held-out rig camera is not used
+    with pytest.raises(ValueError):
+        SparseReconstruction(every_nth=1).split_views(segment)
+
+
+def test_cross_camera_holds_out_one_rig_camera(segment):
+    train, targets = CrossCamera().split_views(segment)  # default: the scene's cross_camera split
+    assert {segment.cameras[i].camera_id for i in targets} == {"right"}
+    assert {segment.cameras[i].camera_id for i in train} == {"front", "left"} and len(train) == 12
+    train, targets = CrossCamera(held_out="left").split_views(segment)
+    assert {segment.cameras[i].camera_id for i in targets} == {"left"} and len(targets) == 6
+    assert {segment.cameras[i].camera_id for i in train} == {"front", "right"}
+    one_camera = Scene("mono", [segment.cameras[i] for i in range(3)], [""] * 3,
+                       {"train": [0, 1, 2], "test": []})
+    for cam in one_camera.cameras:
+        cam.camera_id = "front"
+    with pytest.raises(NotApplicable):
+        CrossCamera().split_views(one_camera)
+    with pytest.raises(NotApplicable):
+        CrossCamera(held_out="rear").split_views(segment)
+
+
+def test_underfit_fraction_is_in_range_and_repeatable(segment):
+    s = UnderFitted()
+    f = s.fraction(segment)
+    assert 0.25 <= f <= 0.75 and f == s.fraction(segment)
+    assert UnderFitted(fraction_range=(0.5, 0.5)).fraction(segment) == 0.5
+    with pytest.raises(ValueError):
+        UnderFitted(fraction_range=(0.8, 0.2)).fraction(segment)
+
+
+def test_lateral_shift_moves_along_the_ego_left_axis_and_keeps_orientation(segment):
+    cam = segment.cameras[segment.splits["train"][2]]
+    moved = shift_laterally(cam, 2.0)
+    left = np.asarray(cam.meta["ego_to_world"])[:3, 1]
+    np.testing.assert_allclose(moved.position - cam.position, 2.0 * left, atol=1e-9)
+    np.testing.assert_allclose(moved.rotation_c2w, cam.rotation_c2w, atol=1e-12)
+    bare = cam.with_pose(cam.viewmat, meta={})  # no ego: the camera's own left (−x)
+    np.testing.assert_allclose(shift_laterally(bare, 1.0).position - cam.position, -cam.rotation_c2w[:, 0],
+                               atol=1e-9)
+
+
+def test_pairs_carry_the_nearest_other_training_image_as_reference(segment):
+    train = segment.splits["train"]
+    target = train[0]  # a training view itself (as in cycle): its reference must be another image
+    renders = [np.zeros((H, W, 3), np.uint8)]
+    (pair,) = pairs_from_renders(segment, "cycle", [target], renders, train)
+    assert pair["reference_camera"] != segment.cameras[target].name
+    assert pair["reference_camera"] in {segment.cameras[i].name for i in train}
+    np.testing.assert_array_equal(pair["target"], segment.load_image(target))
+    assert pair["psnr"] == pytest.approx(psnr_uint8(renders[0], pair["target"]))
+
+
+def test_underfit_yields_degraded_renders_of_the_test_views(segment):
+    pairs = list(UnderFitted(fraction_range=(0.5, 0.5)).make_pairs(segment, _tiny_recon(20)))
+    assert [p["camera"] for p in pairs] == [segment.cameras[i].name for i in segment.splits["test"]]
+    for p in pairs:
+        assert p["degraded"].shape == p["target"].shape == p["reference"].shape == (H, W, 3)
+        assert 5.0 < p["psnr"] < 30.0 and p["strategy"] == "underfit"
+
+
+def _pair(psnr: float, strategy: str) -> dict:
+    return {"psnr": psnr, "strategy": strategy}
+
+
+def test_psnr_filter_drops_pairs_outside_the_bounds_and_counts_them():
+    f = PsnrFilter(min_psnr=12.0, max_psnr=30.0)
+    counts = FilterCounts()
+    pairs = [_pair(p, s) for p, s in [(10.0, "sparse"), (15.0, "sparse"), (31.0, "sparse"), (29.9, "cycle"),
+                                      (float("nan"), "cycle"), (12.0, "cycle"), (100.0, "cycle")]]
+    kept = list(f.apply(pairs, counts))
+    assert [p["psnr"] for p in kept] == [15.0, 29.9, 12.0]
+    assert counts.to_dict() == {"cycle": {"kept": 2, "too_bad": 1, "too_good": 1},
+                                "sparse": {"kept": 1, "too_bad": 1, "too_good": 1}}
+    merged = FilterCounts().merge(counts).merge(counts.to_dict())
+    assert merged.total("kept") == 6 and merged.total("too_good") == 4
+    assert "sparse" in merged.table() and "too_good" in merged.table()
+    with pytest.raises(ValueError):
+        PsnrFilter(min_psnr=30.0, max_psnr=10.0)
+
+
+def test_contact_sheet_rows_are_degraded_target_reference(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = [{"degraded": rng.integers(0, 256, (H, W, 3), dtype=np.uint8),
+             "target": rng.integers(0, 256, (H, W, 3), dtype=np.uint8),
+             "reference": None if i == 1 else rng.integers(0, 256, (H, W, 3), dtype=np.uint8),
+             "scene": "s", "camera": f"{i:03d}_front", "strategy": "sparse"} for i in range(3)]
+    sheet = contact_sheet(rows, max_rows=2)
+    assert sheet.shape == (2 * H + 3 * PAD, 3 * W + 4 * PAD, 3)
+    np.testing.assert_array_equal(sheet[PAD:PAD + H, PAD:PAD + W], rows[0]["degraded"])
+    np.testing.assert_array_equal(sheet[PAD:PAD + H, 2 * PAD + W:2 * PAD + 2 * W], rows[0]["target"])
+    np.testing.assert_array_equal(sheet[2 * PAD + H:2 * PAD + 2 * H, 3 * PAD + 2 * W:3 * PAD + 3 * W], 128)
+    shard = str(tmp_path / "pairs.parquet")
+    write_pair_shard(shard, rows)
+    assert [r["camera"] for r in read_pair_shard(shard)] == ["000_front", "001_front", "002_front"]
+    png = str(tmp_path / "sheet.png")
+    assert cli_main(["pairs", "show", shard, "-o", png, "--rows", "3"]) == 0
+    assert imageio.read_image(png).shape == (3 * H + 4 * PAD, 3 * W + 4 * PAD, 3)
+    assert cli_main(["pairs", "show", str(tmp_path / "missing.parquet"), "-o", png]) == 2  # names the file
