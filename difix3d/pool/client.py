@@ -21,6 +21,10 @@ from .router import PoolRouter
 DEFAULT_NAME = PoolConfig.name
 DEFAULT_NAMESPACE = PoolConfig.namespace
 
+# Routers this process started. A named actor that is not detached is destroyed once its creator drops the last
+# handle, so the starting process keeps one until ``shutdown_pool``.
+_STARTED: dict[tuple[str, str], Any] = {}
+
 
 class PoolClient:
     """A handle on a named pool: picklable (Ray tasks and actors receive it), resolves the router by name.
@@ -133,6 +137,7 @@ def start_pool(checkpoint: str, name: str = DEFAULT_NAME, *, config: PoolConfig 
     ``min_replicas=1, max_replicas=4, num_gpus_per_replica=0.5, max_batch_size=4, max_wait_ms=10``."""
     base = config or PoolConfig()
     cfg = dataclasses.replace(base, checkpoint=str(checkpoint), name=name, **overrides)
+    _check_checkpoint_exists(cfg.checkpoint)
     if cfg.num_gpus_per_replica is None:
         cfg.num_gpus_per_replica = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     router = ray.remote(PoolRouter).options(
@@ -146,11 +151,11 @@ def start_pool(checkpoint: str, name: str = DEFAULT_NAME, *, config: PoolConfig 
     if running["checkpoint"] != cfg.checkpoint:
         raise PoolUnavailableError(f"a pool named {name!r} already runs checkpoint {running['checkpoint']!r}, "
                                    f"not {cfg.checkpoint!r}; shut it down first or choose another name")
+    _STARTED[(cfg.name, cfg.namespace)] = router
     try:
         ray.get(router.wait_ready.remote(ready_timeout_s))
     except ray.exceptions.RayTaskError as e:
-        ray.get(router.shutdown.remote())
-        ray.kill(router, no_restart=True)
+        shutdown_pool(cfg.name, cfg.namespace)
         raise _unwrap(e) from None
     return PoolClient(cfg.name, cfg.namespace)
 
@@ -163,6 +168,7 @@ def get_pool(name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE) -> Po
 
 def shutdown_pool(name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE) -> bool:
     """Stop a pool's replicas and router; False if no pool had that name."""
+    _STARTED.pop((name, namespace), None)
     try:
         router = ray.get_actor(name, namespace=namespace)
     except ValueError:
@@ -185,6 +191,20 @@ def request_key(images: Any, refs: Any) -> tuple[tuple, int]:
         raise ValueError(f"refs must be a numpy array of the images' shape {images.shape}, got "
                          f"{getattr(refs, 'shape', type(refs).__name__)}")
     return (int(images.shape[1]), int(images.shape[2]), refs is not None), int(images.shape[0])
+
+
+def _check_checkpoint_exists(checkpoint: str) -> None:
+    """Fail in the caller, at once, on a checkpoint path that is not there, rather than in every replica later.
+    Hub ids (``stabilityai/sd-turbo``) are not paths and are left to the loader."""
+    from difix3d import storage
+
+    looks_like_path = "://" in checkpoint or checkpoint.startswith((".", "/", "~")) or checkpoint.count("/") != 1
+    try:
+        exists = storage.exists(checkpoint)
+    except Exception:  # an unreachable store: the replicas will report it precisely
+        return
+    if looks_like_path and not exists:
+        raise PoolUnavailableError(f"{checkpoint}: fixer checkpoint does not exist")
 
 
 def _get_router(name: str, namespace: str):

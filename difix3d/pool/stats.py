@@ -14,6 +14,9 @@ log = logging.getLogger(__name__)
 # batch-size and latency buckets for Ray's histograms
 _BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64]
 _LATENCY_MS_BOUNDARIES = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
+# counters since the pool started, always present in ``stats()``
+COUNTERS = ("requests_ok", "requests_failed", "frames_ok", "batches", "requeued", "replica_deaths",
+            "replicas_started", "replicas_stopped", "replica_start_failures")
 
 
 class PoolStats:
@@ -25,7 +28,7 @@ class PoolStats:
         self.started_at = time.monotonic()
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # frames per batch -> batches
         self._answers: collections.deque[tuple[float, float, int]] = collections.deque()  # (t, latency s, frames)
-        self.counts = collections.Counter()  # requests_ok, requests_failed, frames_ok, batches, requeued, ...
+        self.counts = collections.Counter({k: 0 for k in COUNTERS})
         self.replica_busy_s = 0.0
         self.max_inflight_frames_seen = 0
         self._metrics = _RayMetrics(pool_name)
