@@ -1,0 +1,131 @@
+"""DifixModel: shapes, reference-view attention, batch independence, the one-step x0, the training pattern."""
+
+import math
+
+import pytest
+import torch
+
+from difix3d.fixer.config import preset_config
+from difix3d.fixer.model import build_model, skip_conv_channels
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convs gain nothing from threads; on a shared 2-core machine 2 OpenMP threads are 10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model("tiny", seed=0).eval()
+
+
+def _img(*shape, seed=0):
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+@pytest.mark.parametrize("hw", [(64, 96), (40, 56)])
+def test_forward_shape_and_range(model, hw):
+    x = _img(1, 3, *hw)
+    with torch.no_grad():
+        y = model(x)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    assert y.min() >= -1 and y.max() <= 1 and torch.isfinite(y).all()
+
+
+def test_identical_reference_equals_no_reference(model):
+    # Self-attention over [x tokens, x tokens] gives every key twice: softmax halves each weight and the values
+    # repeat, so the result equals attention over x alone. A different reference must change the output.
+    x, other = _img(1, 3, 32, 48, seed=1), _img(1, 3, 32, 48, seed=2)
+    with torch.no_grad():
+        plain, same, mixed = model(x), model(x, x), model(x, other)
+    torch.testing.assert_close(same, plain, atol=1e-3, rtol=0)  # fp32 sums in another order
+    assert (mixed - plain).abs().max() > 1e-2
+
+
+def test_batch_independence_with_and_without_refs(model):
+    x, r = _img(3, 3, 32, 32, seed=3), _img(3, 3, 32, 32, seed=4)
+    with torch.no_grad():
+        batched = model(x)
+        single = model(x[1:2])
+        batched_ref = model(x, r)
+        r2 = r.clone()
+        r2[0] = _img(3, 32, 32, seed=5)  # another sample's reference must not leak into sample 1
+        batched_ref2 = model(x, r2)
+        single_ref = model(x[1:2], r[1:2])
+    torch.testing.assert_close(batched[1:2], single, atol=2e-4, rtol=0)  # conv kernels differ by batch size
+    torch.testing.assert_close(batched_ref[1:2], single_ref, atol=2e-4, rtol=0)  # conv kernels differ by batch size
+    torch.testing.assert_close(batched_ref2[1:], batched_ref[1:], atol=2e-4, rtol=0)  # conv kernels differ by batch size
+    assert (batched_ref2[0] - batched_ref[0]).abs().max() > 1e-2
+
+
+def test_ref_shape_must_match(model):
+    with pytest.raises(ValueError, match="ref shape"):
+        model(_img(1, 3, 32, 32), _img(1, 3, 32, 40))
+
+
+def test_one_step_x0_at_timestep_199(model):
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
+    a = sched.alphas_cumprod[199].item()
+    assert model.sqrt_alpha_bar == pytest.approx(math.sqrt(a), rel=1e-6)
+    z = torch.randn(2, 4, 4, 6)
+    eps = torch.randn(2, 4, 4, 6)
+    seen = {}
+
+    class FakeUNet(torch.nn.Module):
+        def forward(self, sample, t, encoder_hidden_states, return_dict):
+            seen["t"], seen["emb"] = t, encoder_hidden_states
+            return (eps,)
+
+    real = model.unet
+    model.unet = FakeUNet()
+    try:
+        x0 = model.denoise(z)
+    finally:
+        model.unet = real
+    torch.testing.assert_close(x0, (z - math.sqrt(1 - a) * eps) / math.sqrt(a))
+    assert seen["t"].tolist() == [199, 199]
+    assert seen["emb"].shape == (2, 77, 32)
+    # the diffusers scheduler's one-step update gives the same x0 (what the official code calls)
+    sched.set_timesteps(timesteps=[199])  # one step from t=199 to the clean image
+    ref = torch.stack([sched.step(eps[i:i + 1], 199, z[i:i + 1]).prev_sample[0] for i in range(2)])
+    torch.testing.assert_close(x0, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_training_pattern_and_gradients():
+    model = build_model("tiny", seed=0)
+    counts = model.prepare_for_training()
+    named = dict(model.named_parameters())
+    assert all(p.requires_grad for n, p in named.items() if n.startswith("unet."))
+    assert not any(p.requires_grad for n, p in named.items() if n.startswith("vae.encoder."))
+    assert all(p.requires_grad for n, p in named.items() if ".skip_conv_" in n)
+    lora = [n for n, p in named.items() if n.startswith("vae.decoder.") and "lora_" in n]
+    assert lora and all(named[n].requires_grad for n in lora)
+    assert counts["trainable"] == sum(p.numel() for p in model.trainable_parameters())
+    assert counts["unet"] == sum(p.numel() for p in model.unet.parameters())
+    assert counts["skip_convs"] > 0 and counts["decoder_lora"] > 0 and counts["frozen"] > 0
+    model(_img(1, 3, 32, 32)).mean().backward()
+    assert named["vae.decoder.skip_conv_1.base_layer.weight"].grad is not None
+    assert named["unet.conv_in.weight"].grad is not None
+    assert named["vae.encoder.conv_in.base_layer.weight"].grad is None
+
+
+def test_sd_turbo_architecture_param_counts():
+    m = build_model("sd-turbo", device="meta")  # nothing allocated
+    unet = sum(p.numel() for p in m.unet.parameters())
+    vae = sum(p.numel() for n, p in m.vae.named_parameters() if "lora_" not in n and ".skip_conv_" not in n)
+    assert round(unet / 1e6, 1) == 865.9  # SD 2.1-base UNet
+    assert round(vae / 1e6, 1) == 83.7  # SD 2.1 VAE
+    assert skip_conv_channels(preset_config("sd-turbo").vae_channels) == [(512, 512), (256, 512), (128, 512),
+                                                                           (128, 256)]
+    assert m.vae.decoder.skip_conv_2.base_layer.weight.shape == (512, 256, 1, 1)
+
+
+def test_skip_convs_start_near_zero(model):
+    w = model.vae.decoder.skip_conv_4.base_layer.weight
+    assert torch.all(w == 1e-5)
