@@ -1,0 +1,102 @@
+"""Progressive Difix3D reconstruction quality on synthetic driving segments (issue 5).
+
+For each fixer (``oracle``: exact ground truth at the requested camera; ``trained``: a Difix checkpoint) it runs
+``reconstruct_scene`` on a synthetic segment and reports, per lane shift (1/2/3 m) and method (``baseline`` |
+``difix3d`` | ``difix3d_plus``), PSNR/SSIM (and LPIPS where its weights are on the host), the gain over the baseline,
+and the wall time of the progressive loop over plain training of the same length (goal: ≤ 1.25).
+
+    python benchmarks/progressive.py                       # 576x1024, 30k iterations, oracle + checkpoint
+    python benchmarks/progressive.py --quick               # small and short: checks the script end to end
+    python benchmarks/progressive.py --fixers oracle --height 288 --width 512 --iters 7000
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import Emitter  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--height", type=int, default=576)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--iters", type=int, default=30_000, help="iterations of the baseline and of the progressive run")
+    p.add_argument("--frames", type=int, default=24)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fixers", default="oracle,trained", help="comma list of oracle, trained")
+    p.add_argument("--checkpoint", default=None, help="fixer checkpoint for 'trained' (default: the bundled one)")
+    p.add_argument("--out", default=None, help="where scenes and outputs go (default: a temporary folder)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--quick", action="store_true", help="144x256, 6 frames, 600 iterations")
+    p.add_argument("--no-write", action="store_true", help="print only; do not append to benchmarks/results")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.height, args.width, args.frames, args.iters = 144, 256, 6, 600
+
+    from difix3d.recon.gaussians import GaussianConfig
+    from difix3d.recon.progressive import ProgressiveConfig, reconstruct_scene
+    from difix3d.recon.schedule import ProgressiveSchedule
+    from difix3d.recon.trainer import TrainerConfig
+    from difix3d.recon.view_fixers import OracleViewFixer, as_view_fixer
+    from difix3d.scene.synthetic import StreetScene, make_segment
+
+    emitter = Emitter("progressive", write=not args.no_write)
+    root = args.out or tempfile.mkdtemp(prefix="difix3d-progressive-")
+    scene = make_segment(os.path.join(root, "segment"), seed=args.seed, frames=args.frames, height=args.height,
+                         width=args.width)
+    config = ProgressiveConfig(
+        gaussian=GaussianConfig(iterations=args.iters), trainer=TrainerConfig(iterations=args.iters),
+        # the original schedule (first round at 3 000, then every 2 000 of 30 000) scaled to the budget
+        schedule=ProgressiveSchedule(pretrain_iters=max(1, args.iters // 10), round_every=max(1, args.iters // 15)),
+        target_splits=("shift_1m", "shift_2m", "shift_3m"), eval_splits=("test", "shift_1m", "shift_2m", "shift_3m"))
+    settings = {"height": args.height, "width": args.width, "iterations": args.iters, "frames": args.frames,
+                "seed": args.seed, "representation": "3dgs"}
+
+    for name in [f.strip() for f in args.fixers.split(",") if f.strip()]:
+        if name == "oracle":
+            fixer = OracleViewFixer(StreetScene(args.seed).render)
+        elif name == "trained":
+            fixer = _checkpoint_fixer(args.checkpoint, args.device) if args.checkpoint else as_view_fixer(None)
+        else:
+            raise SystemExit(f"unknown fixer {name!r} (oracle | trained)")
+        result = reconstruct_scene(scene, os.path.join(root, f"out-{name}"), config, fixer, progress=True,
+                                   device=args.device)
+        for split, methods in result.metrics.items():
+            shift = {"shift_1m": 1, "shift_2m": 2, "shift_3m": 3}.get(split, 0)
+            for method, values in methods.items():
+                common = {**settings, "method": method, "fixer": name, "shift_m": shift, "split": split}
+                for metric, value in values.items():
+                    emitter.emit(metric, value, "dB" if metric == "psnr" else "", **common)
+                if method != "baseline" and "baseline" in methods:
+                    emitter.emit("psnr_gain_db", values["psnr"] - methods["baseline"]["psnr"], "dB", **common)
+        if "wall_ratio_vs_plain" in result.timings:
+            emitter.emit("wall_ratio_vs_plain", result.timings["wall_ratio_vs_plain"], "x", **settings, fixer=name,
+                         frames_fixed=result.frames_fixed, rounds=result.num_rounds,
+                         progressive_train_s=result.timings.get("progressive_train_s"),
+                         baseline_train_s=result.timings.get("baseline_train_s"))
+        if "post_render_ms_per_frame" in result.timings:
+            emitter.emit("post_render_ms_per_frame", result.timings["post_render_ms_per_frame"], "ms", **settings,
+                         fixer=name)
+        if result.notes.get("lpips"):
+            print(f"# lpips omitted: {result.notes['lpips']}", file=sys.stderr)
+
+
+def _checkpoint_fixer(checkpoint: str, device: str | None):
+    from difix3d.fixer.client import LocalFixerClient
+    from difix3d.fixer.runner import FixerRunner
+    from difix3d.recon.view_fixers import ClientViewFixer
+
+    kwargs = {"device": device} if device else {}
+    return ClientViewFixer(LocalFixerClient(FixerRunner.from_checkpoint(checkpoint, **kwargs)), "trained")
+
+
+if __name__ == "__main__":
+    main()
