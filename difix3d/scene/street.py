@@ -79,19 +79,18 @@ class StreetScene:
     # --- public API
 
     def render(self, camera: Camera, tile: int = 16, chunk: int = 1 << 15) -> np.ndarray:
-        with torch.device(self.device):
-            return self._render(camera, tile, chunk)
+        return self._render(camera, tile, chunk)
 
     def _render(self, camera: Camera, tile: int, chunk: int) -> np.ndarray:
         """Exact ground truth at ``camera`` (pixel centres, no distortion): uint8 [H, W, 3].
 
         Rays go in ``tile``×``tile`` pixel tiles, each tested only against the objects inside its own frustum
         (tiles grouped by object count so padding stays small): a street has ~100 boxes, a tile sees a few."""
-        H, W = camera.height, camera.width
+        H, W, dev = camera.height, camera.width, self.device
         rows, cols = -(-H // tile), -(-W // tile)
-        j, i = torch.meshgrid(torch.arange(tile, dtype=torch.float32), torch.arange(tile, dtype=torch.float32),
+        j, i = torch.meshgrid(torch.arange(tile, dtype=torch.float32, device=dev), torch.arange(tile, dtype=torch.float32, device=dev),
                               indexing="xy")
-        r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+        r, c = torch.meshgrid(torch.arange(rows, device=dev), torch.arange(cols, device=dev), indexing="ij")
         u = (c.reshape(-1, 1) * tile + j.reshape(1, -1)) + 0.5  # [tiles, tile*tile]
         v = (r.reshape(-1, 1) * tile + i.reshape(1, -1)) + 0.5
         origin, dirs = camera_rays(camera, torch.stack([u.reshape(-1), v.reshape(-1)], 1))
@@ -99,7 +98,7 @@ class StreetScene:
         visible = self._visible(camera, tile, rows, cols)  # [tiles, N] bool
         counts = visible.sum(1)
         order = torch.argsort(counts)
-        rgb = torch.empty(rows * cols, tile * tile, 3)
+        rgb = torch.empty(rows * cols, tile * tile, 3, device=dev)
         per_group = max(1, chunk // (tile * tile))
         for g in range(0, len(order), per_group):
             tiles = order[g:g + per_group]
@@ -111,11 +110,10 @@ class StreetScene:
 
     def colors_at(self, camera: Camera, uv: torch.Tensor | np.ndarray, chunk: int = 1 << 15) -> np.ndarray:
         """uint8 [N, 3] colours seen through sub-pixel positions ``uv`` [N, 2] (pixel units, OpenCV)."""
-        with torch.device(self.device):
-            return self._colors_at(camera, uv, chunk)
+        return self._colors_at(camera, uv, chunk)
 
     def _colors_at(self, camera: Camera, uv, chunk: int) -> np.ndarray:
-        origin, dirs = camera_rays(camera, torch.as_tensor(np.asarray(uv), dtype=torch.float32).reshape(-1, 2))
+        origin, dirs = camera_rays(camera, torch.as_tensor(np.asarray(uv), dtype=torch.float32, device=self.device).reshape(-1, 2))
         bidx, pidx = self._object_lists(self._visible(camera), 1)
         out = []
         for s in range(0, len(dirs), chunk):
@@ -125,14 +123,13 @@ class StreetScene:
 
     def depth_at(self, camera: Camera, uv: torch.Tensor | np.ndarray) -> np.ndarray:
         """Camera-space depth (z, metres) of the first surface through ``uv`` [N, 2]; inf where only sky."""
-        with torch.device(self.device):
-            return self._depth_at(camera, uv)
+        return self._depth_at(camera, uv)
 
     def _depth_at(self, camera: Camera, uv) -> np.ndarray:
-        origin, dirs = camera_rays(camera, torch.as_tensor(np.asarray(uv), dtype=torch.float32).reshape(-1, 2))
+        origin, dirs = camera_rays(camera, torch.as_tensor(np.asarray(uv), dtype=torch.float32, device=self.device).reshape(-1, 2))
         bidx, pidx = self._object_lists(self._visible(camera), 1)
         t, *_ = self._intersect(origin.expand_as(dirs), dirs, bidx.expand(len(dirs), -1), pidx.expand(len(dirs), -1))
-        fwd = torch.as_tensor(camera.rotation_c2w[:, 2], dtype=torch.float32)
+        fwd = torch.as_tensor(camera.rotation_c2w[:, 2], dtype=torch.float32, device=self.device)
         return (t * (dirs @ fwd)).cpu().numpy()
 
     def sample_points(self, n: int, seed: int | None = None, x_range: tuple[float, float] | None = None
@@ -151,8 +148,7 @@ class StreetScene:
                 break
         p, q, m = torch.cat(pts)[:n], torch.cat(nrm)[:n], torch.cat(mat)[:n]
         p, q, m = p.to(self.device), q.to(self.device), m.to(self.device)
-        with torch.device(self.device):
-            colors = _to_u8(self._shade(p, q, m))
+        colors = _to_u8(self._shade(p, q, m))
         return p.cpu().numpy().astype(np.float32), colors
 
     # --- geometry
@@ -222,12 +218,12 @@ class StreetScene:
         """Objects (boxes, then poles) not outside the frustum of each tile: [rows*cols, B+P] bool (one row for the
         whole image when ``tile`` is None). Exact conservative culling: a convex object whose 8 corners all lie
         behind one frustum plane is outside; plus the near plane and ``_FAR``."""
-        V = torch.as_tensor(camera.viewmat, dtype=torch.float32)
+        V = torch.as_tensor(camera.viewmat, dtype=torch.float32, device=self.device)
         pc = self._corners @ V[:3, :3].T + V[:3, 3]  # [N, 8, 3] camera coords
         fx, fy, cx, cy = (float(camera.K[0, 0]), float(camera.K[1, 1]), float(camera.K[0, 2]), float(camera.K[1, 2]))
         step_u, step_v = (tile, tile) if tile else (camera.width, camera.height)
-        u0 = torch.arange(cols, dtype=torch.float32) * step_u  # tile edges in pixels
-        v0 = torch.arange(rows, dtype=torch.float32) * step_v
+        u0 = torch.arange(cols, dtype=torch.float32, device=self.device) * step_u  # tile edges in pixels
+        v0 = torch.arange(rows, dtype=torch.float32, device=self.device) * step_v
         x, y, z = pc[None, ..., 0], pc[None, ..., 1], pc[None, ..., 2]  # [1, N, 8]
         # u >= u0  <=>  fx x + (cx - u0) z >= 0 (z > 0); likewise for the other three sides
         col_out = ((fx * x + (cx - u0)[:, None, None] * z) < 0).all(2) | \
@@ -246,7 +242,7 @@ class StreetScene:
         def lists(mask: torch.Tensor, dummy: int) -> torch.Tensor:
             n = int(mask.sum(1).max()) if mask.numel() else 0
             if n == 0:
-                return torch.full((mask.shape[0], 1), dummy, dtype=torch.long)
+                return torch.full((mask.shape[0], 1), dummy, dtype=torch.long, device=mask.device)
             idx = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :n]  # visible first
             ok = torch.gather(mask, 1, idx)
             return torch.where(ok, idx, torch.full_like(idx, dummy))
@@ -259,12 +255,12 @@ class StreetScene:
         """First hit along rays o, d [R, 3] among boxes ``bidx`` [R, b] and poles ``pidx`` [R, p] (and the ground):
         (t [R] (inf: none), normal [R, 3], material [R] (-1: sky))."""
         R = len(d)
-        inf = torch.full((R,), float("inf"))
+        inf = torch.full((R,), float("inf"), device=d.device)
         # ground plane z = 0 (material resolved by region in _shade)
         tg = torch.where(d[:, 2] < -1e-9, -o[:, 2] / d[:, 2].clamp(max=-1e-9), inf)
         hit = (tg > _EPS) & (tg < _FAR)
         t_best = torch.where(hit, tg, inf)
-        normal = torch.zeros(R, 3)
+        normal = torch.zeros(R, 3, device=d.device)
         normal[:, 2] = hit.float()
         mat = torch.where(hit, self.mat_road, -1)
         # boxes: slab test
@@ -277,7 +273,7 @@ class StreetScene:
         tb, j = tnear.min(dim=1)  # [R]
         better = tb < t_best
         ax = axis.gather(1, j[:, None])  # [R, 1]
-        n = torch.zeros(R, 3).scatter_(1, ax, -torch.sign(d.gather(1, ax)))
+        n = torch.zeros(R, 3, device=d.device).scatter_(1, ax, -torch.sign(d.gather(1, ax)))
         t_best = torch.where(better, tb, t_best)
         normal = torch.where(better[:, None], n, normal)
         mat = torch.where(better, self._bmat[bidx.gather(1, j[:, None])[:, 0]], mat)
@@ -295,7 +291,7 @@ class StreetScene:
         better = tp < t_best
         p = o + torch.where(better, tp, 0.0)[:, None] * d
         cj = c.gather(1, j[:, None, None].expand(R, 1, 2))[:, 0]
-        n = torch.cat([(p[:, :2] - cj) / r, torch.zeros(R, 1)], 1)
+        n = torch.cat([(p[:, :2] - cj) / r, torch.zeros(R, 1, device=d.device)], 1)
         t_best = torch.where(better, tp, t_best)
         normal = torch.where(better[:, None], n, normal)
         mat = torch.where(better, self.cyl["mat"], mat)
@@ -324,9 +320,9 @@ class StreetScene:
         rgb = self.mat_tint[m] * (0.35 + 0.65 * g)[:, None]
         flags = self.mat_flags[m]
         lanes = (flags == 1) & _lane_paint(p[:, 0], p[:, 1] - L.road_center_y, L.road_half_width)
-        rgb = torch.where(lanes[:, None], torch.tensor([0.92, 0.92, 0.88]) * (0.8 + 0.2 * g)[:, None], rgb)
+        rgb = torch.where(lanes[:, None], torch.tensor([0.92, 0.92, 0.88], device=p.device) * (0.8 + 0.2 * g)[:, None], rgb)
         windows = (flags == 2) & (axis != 2) & _window(u, p[:, 2])
-        rgb = torch.where(windows[:, None], torch.tensor([0.18, 0.24, 0.32]) + 0.15 * g[:, None], rgb)
+        rgb = torch.where(windows[:, None], torch.tensor([0.18, 0.24, 0.32], device=p.device) + 0.15 * g[:, None], rgb)
         lambert = 0.6 + 0.4 * (n @ _SUN.to(n.device)).clamp(min=0.0)
         return (rgb * lambert[:, None]).clamp(0.0, 1.0)
 
@@ -388,20 +384,22 @@ class StreetScene:
 
 def camera_rays(camera: Camera, uv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """World ray origin [1, 3] and unit directions [N, 3] through pixel positions ``uv`` [N, 2] (pinhole)."""
-    K = torch.as_tensor(camera.K, dtype=torch.float32)
+    dev = uv.device
+    K = torch.as_tensor(camera.K, dtype=torch.float32, device=dev)
     x = (uv[:, 0] - K[0, 2]) / K[0, 0]
     y = (uv[:, 1] - K[1, 2]) / K[1, 1]
     dc = torch.stack([x, y, torch.ones_like(x)], 1)  # camera coords, z forward
-    R = torch.as_tensor(camera.rotation_c2w, dtype=torch.float32)
+    R = torch.as_tensor(camera.rotation_c2w, dtype=torch.float32, device=dev)
     d = dc @ R.T
     d = d / d.norm(dim=1, keepdim=True)
-    return torch.as_tensor(camera.position, dtype=torch.float32)[None], d
+    return torch.as_tensor(camera.position, dtype=torch.float32, device=dev)[None], d
 
 
 def _sky(d: torch.Tensor) -> torch.Tensor:
     """Vertical gradient from a pale horizon to a deeper zenith blue; below the horizon, the horizon colour."""
     e = d[:, 2].clamp(0.0, 1.0)[:, None] ** 0.6
-    horizon, zenith = torch.tensor([0.80, 0.86, 0.92]), torch.tensor([0.30, 0.50, 0.82])
+    horizon = torch.tensor([0.80, 0.86, 0.92], device=d.device)
+    zenith = torch.tensor([0.30, 0.50, 0.82], device=d.device)
     return horizon * (1 - e) + zenith * e
 
 
