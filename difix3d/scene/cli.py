@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import time
-
-log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers) -> None:

@@ -98,7 +98,8 @@ def check_rigid(T: np.ndarray, source: str, what: str = "pose", tol: float = 1e-
     R = T[:3, :3]
     err = float(np.abs(R.T @ R - np.eye(3)).max())
     if err > tol:
-        raise InputError(source, f"{what} rotation is not orthonormal (max |RᵀR − I| = {err:.3g}; degenerate or scaled)")
+        raise InputError(source, f"{what} rotation is not orthonormal (max |RᵀR − I| = {err:.3g}; "
+                                 "degenerate or scaled)")
     if np.linalg.det(R) < 0:
         raise InputError(source, f"{what} rotation is a reflection (det < 0)")
     return T

@@ -88,8 +88,8 @@ class StreetScene:
         (tiles grouped by object count so padding stays small): a street has ~100 boxes, a tile sees a few."""
         H, W, dev = camera.height, camera.width, self.device
         rows, cols = -(-H // tile), -(-W // tile)
-        j, i = torch.meshgrid(torch.arange(tile, dtype=torch.float32, device=dev), torch.arange(tile, dtype=torch.float32, device=dev),
-                              indexing="xy")
+        steps = torch.arange(tile, dtype=torch.float32, device=dev)
+        j, i = torch.meshgrid(steps, steps, indexing="xy")
         r, c = torch.meshgrid(torch.arange(rows, device=dev), torch.arange(cols, device=dev), indexing="ij")
         u = (c.reshape(-1, 1) * tile + j.reshape(1, -1)) + 0.5  # [tiles, tile*tile]
         v = (r.reshape(-1, 1) * tile + i.reshape(1, -1)) + 0.5
@@ -113,7 +113,7 @@ class StreetScene:
         return self._colors_at(camera, uv, chunk)
 
     def _colors_at(self, camera: Camera, uv, chunk: int) -> np.ndarray:
-        origin, dirs = camera_rays(camera, torch.as_tensor(np.asarray(uv), dtype=torch.float32, device=self.device).reshape(-1, 2))
+        origin, dirs = camera_rays(camera, self._uv(uv))
         bidx, pidx = self._object_lists(self._visible(camera), 1)
         out = []
         for s in range(0, len(dirs), chunk):
@@ -126,7 +126,7 @@ class StreetScene:
         return self._depth_at(camera, uv)
 
     def _depth_at(self, camera: Camera, uv) -> np.ndarray:
-        origin, dirs = camera_rays(camera, torch.as_tensor(np.asarray(uv), dtype=torch.float32, device=self.device).reshape(-1, 2))
+        origin, dirs = camera_rays(camera, self._uv(uv))
         bidx, pidx = self._object_lists(self._visible(camera), 1)
         t, *_ = self._intersect(origin.expand_as(dirs), dirs, bidx.expand(len(dirs), -1), pidx.expand(len(dirs), -1))
         fwd = torch.as_tensor(camera.rotation_c2w[:, 2], dtype=torch.float32, device=self.device)
@@ -150,6 +150,9 @@ class StreetScene:
         p, q, m = p.to(self.device), q.to(self.device), m.to(self.device)
         colors = _to_u8(self._shade(p, q, m))
         return p.cpu().numpy().astype(np.float32), colors
+
+    def _uv(self, uv) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(uv), dtype=torch.float32, device=self.device).reshape(-1, 2)  # [N, 2]
 
     # --- geometry
 
@@ -320,7 +323,8 @@ class StreetScene:
         rgb = self.mat_tint[m] * (0.35 + 0.65 * g)[:, None]
         flags = self.mat_flags[m]
         lanes = (flags == 1) & _lane_paint(p[:, 0], p[:, 1] - L.road_center_y, L.road_half_width)
-        rgb = torch.where(lanes[:, None], torch.tensor([0.92, 0.92, 0.88], device=p.device) * (0.8 + 0.2 * g)[:, None], rgb)
+        paint = torch.tensor([0.92, 0.92, 0.88], device=p.device) * (0.8 + 0.2 * g)[:, None]
+        rgb = torch.where(lanes[:, None], paint, rgb)
         windows = (flags == 2) & (axis != 2) & _window(u, p[:, 2])
         rgb = torch.where(windows[:, None], torch.tensor([0.18, 0.24, 0.32], device=p.device) + 0.15 * g[:, None], rgb)
         lambert = 0.6 + 0.4 * (n @ _SUN.to(n.device)).clamp(min=0.0)
