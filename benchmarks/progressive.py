@@ -13,7 +13,6 @@ and the wall time of the progressive loop over plain training of the same length
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import tempfile
@@ -46,12 +45,13 @@ def main(argv: list[str] | None = None) -> None:
     from difix3d.recon.schedule import ProgressiveSchedule
     from difix3d.recon.trainer import TrainerConfig
     from difix3d.recon.view_fixers import OracleViewFixer, as_view_fixer
-    from difix3d.scene.synthetic import StreetScene, make_segment
+    from difix3d.scene.synthetic import load_street_scene, make_segment
 
     emitter = Emitter("progressive", write=not args.no_write)
     root = args.out or tempfile.mkdtemp(prefix="difix3d-progressive-")
-    scene = make_segment(os.path.join(root, "segment"), seed=args.seed, frames=args.frames, height=args.height,
-                         width=args.width)
+    segment = os.path.join(root, "segment")
+    scene = make_segment(segment, seed=args.seed, frames=args.frames, height=args.height, width=args.width,
+                         device=args.device)
     config = ProgressiveConfig(
         gaussian=GaussianConfig(iterations=args.iters), trainer=TrainerConfig(iterations=args.iters),
         # the original schedule (first round at 3 000, then every 2 000 of 30 000) scaled to the budget
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
 
     for name in [f.strip() for f in args.fixers.split(",") if f.strip()]:
         if name == "oracle":
-            fixer = OracleViewFixer(StreetScene(args.seed).render)
+            fixer = OracleViewFixer(load_street_scene(segment).render)
         elif name == "trained":
             fixer = _checkpoint_fixer(args.checkpoint, args.device) if args.checkpoint else as_view_fixer(None)
         else:

@@ -79,7 +79,7 @@ def make_street(seed: int = 0) -> TinyStreet:
     return TinyStreet("tiny-street", cams, splits, init.astype(np.float32), np.full((n, 3), 128, np.uint8), teacher)
 
 
-def tiny_config(iterations: int = 120, **kw) -> ProgressiveConfig:
+def tiny_config(iterations: int = 48, **kw) -> ProgressiveConfig:
     cfg = ProgressiveConfig(
         gaussian=GaussianConfig.tiny(iterations=iterations, sh_degree=0, densify=False),
         trainer=TrainerConfig.tiny(iterations=iterations),
@@ -155,10 +155,10 @@ def test_references_are_the_nearest_training_views(oracle_run, street):
 
 
 def test_identity_fixer_pseudo_views_equal_the_renders(street, tmp_path):
-    cfg = tiny_config(iterations=48, baseline=False)
+    cfg = tiny_config(iterations=24, baseline=False)
     fixer = RecordingFixer(IdentityViewFixer())
     result = reconstruct_scene(street, str(tmp_path), cfg, fixer, progress=False, device="cpu")
-    assert result.num_rounds == 6  # rounds at 12, 18, ..., 42
+    assert result.num_rounds == 6  # rounds at 6, 9, ..., 21
     round_calls = fixer.calls[:6]  # one request per round (4 targets); then the Difix3D+ post-render
     for k, (renders, _, cams) in enumerate(round_calls):
         for render, cam in zip(renders, cams):
@@ -170,7 +170,7 @@ def test_identity_fixer_pseudo_views_equal_the_renders(street, tmp_path):
 
 
 def test_resume_after_an_interruption_reproduces_the_same_rounds(street, tmp_path):
-    cfg = tiny_config(iterations=48, baseline=False, post_render=False)
+    cfg = tiny_config(iterations=24, baseline=False, post_render=False)
     ref_fixer = RecordingFixer(OracleViewFixer(street.render_gt))
     ref = reconstruct_scene(street, str(tmp_path / "ref"), cfg, ref_fixer, progress=False, device="cpu")
 

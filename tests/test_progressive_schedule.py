@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from difix3d.recon.schedule import (ProgressiveSchedule, PseudoViewSampling, expected_rounds, nearest_index,
-                                     pose_distance)
+from difix3d.recon.schedule import ProgressiveSchedule, PseudoViewSampling, expected_rounds, nearest_index
+from difix3d.scene.poses import pose_distance
 from difix3d.scene.camera import Camera
 
 K = np.array([[40.0, 0, 24], [0, 40.0, 16], [0, 0, 1]])

@@ -17,9 +17,9 @@ import random
 from dataclasses import dataclass
 from typing import Sequence, TypeVar
 
-import numpy as np
 from torch import Tensor
 
+from difix3d.scene import poses
 from difix3d.scene.camera import Camera
 
 V = TypeVar("V")
@@ -50,11 +50,13 @@ class ProgressiveSchedule:
 
     def next_cameras(self, known: Sequence[Camera], targets: Sequence[Camera]) -> list[Camera]:
         """One pseudo camera per target: its nearest known camera moved ``step_size`` towards it (snapped onto
-        the target when within a step; rotation slerped). Each keeps the target's name and intrinsics."""
+        the target when within a step; rotation slerped; original code: ``CameraPoseInterpolator.shift_poses``).
+        Each keeps the target's name and intrinsics."""
         out = []
         for target in targets:
             start = known[nearest_index(target, known, self.rotation_weight)]
-            out.append(target.with_pose(step_towards(start, target, self.step_size, self.rotation_weight)))
+            stepped = poses.step_towards(start, target, self.step_size, self.rotation_weight)
+            out.append(target.with_pose(stepped.viewmat))
         return out
 
     def rounds_to_reach(self, known: Sequence[Camera], targets: Sequence[Camera], limit: int = 1000) -> int:
@@ -62,7 +64,7 @@ class ProgressiveSchedule:
         known = list(known)
         for k in range(1, limit + 1):
             cams = self.next_cameras(known, targets)
-            if all(pose_distance(c, t, self.rotation_weight) < 1e-6 for c, t in zip(cams, targets)):
+            if all(poses.pose_distance(c, t, self.rotation_weight) < 1e-6 for c, t in zip(cams, targets)):
                 return k
             known += cams
         raise RuntimeError(f"targets not reached within {limit} rounds")
@@ -70,10 +72,7 @@ class ProgressiveSchedule:
 
 def nearest_index(camera: Camera, candidates: Sequence[Camera], rotation_weight: float = 1.0) -> int:
     """Index of the candidate nearest to ``camera`` (translation + ``rotation_weight`` × rotation angle)."""
-    if not candidates:
-        raise ValueError("no candidate cameras")
-    d = [pose_distance(camera, c, rotation_weight) for c in candidates]
-    return min(range(len(d)), key=d.__getitem__)
+    return poses.nearest_camera(camera, candidates, rotation_weight)
 
 
 @dataclass
@@ -121,29 +120,3 @@ def expected_rounds(distance: float, step_size: float) -> int:
     """Rounds a pseudo camera needs to cover ``distance`` by steps of ``step_size``, snapping within a step."""
     return max(1, math.ceil(distance / step_size - 1e-9))
 
-
-def pose_distance(a: Camera, b: Camera, rotation_weight: float = 1.0) -> float:
-    """Translation distance + ``rotation_weight`` × rotation angle (radians) between two camera poses."""
-    return float(np.linalg.norm(a.position - b.position)) + rotation_weight * _angle(a.rotation_c2w, b.rotation_c2w)
-
-
-def step_towards(start: Camera, target: Camera, step: float, rotation_weight: float = 1.0) -> np.ndarray:
-    """World→camera ``[4, 4]`` moved ``step`` of pose distance from ``start`` towards ``target`` (translation
-    lerped, rotation slerped by the same fraction); the target itself when within a step (original code:
-    ``CameraPoseInterpolator.shift_poses``)."""
-    d = pose_distance(start, target, rotation_weight)
-    if d <= step + 1e-9:
-        return target.viewmat.copy()
-    from scipy.spatial.transform import Rotation, Slerp
-
-    t = step / d
-    rots = Rotation.from_matrix(np.stack([start.rotation_c2w, target.rotation_c2w]))
-    c2w = np.eye(4)
-    c2w[:3, :3] = Slerp([0.0, 1.0], rots)([t]).as_matrix()[0]
-    c2w[:3, 3] = (1 - t) * start.position + t * target.position
-    return np.linalg.inv(c2w)
-
-
-def _angle(ra: np.ndarray, rb: np.ndarray) -> float:
-    cos = (np.trace(ra.T @ rb) - 1.0) / 2.0
-    return float(np.arccos(np.clip(cos, -1.0, 1.0)))
