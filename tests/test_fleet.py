@@ -148,11 +148,14 @@ def test_plan_skips_done_and_exhausted_and_resumes_interrupted(tmp_path):
     m.mark("exhausted", "failed", attempts=2, failures=2, error="x")
     m.mark("one-failure", "failed", attempts=1, failures=1, error="x")
     m.mark("interrupted", "running", attempts=3, failures=0)
-    refs = [SceneRef(s, "/x/" + s) for s in ["done", "exhausted", "one-failure", "interrupted", "new"]]
+    m.mark("bad-input", "failed", attempts=1, failures=1, retryable=False, error="x.png: truncated")
+    refs = [SceneRef(s, "/x/" + s) for s in ["done", "exhausted", "one-failure", "interrupted", "new", "bad-input"]]
     todo, done = plan(refs, m, FleetConfig(max_attempts=2))
     assert [s.scene_id for s in done] == ["done"]
     assert [(w.scene.scene_id, w.attempts, w.failures) for w in todo] == [
         ("one-failure", 1, 1), ("interrupted", 3, 0), ("new", 0, 0)]  # an interruption is not a failure
+    todo, _ = plan(refs, m, FleetConfig(max_attempts=2, retry_failed=True))
+    assert [w.scene.scene_id for w in todo] == ["exhausted", "one-failure", "interrupted", "new", "bad-input"]
 
 
 def test_scene_resources_and_in_flight_bound():

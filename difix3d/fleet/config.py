@@ -27,9 +27,11 @@ class FleetConfig:
 
     # --- the embedded demo's synthetic segments
     synthetic_scenes: int = 3
-    synthetic_frames: int = 6
+    synthetic_frames: int = 4
     synthetic_height: int = 48
     synthetic_width: int = 64
+    synthetic_points: int = 2000
+    """Lidar-like points per segment; they seed the Gaussians, so they set the CPU cost of each scene."""
     seed: int = 0
 
     # --- per-scene reconstruction

@@ -111,7 +111,8 @@ def plan(scenes: list[SceneRef], manifest: storage.Manifest, config: FleetConfig
             done.append(s)
             continue
         failures = int(e.info.get("failures", 0)) if e is not None and not config.retry_failed else 0
-        if e is not None and e.status == "failed" and failures >= config.max_attempts:
+        exhausted = failures >= config.max_attempts or e is not None and e.info.get("retryable") is False
+        if e is not None and e.status == "failed" and exhausted and not config.retry_failed:
             continue
         todo.append(_Work(s, attempts=e.attempts if e is not None else 0, failures=failures))
     return todo, done
@@ -175,7 +176,8 @@ def _stream(todo: list[_Work], manifest: storage.Manifest, config: FleetConfig, 
                 w.failures += 1
                 retry = res.get("retryable", True) and w.failures < config.max_attempts
                 manifest.mark(w.scene.scene_id, "failed", attempts=w.attempts, failures=w.failures,
-                              scene_uri=w.scene.uri, error=res["error"], traceback=res.get("traceback", ""),
+                              retryable=bool(res.get("retryable", True)), scene_uri=w.scene.uri,
+                              error=res["error"], traceback=res.get("traceback", ""),
                               started=res.get("started"), finished=res.get("finished"))
                 if retry:
                     progress.retrying(w.scene.scene_id, res["error"])
@@ -226,7 +228,7 @@ def synthetic_scenes(config: FleetConfig, echo: Callable[[str], None] = print) -
         if not storage.exists(marker):
             echo(f"[fleet] generating synthetic driving segment {uri}")
             make_segment(uri, seed=config.seed + i, frames=config.synthetic_frames, height=config.synthetic_height,
-                         width=config.synthetic_width)
+                         width=config.synthetic_width, num_points=config.synthetic_points)
             storage.write_text(marker, "")
         refs.append(SceneRef(sid, uri))
     return refs

@@ -78,7 +78,7 @@ def format_report(rows: list[dict[str, Any]]) -> str:
             lines.append(f"  failed {r['scene_id']}: {r['error']}")
     done = [r for r in rows if r["status"] == "done"]
     keys = sorted({k for r in done for k in r if k.count(".") >= 2 and k not in _BASE_COLUMNS})
-    splits = sorted({k.split(".")[0] for k in keys})
+    splits = _ordered({k.split(".")[0] for k in keys}, ("test",))
     for split in splits:
         methods = _ordered({k.split(".", 2)[1] for k in keys if k.startswith(split + ".")}, _METHOD_ORDER)
         metrics = _ordered({k.split(".", 2)[2] for k in keys if k.startswith(split + ".")}, _METRIC_ORDER)
