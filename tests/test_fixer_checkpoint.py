@@ -1,0 +1,170 @@
+"""Checkpoints: ours round-trips; SD-Turbo, official .pkl and nvidia diffusers layouts (built here, offline) load and
+reproduce outputs; corrupt and mismatched files give errors naming the file and the keys."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from difix3d.errors import CheckpointError, MissingWeightsError
+from difix3d.fixer.checkpoint import (convert_checkpoint, detect_format, load_checkpoint, save_checkpoint,
+                                      save_nvidia_folder, save_official_pkl)
+from difix3d.fixer.model import build_model
+from difix3d.fixer.testing import write_tiny_sd_turbo_folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convs: threads only contend on a shared 2-core machine
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def x():
+    return torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+
+@pytest.fixture(scope="module")
+def sd_turbo(tmp_path_factory):
+    return write_tiny_sd_turbo_folder(str(tmp_path_factory.mktemp("sd-turbo")))
+
+
+@pytest.fixture(scope="module")
+def trained(sd_turbo):
+    """A Difix from the SD-Turbo folder with every part moved off its init, as after fine-tuning."""
+    model = load_checkpoint(sd_turbo)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or ".skip_conv_" in name or name.startswith("unet."):
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    return model.eval()
+
+
+def _out(model, x):
+    with torch.no_grad():
+        return model(x[:1]), model(x[:1], x[1:])
+
+
+def _assert_same_outputs(a, b, x):
+    for ya, yb in zip(_out(a, x), _out(b, x)):
+        torch.testing.assert_close(ya, yb, atol=5e-5, rtol=0)  # fp32 noise; weights are compared exactly elsewhere
+
+
+def test_ours_round_trips_exactly(tmp_path, x):
+    model = build_model("tiny", seed=3).eval()
+    save_checkpoint(model, str(tmp_path / "ck"))
+    assert sorted(os.listdir(tmp_path / "ck")) == ["config.json", "model.safetensors"]
+    meta = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert meta["format"] == "difix3d-fixer" and meta["config"]["preset"] == "tiny"
+    assert meta["config"]["timestep"] == 199 and meta["config"]["lora_rank"] == 4
+    loaded = load_checkpoint(str(tmp_path / "ck"))
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _assert_same_outputs(model, loaded, x)
+    assert detect_format(str(tmp_path / "ck" / "model.safetensors"))[0] == "difix3d"
+
+
+def test_sd_turbo_folder_gives_fresh_difix_with_prompt_embedding(sd_turbo):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    assert detect_format(sd_turbo)[0] == "sd-turbo"
+    model = load_checkpoint(sd_turbo)
+    assert model.config.preset == "tiny"
+    tok = CLIPTokenizer.from_pretrained(sd_turbo, subfolder="tokenizer")
+    ids = tok("remove degradation", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = CLIPTextModel.from_pretrained(sd_turbo, subfolder="text_encoder")(ids)[0]
+    torch.testing.assert_close(model.prompt_embeds, expected)
+    assert torch.all(model.vae.decoder.skip_conv_1.base_layer.weight == 1e-5)
+
+
+def test_official_pkl_loads_with_its_sd_turbo_base(tmp_path, sd_turbo, trained, x):
+    path = str(tmp_path / "model_10001.pkl")
+    save_official_pkl(trained, path)
+    sd = torch.load(path, weights_only=True)
+    assert {"state_dict_unet", "state_dict_vae", "rank_vae", "vae_lora_target_modules"} <= set(sd)
+    assert all("lora" in k or "skip" in k for k in sd["state_dict_vae"])
+    assert detect_format(path)[0] == "official-pkl"
+    _assert_same_outputs(trained, load_checkpoint(path, base=sd_turbo), x)
+    with pytest.raises(MissingWeightsError, match="sd-turbo"):
+        load_checkpoint(path, base=None)
+    del sd["state_dict_unet"]["conv_in.weight"]
+    torch.save(sd, str(tmp_path / "broken.pkl"))
+    with pytest.raises(CheckpointError, match=r"broken\.pkl\[state_dict_unet\].*missing keys.*conv_in\.weight"):
+        load_checkpoint(str(tmp_path / "broken.pkl"), base=sd_turbo)
+
+
+def test_nvidia_diffusers_folder_loads(tmp_path, sd_turbo, trained, x):
+    folder = str(tmp_path / "difix_ref")
+    save_nvidia_folder(trained, folder, text_folder=sd_turbo)
+    vae_cfg = json.loads(open(os.path.join(folder, "vae", "config.json")).read())
+    assert {"gamma", "ignore_skip", "lora_rank"} <= set(vae_cfg)
+    assert detect_format(folder)[0] == "nvidia-diffusers"
+    _assert_same_outputs(trained, load_checkpoint(folder), x)
+    # diffusers-style names without peft's base_layer / adapter parts load the same
+    wpath = os.path.join(folder, "vae", "diffusion_pytorch_model.safetensors")
+    state = load_file(wpath)
+    plain = {k.replace(".base_layer.", ".").replace(".vae_skip.", "."): v for k, v in state.items()}
+    save_file(plain, wpath)
+    _assert_same_outputs(trained, load_checkpoint(folder), x)
+
+
+def test_convert_any_layout_to_ours(tmp_path, sd_turbo, trained, x):
+    pkl = str(tmp_path / "m.pkl")
+    save_official_pkl(trained, pkl)
+    convert_checkpoint(pkl, str(tmp_path / "ours"), base=sd_turbo)
+    _assert_same_outputs(trained, load_checkpoint(str(tmp_path / "ours")), x)
+
+
+@pytest.fixture()
+def ours(tmp_path):
+    return save_checkpoint(build_model("tiny", seed=0), str(tmp_path / "ck"))
+
+
+def test_corrupt_weights_name_the_file(ours):
+    path = os.path.join(ours, "model.safetensors")
+    with open(path, "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*not a readable safetensors"):
+        load_checkpoint(ours)
+
+
+def test_missing_and_unexpected_keys_are_named(ours):
+    path = os.path.join(ours, "model.safetensors")
+    state = load_file(path)
+    del state["vae.decoder.skip_conv_2.base_layer.weight"]
+    state["vae.decoder.skip_conv_9.weight"] = torch.zeros(1)
+    save_file(state, path)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(ours)
+    msg = str(e.value)
+    assert "model.safetensors" in msg and "missing keys" in msg and "skip_conv_2.base_layer.weight" in msg
+    assert "unexpected keys" in msg and "skip_conv_9.weight" in msg
+
+
+def test_weights_of_another_preset_are_a_shape_mismatch(ours):
+    cfg_path = os.path.join(ours, "config.json")
+    meta = json.loads(open(cfg_path).read())
+    meta["config"]["unet"]["block_out_channels"] = [64, 64]
+    open(cfg_path, "w").write(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*(shape mismatch|keys)"):
+        load_checkpoint(ours)
+
+
+def test_missing_files_and_bad_config(ours, tmp_path):
+    os.remove(os.path.join(ours, "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*missing"):
+        load_checkpoint(ours)
+    open(os.path.join(ours, "config.json"), "w").write('{"format": "something-else"}')
+    with pytest.raises(CheckpointError, match=r"config\.json.*not a difix3d fixer config"):
+        load_checkpoint(ours)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="not a fixer checkpoint"):
+        load_checkpoint(str(tmp_path / "empty"))
+    with pytest.raises(MissingWeightsError):
+        load_checkpoint(str(tmp_path / "nowhere" / "ck"))
