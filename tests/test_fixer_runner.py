@@ -1,0 +1,123 @@
+"""FixerRunner, the client protocol and the bundled checkpoint: sizes, layouts, batching, input checks."""
+
+import logging
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from difix3d.fixer.bundled import default_checkpoint
+from difix3d.fixer.client import FixerClient, LocalFixerClient
+from difix3d.fixer.runner import FixerRunner, pad_to_multiple
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convs: threads only contend on a shared 2-core machine
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return FixerRunner.from_checkpoint(default_checkpoint(), device="cpu")
+
+
+def _u8(*shape, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+@pytest.mark.parametrize("hw", [(64, 96), (37, 50), (8, 8), (5, 13)])
+def test_uint8_any_size(runner, hw):
+    out = runner.fix(_u8(2, *hw, 3))
+    assert out.shape == (2, *hw, 3) and out.dtype == np.uint8
+
+
+def test_single_hwc_image_and_float_tensors(runner):
+    assert runner.fix(_u8(30, 41, 3)).shape == (30, 41, 3)
+    t = torch.rand(2, 3, 30, 41)
+    y = runner.fix(t)
+    assert y.shape == t.shape and y.dtype == torch.float32 and 0 <= y.min() and y.max() <= 1
+
+
+def test_runner_is_the_model_on_images(runner):
+    # 64x96 needs no padding: the runner must equal the model on [-1, 1] inputs, mapped back to [0, 1].
+    t = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = (runner.model(t * 2 - 1) + 1) / 2
+    torch.testing.assert_close(runner.fix(t), expected, atol=1e-5, rtol=0)
+
+
+def test_padding_reflects_and_crops_back():
+    x = torch.arange(5 * 6, dtype=torch.float32).reshape(1, 1, 5, 6)
+    p = pad_to_multiple(x, 8)
+    assert p.shape == (1, 1, 8, 8)
+    assert torch.equal(p[..., :5, :6], x)
+    assert torch.equal(p[..., 5, :6], x[..., 3, :])  # reflection about the last row
+    tiny = pad_to_multiple(torch.ones(1, 1, 3, 3), 8)  # too small to reflect: replicated
+    assert tiny.shape == (1, 1, 8, 8) and torch.all(tiny == 1)
+
+
+def test_micro_batches_match_one_batch(runner):
+    imgs, refs = _u8(5, 24, 32, 3, seed=1), _u8(5, 24, 32, 3, seed=2)
+    small = FixerRunner(runner.model, device="cpu", max_batch=2)
+    a, b = runner.fix(imgs, refs), small.fix(imgs, refs)
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # rounding of fp32 noise only
+    assert not np.array_equal(runner.fix(imgs), a)  # references change the output
+
+
+@pytest.mark.parametrize("bad, match", [
+    (np.zeros((1, 16, 16, 3), np.float32), "uint8"),
+    (np.zeros((1, 16, 16, 4), np.uint8), r"\[B, H, W, 3\]"),
+    (np.zeros((0, 16, 16, 3), np.uint8), "empty"),
+    (torch.full((1, 3, 16, 16), float("nan")), "NaN"),
+    (torch.zeros(1, 4, 16, 16), r"\[B, 3, H, W\]"),
+    (torch.zeros(1, 3, 16, 16, dtype=torch.uint8), "float"),
+    ("image.png", "numpy"),
+])
+def test_bad_inputs_are_named(runner, bad, match):
+    with pytest.raises(ValueError, match=match):
+        runner.fix(bad)
+
+
+def test_refs_must_match_images(runner):
+    with pytest.raises(ValueError, match="refs"):
+        runner.fix(_u8(2, 16, 16, 3), _u8(1, 16, 16, 3))
+
+
+def test_local_client_protocol_and_background_submit(runner):
+    client = LocalFixerClient(runner)
+    assert isinstance(client, FixerClient)
+    imgs, refs = _u8(3, 16, 24, 3), _u8(3, 16, 24, 3, seed=5)
+    threads = []
+    real_fix = runner.fix
+
+    def spy(images, refs=None):
+        threads.append(threading.current_thread().name)
+        return real_fix(images, refs)
+
+    runner.fix = spy
+    try:
+        fut = client.submit(imgs, refs)
+        out = fut.result(timeout=120)
+    finally:
+        del runner.fix
+        client.close()
+    assert threads and threads[0].startswith("difix-fixer")
+    np.testing.assert_array_equal(out, runner.fix(imgs, refs))
+
+
+def test_bundled_checkpoint_is_small_tiny_and_warns(caplog):
+    import difix3d.fixer.bundled as bundled
+
+    bundled._warned = False
+    with caplog.at_level(logging.WARNING, logger="difix3d.fixer.bundled"):
+        path = default_checkpoint()
+    assert "untrained" in caplog.text
+    assert os.path.getsize(os.path.join(path, "model.safetensors")) < 8.5e6
+    from difix3d.fixer.checkpoint import load_checkpoint
+
+    assert load_checkpoint(path).config.preset == "tiny"
