@@ -1,0 +1,68 @@
+"""``difix3d fix`` on files and folders and ``difix3d convert``, through difix3d.cli.main."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from difix3d.cli import main
+from difix3d.imageio import read_image, write_image
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convs: threads only contend on a shared 2-core machine
+    yield
+    torch.set_num_threads(n)
+
+
+def _write(path, h, w, seed=0):
+    write_image(str(path), np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def test_fix_folder_keeps_names_and_sizes(tmp_path):
+    src = tmp_path / "renders"
+    (src / "cam1").mkdir(parents=True)
+    _write(src / "a.png", 40, 56)
+    _write(src / "b.jpg", 37, 50, seed=1)
+    _write(src / "cam1" / "c.png", 40, 56, seed=2)
+    (src / "notes.txt").write_text("not an image")
+    out = tmp_path / "fixed"
+    assert main(["fix", str(src), "-o", str(out), "--batch", "2", "--device", "cpu"]) == 0
+    assert read_image(str(out / "a.png")).shape == (40, 56, 3)
+    assert read_image(str(out / "b.jpg")).shape == (37, 50, 3)
+    assert read_image(str(out / "cam1" / "c.png")).shape == (40, 56, 3)
+    assert not (out / "notes.txt").exists()
+
+
+def test_fix_with_reference_changes_output(tmp_path):
+    _write(tmp_path / "x.png", 32, 48)
+    _write(tmp_path / "ref.png", 32, 48, seed=7)
+    assert main(["fix", str(tmp_path / "x.png"), "-o", str(tmp_path / "plain"), "--device", "cpu"]) == 0
+    assert main(["fix", str(tmp_path / "x.png"), "--ref", str(tmp_path / "ref.png"), "-o", str(tmp_path / "ref"),
+                 "--device", "cpu"]) == 0
+    plain, ref = read_image(str(tmp_path / "plain" / "x.png")), read_image(str(tmp_path / "ref" / "x.png"))
+    assert plain.shape == ref.shape == (32, 48, 3) and not np.array_equal(plain, ref)
+
+
+def test_fix_errors_name_the_input(tmp_path, capsys):
+    assert main(["fix", str(tmp_path / "missing.png"), "-o", str(tmp_path / "o")]) == 2
+    assert "missing.png" in capsys.readouterr().err
+    _write(tmp_path / "x.png", 32, 48)
+    _write(tmp_path / "small_ref.png", 16, 16)
+    assert main(["fix", str(tmp_path / "x.png"), "--ref", str(tmp_path / "small_ref.png"),
+                 "-o", str(tmp_path / "o"), "--device", "cpu"]) == 2
+    assert "small_ref.png" in capsys.readouterr().err
+
+
+def test_convert_official_pkl(tmp_path):
+    from difix3d.fixer.checkpoint import load_checkpoint, save_official_pkl
+    from difix3d.fixer.testing import write_tiny_sd_turbo_folder
+
+    base = write_tiny_sd_turbo_folder(str(tmp_path / "sd-turbo"))
+    save_official_pkl(load_checkpoint(base), str(tmp_path / "m.pkl"))
+    assert main(["convert", str(tmp_path / "m.pkl"), str(tmp_path / "ours"), "--base", base]) == 0
+    assert sorted(os.listdir(tmp_path / "ours")) == ["config.json", "model.safetensors"]
+    assert main(["convert", str(tmp_path / "m.pkl"), str(tmp_path / "x")]) == 2  # no base: names what to fetch
