@@ -1,0 +1,114 @@
+"""Fixer latency: ms/frame of the sd-turbo Difix (random weights) at 576x1024, batch 1 and 4, with and without a
+reference view, for the naive path (fp32 eager, as the original code runs) and ours (bf16, channels_last,
+torch.compile). Times the model on device tensors (no host transfers), after warm-up, with CUDA synchronised.
+
+    python benchmarks/fixer_latency.py            # full run on a GPU host
+    python benchmarks/fixer_latency.py --quick    # fewer iterations, batch 1 only (smoke test; tiny preset on CPU)
+
+Figures go to benchmarks/results/fixer_latency.jsonl (metrics ms_per_frame and speedup_vs_naive).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from _common import Emitter  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="few iterations, batch 1 only")
+    p.add_argument("--preset", default=None, help="sd-turbo (default on CUDA) or tiny (default on CPU)")
+    p.add_argument("--height", type=int, default=576)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--batches", default="1,4")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
+                   help="torch.compile mode of the optimized path ('none' disables compiling)")
+    p.add_argument("--paths", default="naive,optimized")
+    p.add_argument("--no-write", action="store_true", help="print only, do not append to results/")
+    args = p.parse_args()
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    preset = args.preset or ("sd-turbo" if cuda else "tiny")
+    if not cuda and (args.height, args.width) == (576, 1024):
+        args.height, args.width = 64, 96  # CPU smoke test only: the figures that matter come from a GPU host
+    batches = [1] if args.quick else [int(b) for b in args.batches.split(",")]
+    iters, warmup = (3, 2) if args.quick else (args.iters, args.warmup)
+    emitter = Emitter("fixer_latency", write=not args.no_write)
+
+    from difix3d.fixer.model import build_model
+
+    naive_ms = {}
+    for path in args.paths.split(","):
+        model = build_model(preset, seed=0).eval().requires_grad_(False)
+        fwd = prepare(model, path, device, args.compile_mode)
+        dtype = torch.float32 if path == "naive" else (torch.bfloat16 if cuda else torch.float32)
+        for batch in batches:
+            for ref in (False, True):
+                ms = time_forward(fwd, batch, ref, args.height, args.width, device, dtype, path != "naive",
+                                  iters, warmup)
+                settings = dict(path=path, batch=batch, ref=ref, height=args.height, width=args.width,
+                                preset=preset, compile_mode=args.compile_mode if path != "naive" else "none")
+                emitter.emit("ms_per_frame", ms, "ms", **settings)
+                if path == "naive":
+                    naive_ms[(batch, ref)] = ms
+                elif (batch, ref) in naive_ms:
+                    emitter.emit("speedup_vs_naive", naive_ms[(batch, ref)] / ms, "x", **settings)
+        del model, fwd
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def prepare(model, path: str, device: torch.device, compile_mode: str):
+    """naive: fp32 eager, NCHW (the original code). optimized: bf16 weights, channels_last, torch.compile, SDPA."""
+    if path == "naive":
+        return model.to(device)
+    if path != "optimized":
+        raise SystemExit(f"unknown path {path!r}")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+        model = model.to(device, torch.bfloat16).to(memory_format=torch.channels_last)
+    else:
+        model = model.to(device)
+    if compile_mode != "none":
+        model = torch.compile(model, mode=compile_mode, dynamic=False)
+    return model
+
+
+@torch.no_grad()
+def time_forward(fwd, batch, ref, h, w, device, dtype, channels_last, iters, warmup) -> float:
+    x = torch.rand(batch, 3, h, w, device=device, dtype=dtype) * 2 - 1
+    r = torch.rand_like(x) if ref else None
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        r = None if r is None else r.contiguous(memory_format=torch.channels_last)
+    for _ in range(warmup):  # includes compilation for this shape
+        fwd(x, r)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fwd(x, r)
+    sync(device)
+    return (time.perf_counter() - t0) * 1000.0 / (iters * batch)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+if __name__ == "__main__":
+    main()
