@@ -15,6 +15,7 @@ _COMMANDS = {
     "synth": "difix3d.scene.cli",
     "pairs": "difix3d.curate.cli",
     "evaluate": "difix3d.eval.cli",
+    "finetune": "difix3d.train.cli",
 }
 
 
