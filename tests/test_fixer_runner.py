@@ -121,3 +121,19 @@ def test_bundled_checkpoint_is_small_tiny_and_warns(caplog):
     from difix3d.fixer.checkpoint import load_checkpoint
 
     assert load_checkpoint(path).config.preset == "tiny"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_bf16_channels_last_matches_fp32(compile):
+    from difix3d.fixer.checkpoint import load_checkpoint
+
+    imgs, refs = _u8(3, 40, 56, 3, seed=8), _u8(3, 40, 56, 3, seed=9)
+    cpu = FixerRunner(load_checkpoint(default_checkpoint()), device="cpu").fix(imgs, refs)
+    gpu = FixerRunner(load_checkpoint(default_checkpoint()), device="cuda", compile=compile)
+    assert gpu.dtype == torch.bfloat16 and gpu.channels_last
+    out = gpu.fix(imgs, refs)
+    assert out.shape == cpu.shape
+    assert np.abs(out.astype(int) - cpu.astype(int)).mean() < 3  # bf16 rounding, not a different computation
+    t = torch.rand(2, 3, 40, 56, device="cuda")
+    assert gpu.fix(t).device.type == "cuda"
