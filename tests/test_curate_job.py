@@ -31,7 +31,7 @@ def scenes(tmp_path_factory):
     refs = []
     for seed, name in ((0, "seg-a"), (1, "seg-b")):
         make_segment(str(root / name), seed=seed, frames=6, height=H, width=W, cameras=("front", "left"),
-                     holdout_cameras=("right",), shifts=(), num_points=300)
+                     holdout_cameras=("right",), shifts=(), num_points=200)
         refs.append(SceneRef(name, str(root / name)))
     bad = root / "seg-bad"
     shutil.copytree(root / "seg-a", bad)
@@ -44,9 +44,10 @@ def tiny_config(output: str) -> CurateConfig:
     return CurateConfig(
         output=output, strategies=STRATEGIES, sparse=SparseReconstruction(every_nth=2),
         cycle=CycleReconstruction(shift_range=(1.0, 1.5)),
-        recon=ReconstructionSettings(iterations=30, gaussian=GaussianConfig.tiny(sh_degree=0, densify=False),
+        recon=ReconstructionSettings(iterations=20, gaussian=GaussianConfig.tiny(sh_degree=0, densify=False),
                                      device="cpu"),
-        filter=PsnrFilter(min_psnr=5.0, max_psnr=40.0), shard_size=4, max_attempts=2, gpus_per_task=0)
+        filter=PsnrFilter(min_psnr=5.0, max_psnr=40.0), shard_size=4, max_attempts=2, gpus_per_task=0,
+        max_in_flight=2)  # two workers on two cores: each worker pays the torch import once
 
 
 @pytest.fixture(scope="module")
