@@ -64,6 +64,7 @@ class GaussianConfig:
     densify: bool = True
     background: tuple[float, float, float] = (0.0, 0.0, 0.0)
     render_chunk: int = 8  # cameras per rasterization call in render()
+    backend: str = "auto"  # rasterizer: "auto" (gsplat on CUDA, torch elsewhere), "gsplat" or "torch"
 
     def scaled(self, steps_at_30k: int, minimum: int = 1) -> int:
         """A schedule length given for 30 000 steps, scaled to this config's ``iterations``."""
@@ -209,7 +210,7 @@ class GaussianSplat(Representation):
         return rasterize(p["means"], p["quats"], torch.exp(p["scales"]), torch.sigmoid(p["opacities"]),
                          torch.cat([p["sh0"], p["shN"]], dim=1), viewmats, Ks, W, H,
                          sh_degree=self.active_sh_degree if sh_degree is None else sh_degree,
-                         backgrounds=bg, render_mode=render_mode)
+                         backgrounds=bg, render_mode=render_mode, backend=self.config.backend)
 
     @torch.no_grad()
     def render(self, cameras: list[Camera]) -> RenderOutput:
