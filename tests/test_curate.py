@@ -144,3 +144,14 @@ def test_contact_sheet_rows_are_degraded_target_reference(tmp_path):
     assert cli_main(["pairs", "show", shard, "-o", png, "--rows", "3"]) == 0
     assert imageio.read_image(png).shape == (3 * H + 4 * PAD, 3 * W + 4 * PAD, 3)
     assert cli_main(["pairs", "show", str(tmp_path / "missing.parquet"), "-o", png]) == 2  # names the file
+
+
+def test_a_unit_whose_strategy_does_not_apply_is_reported_not_failed(segment, tmp_path):
+    from difix3d.curate.job import CurateConfig, curate_unit
+    from difix3d.fleet.inputs import SceneRef
+
+    config = CurateConfig(output=str(tmp_path), cross_camera=CrossCamera(held_out="rear"))
+    result = curate_unit(SceneRef("seg-a", segment.root), "cross_camera", config)
+    assert result["status"] == "not_applicable" and "rear" in result["error"] and result["shards"] == []
+    missing = curate_unit(SceneRef("gone", str(tmp_path / "gone")), "sparse", config)
+    assert missing["status"] == "failed" and "gone" in missing["error"] and "not found" in missing["error"]

@@ -78,6 +78,7 @@ def test_every_strategy_yields_clearly_degraded_pairs_that_read_back(first_run):
     assert set(counts) == set(STRATEGIES) and all(c["kept"] == 12 for c in counts.values())
     summary = storage.read_json(storage.join(config.output, "summary.json"))
     assert summary["counts"] == counts and summary["pairs"] == 48 and summary["shards"] == len(report.shards)
+    assert set(summary["unit_seconds_by_strategy"]) == set(STRATEGIES)
 
 
 def test_a_corrupt_scene_fails_alone_and_is_recorded(first_run):

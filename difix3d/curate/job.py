@@ -68,6 +68,14 @@ class CurationReport:
     def failed(self) -> dict[str, str]:
         return {u: r.get("error", "") for u, r in self.units.items() if r["status"] == "failed"}
 
+    def unit_seconds_by_strategy(self) -> dict[str, float]:
+        """Task seconds summed per strategy over done units: where a fleet's curation time goes."""
+        out: dict[str, float] = {}
+        for r in self.units.values():
+            if r["status"] == "done":
+                out[r.get("strategy", "")] = out.get(r.get("strategy", ""), 0.0) + float(r.get("seconds", 0.0))
+        return dict(sorted(out.items()))
+
     @property
     def shards(self) -> list[str]:
         return sorted(s for r in self.units.values() if r["status"] == "done" for s in r.get("shards", []))
@@ -105,7 +113,8 @@ def run_curation(config: CurateConfig, scenes: list[SceneRef] | None = None, pro
     report.seconds = time.perf_counter() - t0
     storage.write_json(storage.join(config.output, "summary.json"), {
         "counts": report.counts.to_dict(), "failed": report.failed, "skipped": report.skipped,
-        "shards": len(report.shards), "pairs": report.counts.total("kept"), "seconds": report.seconds})
+        "shards": len(report.shards), "pairs": report.counts.total("kept"), "seconds": report.seconds,
+        "unit_seconds_by_strategy": report.unit_seconds_by_strategy()})
     return report
 
 

@@ -57,8 +57,8 @@ class ReconstructionSettings:
               config=TrainerConfig(iterations=steps or self.iterations, seed=seed))
         return model
 
-    def render(self, model: GaussianSplat, cameras: list[Camera]) -> np.ndarray:
-        """uint8 [N, H, W, 3] renders of ``cameras`` (grouped by size)."""
+    def render(self, model: GaussianSplat, cameras: list[Camera]) -> list[np.ndarray]:
+        """uint8 [H, W, 3] renders of ``cameras``, in order (rendered in batches of one size)."""
         out: list[np.ndarray | None] = [None] * len(cameras)
         by_size: dict[tuple[int, int], list[int]] = {}
         for i, c in enumerate(cameras):
@@ -69,7 +69,7 @@ class ReconstructionSettings:
                 rgb = to_uint8(model.render([cameras[i] for i in chunk]).rgb)  # [B, H, W, 3]
                 for j, i in enumerate(chunk):
                     out[i] = rgb[j]
-        return out  # type: ignore[return-value]
+        return out  # type: ignore[return-value]  # every slot filled above
 
 
 @dataclass
