@@ -206,7 +206,7 @@ class GaussianSplat(Representation):
         p = self.params
         viewmats = torch.stack([c.torch_viewmat(self.device) for c in cameras])  # [C, 4, 4]
         Ks = torch.stack([c.torch_K(self.device) for c in cameras])  # [C, 3, 3]
-        bg = torch.tensor(self.config.background, device=self.device).expand(len(cameras), 3)
+        bg = torch.tensor(self.config.background, device=self.device).repeat(len(cameras), 1)  # [C, 3]
         return rasterize(p["means"], p["quats"], torch.exp(p["scales"]), torch.sigmoid(p["opacities"]),
                          torch.cat([p["sh0"], p["shN"]], dim=1), viewmats, Ks, W, H,
                          sh_degree=self.active_sh_degree if sh_degree is None else sh_degree,
