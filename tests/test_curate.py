@@ -11,7 +11,7 @@ from difix3d import imageio
 from difix3d.cli import main as cli_main
 from difix3d.curate.contact import PAD, contact_sheet
 from difix3d.curate.filters import FilterCounts, PsnrFilter
-from difix3d.curate.strategies import (CrossCamera, CycleReconstruction, NotApplicable, ReconstructionSettings,
+from difix3d.curate.strategies import (CrossCamera, NotApplicable, ReconstructionSettings,
                                        SparseReconstruction, UnderFitted, pairs_from_renders, shift_laterally)
 from difix3d.recon.gaussians import GaussianConfig
 from difix3d.scene.scene import Scene

@@ -1,5 +1,5 @@
 """The four ways of making (artifact render, clean image) pairs from posed captures (Difix3D+, Wu et al., CVPR 2025,
-Sec. 3.3 "Data curation"): sparse reconstruction, cross-camera, under-fitted models and cycle reconstruction.
+Sec. 4.1 "Data curation"): sparse reconstruction, cross-camera, under-fitted models and cycle reconstruction.
 
 Each strategy is a small dataclass behind :class:`CurationStrategy` (as gsplat's ``DefaultStrategy`` /
 ``MCMCStrategy``): it decides which views a 3DGS model trains on and which it renders, and yields pair dicts
