@@ -262,3 +262,18 @@ def test_from_scene_uses_points_or_random_points_in_view(scene):
     assert out.rgb.shape == (1, 3, H, W) and out.alpha.mean() > 0.5  # the random points fill the view
     uv, z = scene.cameras[0].project(model.params["means"].detach().numpy())
     assert (z > 0).mean() > 0.5
+
+
+@pytest.mark.gpu
+def test_cuda_training_with_gsplat_densifies_and_matches_the_torch_renderer(segment):
+    torch.manual_seed(0)
+    model = GaussianSplat.from_scene(segment, GaussianConfig.tiny(100), device="cuda")
+    held_out = {"test": load_views(segment, "test")}
+    before = evaluate(model, held_out["test"])
+    result = train(model, segment, TrainerConfig(iterations=100), eval_views=held_out, progress=False)
+    assert result.metrics["test"]["psnr"] > before["psnr"] + 2.0 and model.num_primitives > 1000
+    cams = segment.subset("test")[0][:3]
+    ref = model.render(cams).rgb
+    model.config.backend = "torch"
+    ours = model.render(cams).rgb
+    assert (ours - ref).abs().max() < 1e-2 and (ours - ref).abs().mean() < 1e-3

@@ -165,8 +165,10 @@ def test_torch_path_matches_gsplat_on_cuda():
     ref, a_ref, m_ref = rasterize(*args, sh_degree=3, backgrounds=bg, render_mode="RGB+ED", backend="gsplat")
     assert (ours[..., :3] - ref[..., :3]).abs().max() < 1e-2 and (ours[..., :3] - ref[..., :3]).abs().mean() < 1e-3
     assert (a_ours - a_ref).abs().max() < 1e-2 and (a_ours - a_ref).abs().mean() < 1e-3
-    assert (m_ours["radii"] - m_ref["radii"]).abs().max() <= 1
-    torch.testing.assert_close(m_ours["means2d"], m_ref["means2d"], atol=1e-3, rtol=1e-4)
+    assert (m_ours["radii"] - m_ref["radii"]).abs().max() <= 1  # ceil() of float sums may round differently
+    both = (m_ours["radii"] > 0).all(-1) & (m_ref["radii"] > 0).all(-1)  # gsplat leaves culled means2d unset
+    assert both.float().mean() > 0.5
+    torch.testing.assert_close(m_ours["means2d"][both], m_ref["means2d"][both], atol=1e-3, rtol=1e-4)
 
 
 def _random_gaussians(n, dtype=torch.float32):
