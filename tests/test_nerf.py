@@ -164,3 +164,20 @@ def test_progressive_loop_with_nerfacto_and_oracle_improves_lane_shifts(segment,
         assert m["difix3d"]["psnr"] > m["baseline"]["psnr"] + 1.0, (split, m)
         assert m["difix3d_plus"]["psnr"] > 60  # the oracle's post-render is the ground truth
     assert result.num_rounds > 0 and result.frames_fixed > 0
+
+
+@pytest.mark.gpu
+def test_cuda_training_uses_the_fast_hash_grid_when_present(segment):
+    try:
+        import tinycudann  # noqa: F401
+        expected = "tcnn"
+    except ImportError:
+        expected = "torch"
+    model = make_representation("nerfacto", segment, NerfConfig.tiny(200, rays_per_batch=1024), device="cuda")
+    assert model.implementation == expected and next(model.model.parameters()).is_cuda
+    held_out = load_views(segment, "test")
+    before = evaluate(model, held_out)["psnr"]
+    train(model, segment, TrainerConfig(iterations=200), eval_views={}, progress=False)
+    out = model.render([v.camera for v in held_out[:2]])
+    assert out.rgb.is_cuda and out.rgb.shape == (2, 3, H, W)
+    assert evaluate(model, held_out)["psnr"] > before + 5.0
