@@ -58,9 +58,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         start = tuple(streams[rank]) if len(streams) == world else (max(s[0] for s in streams) + 1, 0)
     start_step = step
 
-    perceptual = build_perceptual_net(cfg.perceptual_weights, seed=cfg.seed)  # same stand-in on every rank
+    # an L2-only run (lpips = gram = 0) needs no VGG: pretrained weights may then be absent
+    needs_vgg = cfg.loss.lpips > 0 or cfg.loss.gram > 0
+    perceptual = build_perceptual_net(cfg.perceptual_weights, seed=cfg.seed) if needs_vgg else None  # same on every rank
     loss_fn = DifixLoss(cfg.loss, perceptual, seed=cfg.seed * 7919 + rank).to(device)
-    lpips_for_val = None if cfg.perceptual_weights == "random" else loss_fn.perceptual  # stand-in LPIPS means nothing
+    # stand-in LPIPS means nothing
+    lpips_for_val = None if cfg.perceptual_weights == "random" or perceptual is None else loss_fn.perceptual
     stream = PairStream(ShardIndex.build(cfg.train_shards), rank, world, cfg.seed, cfg.shuffle_window,
                         cfg.skip_corrupt, start=start)
     train_batches = batches(stream, cfg.batch_size, cfg.height, cfg.width, seed=cfg.seed * 1000 + rank + step,
