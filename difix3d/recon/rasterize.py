@@ -32,6 +32,9 @@ def rasterize(
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}: expected one of {BACKENDS}")
     if backend == "gsplat" or (backend == "auto" and means.is_cuda):
+        from difix3d import gsplat_prebuilt
+
+        gsplat_prebuilt.install()  # a prebuilt extension ($DIFIX3D_GSPLAT_SO) spares each worker gsplat's JIT build
         from gsplat import rasterization  # imported lazily: its CUDA extension loads on first use
 
         return rasterization(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
