@@ -39,7 +39,8 @@ def runner():
 def shared_pool(ray_local):
     """Two CPU replicas; killed at module end."""
     client = pool.start_pool(default_checkpoint(), name="test-pool-shared", min_replicas=2, max_replicas=2,
-                             num_cpus_per_replica=0.5, max_batch_size=4, max_wait_ms=50, max_inflight_frames=64)
+                             num_cpus_per_replica=0.5, max_batch_size=4, max_wait_ms=50, max_inflight_frames=64,
+                             health_check_s=0.5)
     yield client
     assert pool.shutdown_pool("test-pool-shared")
 
@@ -100,18 +101,23 @@ def test_bad_requests_fail_alone_with_the_fixers_message(shared_pool, runner):
 
 def test_killed_replica_loses_nothing_and_answers_each_request_once(shared_pool, runner):
     before = shared_pool.stats()
-    futures = [shared_pool.submit(*_request(s)) for s in range(24)]
+    futures = [shared_pool.submit(*_request(s)) for s in range(12)]
     futures[0].result(timeout=60)  # mid-stream
     victim = shared_pool.replica_handles()[0]
     ray.kill(victim, no_restart=False)
     for s, f in enumerate(futures):
         _assert_close(f.result(timeout=120), _expected(runner, s))
-    stats = shared_pool.stats()
+    deadline = time.monotonic() + 30
+    while True:  # the death is seen by a batch or a ping, and a replacement starts
+        stats = shared_pool.stats()
+        if stats["replica_deaths"] > before["replica_deaths"] and stats["replicas"] + stats["replicas_starting"] == 2:
+            break
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.1)
     assert stats["replica_deaths"] - before["replica_deaths"] == 1
-    assert stats["requests_ok"] - before["requests_ok"] == 24  # each answered exactly once
+    assert stats["requests_ok"] - before["requests_ok"] == 12  # each answered exactly once
     assert stats["requests_failed"] == before["requests_failed"]
-    assert stats["replicas_started"] - before["replicas_started"] == 1  # a replacement is on its way
-    assert stats["replicas"] + stats["replicas_starting"] == 2
+    assert stats["replicas_started"] - before["replicas_started"] == 1
 
 
 def test_backpressure_bounds_inflight_and_pool_scales_up_then_down(ray_local, runner):
@@ -125,7 +131,7 @@ def test_backpressure_bounds_inflight_and_pool_scales_up_then_down(ray_local, ru
 
         def flood(offset):
             try:
-                futures = {s: client.submit(_frames(s, 1)) for s in range(offset, offset + 40)}
+                futures = {s: client.submit(_frames(s, 1)) for s in range(offset, offset + 25)}
                 outputs.update({s: f.result(timeout=120) for s, f in futures.items()})
             except Exception as e:  # surfaced by the assert below
                 errors.append(e)
@@ -139,8 +145,8 @@ def test_backpressure_bounds_inflight_and_pool_scales_up_then_down(ray_local, ru
             assert stats["inflight_frames"] <= 6
             peak_replicas = max(peak_replicas, stats["replicas"] + stats["replicas_starting"])
             time.sleep(0.05)
-        assert not errors and len(outputs) == 80
-        for s in (0, 39, 100, 139):
+        assert not errors and len(outputs) == 50
+        for s in (0, 24, 100, 124):
             _assert_close(outputs[s], runner.fix(_frames(s, 1)))
         stats = client.stats()
         assert stats["max_inflight_frames_seen"] <= 6 and stats["waiting_admission"] == 0

@@ -87,6 +87,9 @@ class PoolClient:
         replicas, fault counters."""
         return ray.get(self._router().stats_snapshot.remote())
 
+    def close(self) -> None:
+        """Nothing to release: the pool is shared and outlives its clients (``shutdown_pool`` ends it)."""
+
     def replica_handles(self) -> list:
         """Actor handles of the live replicas (tests kill one to check fault handling)."""
         return ray.get(self._router().replica_handles.remote())
@@ -168,16 +171,17 @@ def get_pool(name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE) -> Po
 
 def shutdown_pool(name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE) -> bool:
     """Stop a pool's replicas and router; False if no pool had that name."""
-    _STARTED.pop((name, namespace), None)
     try:
         router = ray.get_actor(name, namespace=namespace)
     except ValueError:
+        _STARTED.pop((name, namespace), None)
         return False
     try:
         ray.get(router.shutdown.remote(), timeout=30)
     except Exception:
         pass  # a router that cannot answer is killed all the same; its replicas die with it (their owner)
     ray.kill(router, no_restart=True)
+    _STARTED.pop((name, namespace), None)  # only now: dropping the creator's handle destroys the router
     return True
 
 

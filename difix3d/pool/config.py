@@ -54,6 +54,9 @@ class PoolConfig:
     max_attempts: int = 3
     """Replica deaths a request survives (re-queued on another replica each time) before it fails."""
 
+    health_check_s: float = 5.0
+    """An idle replica is pinged this often, so one that died between batches is replaced before work needs it."""
+
     # --- scaling
     scale_up_queue_frames: int = 8
     """Queued frames per live replica above which the pool wants another replica..."""

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import PoolUnavailableError
+
 
 class FixerReplica:
     """Loads ``checkpoint`` (a URI: the weights never travel through Ray, NOTES-RAY #53727) on its device."""
@@ -28,7 +30,10 @@ class FixerReplica:
             compile = device.startswith("cuda")
         torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         self.device = device
-        self.runner = FixerRunner.from_checkpoint(checkpoint, device=device, dtype=torch_dtype, compile=compile)
+        try:
+            self.runner = FixerRunner.from_checkpoint(checkpoint, device=device, dtype=torch_dtype, compile=compile)
+        except Exception as e:  # re-raised as a one-message error: Ray cannot unpickle e.g. InputError(source, problem)
+            raise PoolUnavailableError(f"{type(e).__name__}: {e}") from None
 
     def ready(self) -> dict:
         """Answered once the checkpoint is loaded; what the router logs about this replica."""

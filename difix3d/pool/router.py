@@ -36,6 +36,7 @@ class _Replica:
     inflight_batches: int = 0
     idle_since: float = field(default_factory=time.monotonic)
     info: dict = field(default_factory=dict)
+    checked_at: float = field(default_factory=time.monotonic)
 
 
 class PoolRouter:
@@ -289,7 +290,17 @@ class PoolRouter:
             self.stats.counts["replicas_stopped"] += 1
             log.info("pool %s: stopping idle replica %s", self.config.name, r.name)
             ray.kill(r.actor, no_restart=True)
+        for r in live:
+            if r.inflight_batches == 0 and now - r.checked_at >= self.config.health_check_s:
+                r.checked_at = now
+                asyncio.ensure_future(self._health_check(r))
         self.stats.gauges(self.queues.frames, len(live))
+
+    async def _health_check(self, replica: _Replica) -> None:
+        try:
+            await replica.actor.ready.remote()
+        except RayActorError as e:
+            self._replica_died(replica, e)
 
     def _resources_free(self) -> bool:
         if self.config.scale_beyond_free_resources:
