@@ -130,3 +130,28 @@ def test_sd_turbo_architecture_param_counts():
 def test_skip_convs_start_near_zero(model):
     w = model.vae.decoder.skip_conv_4.base_layer.weight
     assert torch.all(w == 1e-5)
+
+
+def test_merge_lora_keeps_outputs_and_keys():
+    """Serving folds decoder LoRA into the base convs: same outputs (to fp32 rounding), same state-dict keys."""
+    import torch
+
+    from difix3d.fixer import build_model
+
+    model = build_model("tiny", seed=0).eval()
+    with torch.no_grad():
+        for name, p in model.vae.named_parameters():
+            if "lora_B" in name:  # peft initialises B to zero: give the adapters a real delta
+                p.normal_(0, 0.05)
+    keys = set(model.state_dict())
+    x = torch.rand(2, 3, 40, 56) * 2 - 1
+    with torch.no_grad():
+        before = model(x)
+        assert model.merge_lora() > 0
+        after = model(x)
+        assert model.merge_lora() == 0  # idempotent
+    assert set(model.state_dict()) == keys
+    assert (before - after).abs().max() < 1e-4
+    with torch.no_grad():  # the deltas were real: switching the merged adapters off changes the output
+        model.vae.disable_adapters()
+        assert (model(x) - after).abs().max() > 1e-3

@@ -115,6 +115,23 @@ class DifixModel(nn.Module):
             h = block(h, None)
         return dec.conv_out(dec.conv_act(dec.conv_norm_out(h)))
 
+    # --- serving -------------------------------------------------------------------------------------------------
+    def merge_lora(self) -> int:
+        """Fold the VAE's LoRA deltas into their base weights for inference; returns the number of layers merged.
+
+        Unmerged, every LoRA-wrapped conv of the full-resolution decoder runs two extra low-rank convs and an add:
+        memory-bound kernels on the most expensive part of the model. Keys and parameters stay as they are (peft
+        keeps the adapters and marks them merged), so a merged model still saves and loads the same checkpoint.
+        """
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        merged = 0
+        for module in self.vae.modules():
+            if isinstance(module, BaseTunerLayer) and not module.merged:
+                module.merge()
+                merged += 1
+        return merged
+
     # --- training ------------------------------------------------------------------------------------------------
     def prepare_for_training(self) -> dict[str, int]:
         """The paper's pattern: UNet fully trainable, decoder LoRA and skip convs trainable, encoder frozen.

@@ -28,6 +28,7 @@ class FixerRunner:
         self.dtype = dtype or default_dtype(self.device)
         self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
         self.max_batch = max_batch or (4 if self.device.type == "cuda" else 8)
+        model.merge_lora()  # in the checkpoint's precision, before any cast: LoRA adds nothing at inference
         self.model = model.to(self.device, self.dtype).eval().requires_grad_(False)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
