@@ -257,6 +257,10 @@ def _maybe_fail(cfg: FinetuneConfig, step: int, rank: int) -> None:
         return
     storage.write_text(marker, f"step {step}\n")
     log.warning("fault injection: worker %d exits at step %d", rank, step)
+    # Ray Train's controller polls workers for reported checkpoints: a process that dies right after a report can
+    # take the unpolled report with it (recovery then starts from the checkpoint before). Wait past a poll so the
+    # test exercises a restart from the latest checkpoint deterministically.
+    time.sleep(5.0)
     os._exit(1)
 
 
