@@ -116,7 +116,7 @@ def test_bundled_checkpoint_is_small_tiny_and_warns(caplog):
     bundled._warned = False
     with caplog.at_level(logging.WARNING, logger="difix3d.fixer.bundled"):
         path = default_checkpoint()
-    assert "untrained" in caplog.text
+    assert "does not remove artifacts" in caplog.text
     assert os.path.getsize(os.path.join(path, "model.safetensors")) < 8.5e6
     from difix3d.fixer.checkpoint import load_checkpoint
 

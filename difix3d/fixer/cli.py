@@ -23,7 +23,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("inputs", nargs="+", metavar="IN", help="image files or folders of images")
     p.add_argument("--ref", help="reference view: one image for all inputs, or a folder with same-named images")
     p.add_argument("--checkpoint", help="fixer checkpoint (ours, official .pkl, nvidia/difix folder, SD-Turbo "
-                                        "folder); default: the bundled tiny one (untrained)")
+                                        "folder); default: the bundled tiny demo one")
     p.add_argument("--base", help="SD-Turbo folder, for official .pkl checkpoints")
     p.add_argument("-o", "--output", required=True, help="output folder (URI)")
     p.add_argument("--batch", type=int, default=4, help="images per forward pass (default 4)")
