@@ -14,7 +14,6 @@ pytest.importorskip("nerfstudio.models.nerfacto",
                     reason="the NeRF backend needs the optional extra difix3d[nerf] (nerfstudio)")
 
 from difix3d.errors import CheckpointError  # noqa: E402
-from difix3d.recon import progressive  # noqa: E402
 from difix3d.recon.factory import make_representation  # noqa: E402
 from difix3d.recon.nerf import OPENCV_TO_OPENGL, NerfactoScene, NerfConfig  # noqa: E402
 from difix3d.recon.progressive import ProgressiveConfig, reconstruct_scene  # noqa: E402
@@ -143,17 +142,14 @@ def test_weights_and_masks_choose_the_rays(segment):
         model.train_step([views[0].camera], images)
 
 
-def test_progressive_loop_with_nerfacto_and_oracle_improves_lane_shifts(segment, tmp_path, monkeypatch):
-    """The loop builds its representation in progressive._new_representation; plug the factory in there."""
+def test_progressive_loop_with_nerfacto_and_oracle_improves_lane_shifts(segment, tmp_path):
+    """ProgressiveConfig.representation picks the backend; the loop is the same as for 3DGS."""
     from difix3d.scene.synthetic import load_street_scene
 
-    nerf = NerfConfig.tiny(240)
-    monkeypatch.setattr(progressive, "_new_representation",
-                        lambda scene, config, device: make_representation("nerfacto", scene, nerf, device,
-                                                                          seed=config.trainer.seed))
     street = load_street_scene(segment.root)
     cfg = dataclasses.replace(
-        ProgressiveConfig.tiny(), trainer=TrainerConfig.tiny(iterations=240),
+        ProgressiveConfig.tiny(), representation="nerfacto", nerf=NerfConfig.tiny(240),
+        trainer=TrainerConfig.tiny(iterations=240),
         schedule=ProgressiveSchedule(pretrain_iters=60, round_every=30, step_size=1.0),
         sampling=PseudoViewSampling(probability=0.5, rounds="all"),
         target_splits=("shift_1m", "shift_2m"), eval_splits=("test", "shift_1m", "shift_2m"), lpips=False)
@@ -164,6 +160,7 @@ def test_progressive_loop_with_nerfacto_and_oracle_improves_lane_shifts(segment,
         assert m["difix3d"]["psnr"] > m["baseline"]["psnr"] + 1.0, (split, m)
         assert m["difix3d_plus"]["psnr"] > 60  # the oracle's post-render is the ground truth
     assert result.num_rounds > 0 and result.frames_fixed > 0
+    assert (tmp_path / "out" / "nerfacto.pt").exists() and not (tmp_path / "out" / "gaussians.ply").exists()
 
 
 @pytest.mark.gpu

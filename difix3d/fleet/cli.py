@@ -13,7 +13,8 @@ import typing
 
 from .config import FleetConfig
 
-_CHOICES = {"fixer_mode": ("pool", "local"), "device": ("auto", "cuda", "cpu"), "recon_preset": ("tiny", "paper")}
+_CHOICES = {"fixer_mode": ("pool", "local"), "device": ("auto", "cuda", "cpu"), "recon_preset": ("tiny", "paper"),
+            "representation": ("3dgs", "nerfacto")}
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

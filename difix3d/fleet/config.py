@@ -37,6 +37,8 @@ class FleetConfig:
     # --- per-scene reconstruction
     recon_preset: str = "tiny"
     """``tiny`` (CPU demo, ``ProgressiveConfig.tiny()``) or ``paper`` (``ProgressiveConfig()``, paper defaults)."""
+    representation: str = "3dgs"
+    """``3dgs`` (gsplat) or ``nerfacto`` (nerfstudio's Nerfacto; needs the NeRF extra, see README)."""
     scene_num_cpus: float = 1.0
     scene_num_gpus: float = 0.25
     """GPU share per scene task when the cluster has GPUs: 3DGS on a 1-2 MP driving segment uses a fraction of an
@@ -85,6 +87,8 @@ class FleetConfig:
             raise ValueError(f"fixer_mode must be 'pool' or 'local', not {self.fixer_mode!r}")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', not {self.device!r}")
+        if self.representation not in ("3dgs", "nerfacto"):
+            raise ValueError(f"representation must be '3dgs' or 'nerfacto', not {self.representation!r}")
         if self.recon_preset not in ("tiny", "paper"):
             raise ValueError(f"recon_preset must be 'tiny' or 'paper', not {self.recon_preset!r}")
         if self.max_attempts < 1:

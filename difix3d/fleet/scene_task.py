@@ -52,7 +52,15 @@ def reconstruct_with_progressive(scene: SceneRef, out: str, config: FleetConfig,
 
     from .fixers import materialize_fixer
 
-    base = ProgressiveConfig.tiny() if config.recon_preset == "tiny" else ProgressiveConfig()
+    tiny = config.recon_preset == "tiny"
+    base = ProgressiveConfig.tiny() if tiny else ProgressiveConfig()
+    if config.representation != "3dgs":
+        import dataclasses
+
+        from difix3d.recon.factory import default_config
+
+        nerf = default_config(config.representation, iterations=base.trainer.iterations, tiny=tiny)
+        base = dataclasses.replace(base, representation=config.representation, nerf=nerf)
     recon_config = _with_overrides(base, config.extra)
     device = None if config.device == "auto" else config.device
     result = reconstruct_scene(scene.uri, out, recon_config, materialize_fixer(fixer), progress=False, device=device)

@@ -42,6 +42,10 @@ class SceneOutputs:
     def gaussians(self) -> str:
         return storage.join(self.root, "gaussians.ply")
 
+    def representation(self, kind: str) -> str:
+        """Where the final representation is exported: the 3DGS PLY, or the NeRF's weights file."""
+        return self.gaussians if kind == "3dgs" else storage.join(self.root, f"{kind}.pt")
+
     @property
     def metrics(self) -> str:
         return storage.join(self.root, "metrics.json")

@@ -44,8 +44,12 @@ def _trainer_config():
 class ProgressiveConfig:
     """Everything one scene's progressive Difix3D+ run depends on; written to ``config.json``."""
 
+    representation: str = "3dgs"
+    """The backend: "3dgs" (GaussianSplat) or "nerfacto" (NerfactoScene; needs the extra difix3d[nerf])."""
     gaussian: Any = field(default_factory=_gaussian_config)
     """``GaussianConfig`` of the representation (3DGS paper / gsplat defaults)."""
+    nerf: Any = None
+    """``NerfConfig`` when representation is "nerfacto" (None: nerfstudio's Nerfacto defaults)."""
     trainer: Any = field(default_factory=_trainer_config)
     """``TrainerConfig``: ``iterations`` is the budget of the baseline and of the progressive run; ``seed``."""
     schedule: ProgressiveSchedule = field(default_factory=ProgressiveSchedule)
@@ -124,7 +128,7 @@ def reconstruct_scene(scene: Any, output_uri: str, config: ProgressiveConfig | N
     loop = ProgressiveLoop(scene, data, config, out, view_fixer, device, progress)
     rep = loop.run()
     timings.update(loop.timings)
-    rep.export(out.gaussians)
+    rep.export(out.representation(config.representation))
     renders["difix3d"] = _render_splits(rep, data.evals)
     for split, imgs in renders["difix3d"].items():
         out.write_renders("difix3d", split, [c.name for c in data.evals[split][0]], imgs)
@@ -422,10 +426,10 @@ def _score(renders: dict, evals: dict, want_lpips: bool, device) -> tuple[dict, 
 # -------------------------------------------------------------------- small helpers
 
 def _new_representation(scene, config: ProgressiveConfig, device):
-    from difix3d.recon.gaussians import GaussianSplat
+    from difix3d.recon.factory import make_representation
 
-    torch.manual_seed(_seed(config))
-    return GaussianSplat.from_scene(scene, config.gaussian, device, seed=_seed(config))
+    backend_config = config.nerf if config.representation == "nerfacto" else config.gaussian
+    return make_representation(config.representation, scene, backend_config, device, seed=_seed(config))
 
 
 def _training_view_class():
