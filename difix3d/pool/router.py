@@ -1,7 +1,7 @@
 """The pool's router: one named async actor that admits requests, batches them across callers and dispatches the
 batches to replica actors, replacing replicas that die and scaling between min and max.
 
-Why a hand-written router and not Ray Serve or ActorPool: DESIGN-NOTES.md in this folder.
+Why a hand-written router and not Ray Serve or ActorPool: DESIGN.md, "Fixing pool".
 """
 
 from __future__ import annotations
