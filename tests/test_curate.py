@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from difix3d import imageio
 from difix3d.cli import main as cli_main
@@ -19,14 +18,6 @@ from difix3d.scene.synthetic import make_segment
 from difix3d.train.pairs import psnr_uint8, read_pair_shard, write_pair_shard
 
 H, W = 24, 32
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

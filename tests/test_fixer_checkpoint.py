@@ -15,14 +15,6 @@ from difix3d.fixer.model import build_model
 from difix3d.fixer.testing import write_tiny_sd_turbo_folder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convs: threads only contend on a shared 2-core machine
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def x():
     return torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1

@@ -3,19 +3,9 @@
 import os
 
 import numpy as np
-import pytest
-import torch
 
 from difix3d.cli import main
 from difix3d.imageio import read_image, write_image
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convs: threads only contend on a shared 2-core machine
-    yield
-    torch.set_num_threads(n)
 
 
 def _write(path, h, w, seed=0):

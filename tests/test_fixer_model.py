@@ -9,15 +9,6 @@ from difix3d.fixer.config import preset_config
 from difix3d.fixer.model import build_model, skip_conv_channels
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convs gain nothing from threads; on a shared 2-core machine 2 OpenMP threads are 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model():
     return build_model("tiny", seed=0).eval()

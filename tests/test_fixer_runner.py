@@ -13,14 +13,6 @@ from difix3d.fixer.client import FixerClient, LocalFixerClient
 from difix3d.fixer.runner import FixerRunner, pad_to_multiple
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convs: threads only contend on a shared 2-core machine
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def runner():
     return FixerRunner.from_checkpoint(default_checkpoint(), device="cpu")

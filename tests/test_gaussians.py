@@ -57,15 +57,6 @@ class TinyScene:
         return [self.cameras[i] for i in self.splits[split]], [self.image_uris[i] for i in self.splits[split]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a shared, loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def scene():
     return TinyScene()

@@ -24,15 +24,6 @@ from difix3d.recon.view_fixers import OracleViewFixer  # noqa: E402
 H, W = 24, 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The hash grid's many small ops run ~10x faster on one thread than on two contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def segment(tmp_path_factory):
     """6 frames × 3 cameras at 24×32: 9 train, 9 test, 6 views per lane shift."""

@@ -13,15 +13,6 @@ W, H = 48, 32
 F = 40.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a shared, loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _camera(dtype=torch.float32, cx=24.5, cy=16.5):
     viewmat = torch.eye(4, dtype=dtype)[None]  # camera at the origin looking down +z
     K = torch.tensor([[F, 0, cx], [0, F, cy], [0, 0, 1]], dtype=dtype)[None]
