@@ -69,8 +69,6 @@ def reconstruct_with_progressive(scene: SceneRef, out: str, config: FleetConfig,
 
 def _with_overrides(cfg: Any, extra: dict) -> Any:
     """``{"trainer.iterations": 100, "baseline": False}`` applied to a (nested) dataclass config."""
-    import dataclasses
-
     for key, value in (extra or {}).items():
         cfg = _replace_path(cfg, key.split("."), value, key)
     return cfg

@@ -53,3 +53,13 @@ class Representation(abc.ABC):
     @abc.abstractmethod
     def step(self) -> int:
         """Optimizer steps taken so far."""
+
+
+def common_size(cameras: list[Camera]) -> tuple[int, int]:
+    """(width, height) shared by a batch of cameras: every backend renders a batch at one size."""
+    if not cameras:
+        raise ValueError("no cameras given")
+    sizes = {(c.width, c.height) for c in cameras}
+    if len(sizes) > 1:
+        raise ValueError(f"cameras of one batch must share a size, got {sorted(sizes)}")
+    return sizes.pop()

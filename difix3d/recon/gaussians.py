@@ -9,7 +9,7 @@ torch compositing on CPU, same API.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from torch import Tensor
 
 from difix3d.device import default_device
 from difix3d.errors import InputError
-from difix3d.recon.base import RenderOutput, Representation
+from difix3d.recon.base import RenderOutput, Representation, common_size
 from difix3d.recon.losses import photometric_loss
 from difix3d.recon.ply import read_ply, write_ply
 from difix3d.recon.rasterize import rasterize
@@ -202,7 +202,7 @@ class GaussianSplat(Representation):
     def rasterize(self, cameras: list[Camera], sh_degree: int | None = None,
                   render_mode: str = "RGB") -> tuple[Tensor, Tensor, dict]:
         """Differentiable render → (colors [C, H, W, 3|4], alphas [C, H, W, 1], meta) as gsplat returns them."""
-        W, H = _common_size(cameras)
+        W, H = common_size(cameras)
         p = self.params
         viewmats = torch.stack([c.torch_viewmat(self.device) for c in cameras])  # [C, 4, 4]
         Ks = torch.stack([c.torch_K(self.device) for c in cameras])  # [C, 3, 3]
@@ -224,7 +224,7 @@ class GaussianSplat(Representation):
 
     def train_step(self, cameras: list[Camera], images: Tensor, weights: Tensor | None = None,
                    masks: Tensor | None = None) -> dict:
-        W, H = _common_size(cameras)
+        W, H = common_size(cameras)
         if images.shape != (len(cameras), 3, H, W):
             raise ValueError(f"images {tuple(images.shape)}: expected {(len(cameras), 3, H, W)} for these cameras")
         step = self._step
@@ -317,11 +317,3 @@ def _mean_knn_distance(points: np.ndarray, k: int = 3) -> Tensor:
     d = np.sqrt((d[:, 1:] ** 2).mean(axis=1))
     return torch.from_numpy(np.maximum(d, 1e-7)).float()
 
-
-def _common_size(cameras: list[Camera]) -> tuple[int, int]:
-    if not cameras:
-        raise ValueError("no cameras given")
-    sizes = {(c.width, c.height) for c in cameras}
-    if len(sizes) > 1:
-        raise ValueError(f"cameras of one batch must share a size, got {sorted(sizes)}")
-    return sizes.pop()

@@ -29,7 +29,7 @@ from torch import Tensor
 from difix3d import storage
 from difix3d.device import default_device
 from difix3d.errors import CheckpointError
-from difix3d.recon.base import RenderOutput, Representation
+from difix3d.recon.base import RenderOutput, Representation, common_size
 from difix3d.scene.camera import Camera
 
 INSTALL_HINT = ("the NeRF backend needs nerfstudio (the optional extra difix3d[nerf]); nerfstudio's own pins would "
@@ -293,7 +293,7 @@ class NerfactoScene(Representation):
 
     def train_step(self, cameras: list[Camera], images: Tensor, weights: Tensor | None = None,
                    masks: Tensor | None = None) -> dict:
-        W, H = _common_size(cameras)
+        W, H = common_size(cameras)
         B = len(cameras)
         if images.shape != (B, 3, H, W):
             raise ValueError(f"images {tuple(images.shape)}: expected {(B, 3, H, W)} for these cameras")
@@ -351,7 +351,7 @@ class NerfactoScene(Representation):
     def render(self, cameras: list[Camera]) -> RenderOutput:
         """Full images in ray chunks of ``render_chunk``; proposal-sampler bookkeeping is left as it was, so
         rendering between steps does not change training."""
-        W, H = _common_size(cameras)
+        W, H = common_size(cameras)
         sampler = self.model.proposal_sampler
         saved = (sampler._steps_since_update, sampler._step)
         ns_cams = self.ns_cameras(cameras)
@@ -437,11 +437,3 @@ class NerfactoScene(Representation):
         except Exception as e:
             raise CheckpointError(uri, f"cannot load a NerfactoScene from it: {e}") from e
 
-
-def _common_size(cameras: list[Camera]) -> tuple[int, int]:
-    if not cameras:
-        raise ValueError("no cameras given")
-    sizes = {(c.width, c.height) for c in cameras}
-    if len(sizes) > 1:
-        raise ValueError(f"cameras of one batch must share a size, got {sorted(sizes)}")
-    return sizes.pop()
