@@ -23,8 +23,8 @@ def resolve_checkpoint(checkpoint: str | None) -> tuple[str, str | None]:
 
     uri = str(bundled.default_checkpoint())
     notice = ("using the small fixer bundled with difix3d (tiny preset, 1.9 M parameters, trained briefly on synthetic "
-              "pairs): it runs the whole pipeline but does not remove artifacts, so Difix3D/Difix3D+ will not beat the "
-              "baseline with it. "
+              "pairs): it runs the whole pipeline but does not remove artifacts, so expect Difix3D/Difix3D+ numbers near "
+              "the baseline. "
               "Pass --checkpoint with a trained Difix for real results.")
     return uri, notice
 
