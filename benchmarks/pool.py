@@ -114,6 +114,7 @@ def main() -> None:
     p.add_argument("--max-batch-size", type=int, default=4)
     p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--window", type=int, default=2, help="requests each caller keeps in flight")
+    p.add_argument("--no-compile", action="store_true", help="eager bf16 on both sides (no torch.compile)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-write", action="store_true", help="print only; do not append to results/pool.jsonl")
     args = p.parse_args()
@@ -125,7 +126,8 @@ def main() -> None:
     callers_list = [int(c) for c in args.callers.split(",")]
     device = "cuda" if cuda else "cpu"
     emitter = Emitter("pool", write=not args.no_write)
-    base = {"preset": args.preset, "height": args.height, "width": args.width, "request_frames": args.request_frames,
+    compile_ = cuda and not args.no_compile
+    base = {"compiled": compile_, "preset": args.preset, "height": args.height, "width": args.width, "request_frames": args.request_frames,
             "max_batch_size": args.max_batch_size, "replicas": 1}
 
     import ray
@@ -137,12 +139,15 @@ def main() -> None:
         ckpt = make_checkpoint(args.preset, args.checkpoint, tmp)
         h, w, rf = args.height, args.width, args.request_frames
 
+        # batch sizes the runs can produce: whole requests up to max_batch_size (a 4-frame request never splits)
+        warm_sizes = sorted({min(k * rf, args.max_batch_size) for k in range(1, args.max_batch_size // rf + 1)} or {rf})
+
         def requests_for(c):
             return max(1, frames_total // (c * rf))
 
         # in-process first (its own GPU memory is freed before the replica loads)
-        runner = FixerRunner.from_checkpoint(ckpt, device=device, compile=cuda)
-        for b in sorted({1, rf, args.max_batch_size}):  # warm up every batch size torch.compile specializes on
+        runner = FixerRunner.from_checkpoint(ckpt, device=device, compile=compile_)
+        for b in warm_sizes:  # warm up every batch size torch.compile specializes on
             runner.fix(frames_for(0, b, h, w))
         inproc = {}
         for c in callers_list:
@@ -156,9 +161,10 @@ def main() -> None:
         client = pool.start_pool(ckpt, name="difix3d-bench-pool", min_replicas=1, max_replicas=1,
                                  num_gpus_per_replica=1.0 if cuda else 0.0, num_cpus_per_replica=1,
                                  max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-                                 max_inflight_frames=max(64, 4 * args.max_batch_size), stats_window_s=3600)
+                                 max_inflight_frames=max(64, 4 * args.max_batch_size), stats_window_s=3600,
+                                 compile=compile_)
         try:
-            for b in sorted({1, rf, args.max_batch_size}):
+            for b in warm_sizes:
                 client.fix(frames_for(0, b, h, w))
             for c in callers_list:
                 before = client.stats()
