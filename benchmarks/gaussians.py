@@ -36,6 +36,7 @@ def main(argv=None) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "gsplat", "torch"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-quality", action="store_true")
+    p.add_argument("--skip-speed", action="store_true", help="only the baseline-quality run")
     p.add_argument("--no-write", action="store_true", help="print figures without appending them to results/")
     a = p.parse_args(argv)
 
@@ -66,35 +67,36 @@ def main(argv=None) -> None:
         print(f"# segment {frames} frames × 3 cameras at {H}×{W} in {time.perf_counter() - t0:.1f}s", flush=True)
 
         # ---- speed: fixed count, densification off ------------------------------------------------------------
-        cfg = GaussianConfig(iterations=max(timing_iters, 1), densify=False, backend=backend)
-        model = GaussianSplat.from_scene(scene, cfg, device=device)
-        views = load_views(scene, "train")
-        images = [v.image[None].to(device) for v in views]
+        if not a.skip_speed:
+            cfg = GaussianConfig(iterations=max(timing_iters, 1), densify=False, backend=backend)
+            model = GaussianSplat.from_scene(scene, cfg, device=device)
+            views = load_views(scene, "train")
+            images = [v.image[None].to(device) for v in views]
 
-        def step(i):
-            model.train_step([views[i % len(views)].camera], images[i % len(views)])
+            def step(i):
+                model.train_step([views[i % len(views)].camera], images[i % len(views)])
 
-        for i in range(min(5, timing_iters)):  # warm-up (kernel JIT, allocator)
-            step(i)
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        for i in range(timing_iters):
-            step(i)
-        if cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        settings = dict(backend=backend, num_gaussians=model.num_primitives, height=H, width=W, batch=1)
-        em.emit("iters_per_s", timing_iters / seconds, "it/s", **settings)
-        if cuda:
-            em.emit("peak_mem_gb", torch.cuda.max_memory_allocated() / 1e9, "GB", **settings)
-        else:
-            import resource
+            for i in range(min(5, timing_iters)):  # warm-up (kernel JIT, allocator)
+                step(i)
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            for i in range(timing_iters):
+                step(i)
+            if cuda:
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+            settings = dict(backend=backend, num_gaussians=model.num_primitives, height=H, width=W, batch=1)
+            em.emit("iters_per_s", timing_iters / seconds, "it/s", **settings)
+            if cuda:
+                em.emit("peak_mem_gb", torch.cuda.max_memory_allocated() / 1e9, "GB", **settings)
+            else:
+                import resource
 
-            em.emit("peak_mem_gb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, "GB",
-                    **settings, memory="process max RSS (CPU)")
-        del model, images
+                em.emit("peak_mem_gb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, "GB",
+                        **settings, memory="process max RSS (CPU)")
+            del model, images
 
         # ---- baseline quality on lane-shift views ------------------------------------------------------------
         if a.skip_quality:
