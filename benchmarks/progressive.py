@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = {"height": args.height, "width": args.width, "iterations": iters, "frames": args.frames,
                     "seed": args.seed, "representation": representation}
         if name == "oracle":
-            fixer = OracleViewFixer(load_street_scene(segment).render)
+            fixer = OracleViewFixer(load_street_scene(segment, device=args.device).render)
         elif name == "trained":
             fixer = _checkpoint_fixer(args.checkpoint, args.device) if args.checkpoint else as_view_fixer(None)
         else:

@@ -144,7 +144,10 @@ def make_segment(out_uri: str, seed: int = 0, frames: int = 64, height: int = 57
     return load_driving(out_uri)
 
 
-def load_street_scene(segment_uri: str) -> StreetScene:
-    """The :class:`StreetScene` a synthetic segment was rendered from (for exact ground truth at any camera)."""
+def load_street_scene(segment_uri: str, device: str | None = "cpu") -> StreetScene:
+    """The :class:`StreetScene` a synthetic segment was rendered from (for exact ground truth at any camera).
+
+    ``device``: where rays are cast ("cpu" is bit-identical across machines; None picks CUDA when present, which
+    a 576×1024 oracle needs to keep up with training)."""
     meta = storage.read_json(storage.join(segment_uri, SYNTHETIC_FILE))
-    return StreetScene(meta["seed"], layout=StreetLayout(**meta["layout"]))
+    return StreetScene(meta["seed"], layout=StreetLayout(**meta["layout"]), device=device)
