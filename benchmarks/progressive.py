@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="where scenes and outputs go (default: a temporary folder)")
     p.add_argument("--representations", default="3dgs", help="comma list of 3dgs, nerfacto")
     p.add_argument("--nerf-iters", type=int, default=None, help="iterations of the nerfacto runs (default --iters)")
+    p.add_argument("--inline-writes", action="store_true",
+                   help="write round state and pseudo views on the training thread (the naive path, to compare)")
     p.add_argument("--device", default=None)
     p.add_argument("--quick", action="store_true", help="144x256, 6 frames, 600 iterations")
     p.add_argument("--no-write", action="store_true", help="print only; do not append to benchmarks/results")
@@ -66,8 +68,8 @@ def main(argv: list[str] | None = None) -> None:
             # the original schedule (first round at 3 000, then every 2 000 of 30 000) scaled to the budget
             schedule=ProgressiveSchedule(pretrain_iters=max(1, iters // 10), round_every=max(1, iters // 15)),
             target_splits=("shift_1m", "shift_2m", "shift_3m"),
-            eval_splits=("test", "shift_1m", "shift_2m", "shift_3m"))
-        settings = {"height": args.height, "width": args.width, "iterations": iters, "frames": args.frames,
+            eval_splits=("test", "shift_1m", "shift_2m", "shift_3m"), background_writes=not args.inline_writes)
+        settings = {"background_writes": not args.inline_writes, "height": args.height, "width": args.width, "iterations": iters, "frames": args.frames,
                     "seed": args.seed, "representation": representation}
         if name == "oracle":
             fixer = OracleViewFixer(load_street_scene(segment, device=args.device).render)
@@ -92,6 +94,9 @@ def main(argv: list[str] | None = None) -> None:
             emitter.emit("wall_ratio_vs_plain", result.timings["wall_ratio_vs_plain"], "x", **settings, fixer=name,
                          frames_fixed=result.frames_fixed, rounds=result.num_rounds,
                          progressive_train_s=result.timings.get("progressive_train_s"),
+                         round_save_s=result.timings.get("round_save_s"),
+                         round_render_s=result.timings.get("round_render_s"),
+                         fix_wait_s=result.timings.get("fix_wait_s"),
                          baseline_train_s=result.timings.get("baseline_train_s"))
         if "post_render_ms_per_frame" in result.timings:
             emitter.emit("post_render_ms_per_frame", result.timings["post_render_ms_per_frame"], "ms", **settings,

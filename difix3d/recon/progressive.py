@@ -22,6 +22,7 @@ import torch
 
 from difix3d import imageio, storage
 from difix3d.device import default_device
+from difix3d.recon.background_writes import BackgroundWriter, save_torch, snapshot
 from difix3d.recon.outputs import METHODS, SceneOutputs
 from difix3d.recon.schedule import ProgressiveSchedule, PseudoViewSampling, nearest_index
 from difix3d.recon.view_fixers import ViewFixer, as_view_fixer
@@ -66,6 +67,8 @@ class ProgressiveConfig:
     """Renders per fixer request."""
     lpips: bool = True
     """Report LPIPS when its pretrained weights are on this machine (never downloads)."""
+    background_writes: bool = True
+    """Write each round's state and pseudo views on a writer thread while training goes on (False: inline)."""
 
     @classmethod
     def tiny(cls) -> "ProgressiveConfig":
@@ -174,10 +177,17 @@ class ProgressiveLoop:
         self.iteration = 0
         self.num_rounds = 0
         self.frames_fixed = 0
-        self.timings = {"progressive_train_s": 0.0, "fix_wait_s": 0.0, "round_render_s": 0.0}
+        self.timings = {"progressive_train_s": 0.0, "fix_wait_s": 0.0, "round_render_s": 0.0, "round_save_s": 0.0}
+        self.writer = BackgroundWriter(enabled=config.background_writes)
 
     def run(self):
         """Train to the budget (resuming if a saved state exists); returns the representation."""
+        try:
+            return self._run()
+        finally:
+            self.writer.close()  # an interrupted run still leaves its last round's state whole on storage
+
+    def _run(self):
         rep = _new_representation(self.scene, self.config, self.device)
         if storage.exists(self.out.state(self.STATE_FILE)):
             self._load(rep)
@@ -206,6 +216,7 @@ class ProgressiveLoop:
         self.iteration = self.iterations
         self.timings["progressive_train_s"] = elapsed0 + time.perf_counter() - t_start
         self._save(rep)
+        self.writer.flush()
         if bar is not None:
             bar.close()
         return rep
@@ -253,7 +264,7 @@ class ProgressiveLoop:
         TrainingView = _training_view_class()
         weight = self.config.sampling.loss_weight(True)
         for cam, image, mask in zip(p.cameras, fixed, p.masks):
-            imageio.write_image(self.out.pseudo(p.round_index, cam.name), image)
+            self.writer.submit(imageio.write_image, self.out.pseudo(p.round_index, cam.name), image.copy())
             self.pseudo[p.round_index].append(
                 TrainingView(camera=cam, image=imageio.to_tensor(image)[0], weight=weight, mask=mask,
                              is_pseudo=True))
@@ -262,6 +273,8 @@ class ProgressiveLoop:
     # ---------------------------------------------------------------- resume
 
     def _save(self, rep) -> None:
+        """Snapshot the state on this thread (consistent: training waits for the copy), write it on the writer's."""
+        t0 = time.perf_counter()
         state = {
             "iteration": self.iteration, "num_rounds": self.num_rounds, "frames_fixed": self.frames_fixed,
             "rng": self.rng.getstate(), "timings": dict(self.timings), "representation": rep.state_dict(),
@@ -269,9 +282,8 @@ class ProgressiveLoop:
             "pseudo": [[{"camera": v.camera.to_dict(), "mask": None if v.mask is None else v.mask.bool()}
                         for v in views] for views in self.pseudo],
         }
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        storage.write_bytes(self.out.state(self.STATE_FILE), buf.getvalue())
+        self.writer.submit(save_torch, self.out.state(self.STATE_FILE), snapshot(state), state=True)
+        self.timings["round_save_s"] += time.perf_counter() - t0
 
     def _load(self, rep) -> None:
         data = storage.read_bytes(self.out.state(self.STATE_FILE))
