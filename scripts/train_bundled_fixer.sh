@@ -14,6 +14,6 @@ python3 -m difix3d.cli synth "$WORK/segments" --segments "$SEGMENTS" --frames "$
 python3 jobs/curate.py --scenes "$WORK/segments" --output "$WORK/pairs" --tiny --iterations "$ITERS" \
     --strategies sparse,underfit,cross_camera --min-psnr 8 --max-psnr 40
 python3 jobs/finetune.py --train-shards "$WORK/pairs/shards" --init tiny --steps "$STEPS" --batch-size "$BATCH" \
-    --height "$H" --width "$W" --num-workers 1 $GPU_FLAG --loss.lpips 0 --loss.gram 0 --lr 2e-4 \
+    --height "$H" --width "$W" --num-workers 1 $GPU_FLAG --loss.lpips 0 --loss.gram 0 --lr 1e-3 --train-vae \
     --name bundled-tiny --storage-path "$WORK/runs" --export-uri "$WORK/difix-tiny" --val-every "$STEPS" --ckpt-every "$STEPS"
 echo "exported: $WORK/difix-tiny (copy it over difix3d/assets/difix-tiny to bundle it)"

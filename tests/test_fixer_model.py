@@ -107,6 +107,31 @@ def test_training_pattern_and_gradients():
     assert named["vae.encoder.conv_in.base_layer.weight"].grad is None
 
 
+def test_train_vae_makes_a_random_preset_learn_to_reproduce_its_input():
+    """With the paper's pattern a random tiny VAE stays frozen and the fixer cannot even copy its input; with
+    ``train_vae`` the same budget gets it most of the way (why the bundled tiny fixer trains its VAE)."""
+    torch.manual_seed(0)
+    # smooth images (a real photo's statistics, roughly): low-frequency noise upsampled
+    images = torch.nn.functional.interpolate(torch.rand(8, 3, 8, 8) * 2 - 1, size=(32, 32), mode="bilinear")
+
+    def psnr_after(train_vae: bool) -> float:
+        model = build_model("tiny", seed=0)
+        counts = model.prepare_for_training(train_vae=train_vae)
+        assert (counts["vae_base"] > 0) == train_vae
+        opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
+        for _ in range(60):
+            loss = torch.nn.functional.mse_loss(model(images), images)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            mse = ((model(images) - images) / 2).pow(2).mean()
+        return float(-10 * torch.log10(mse))
+
+    frozen, trained = psnr_after(False), psnr_after(True)
+    assert trained > frozen + 2.0, (frozen, trained)
+
+
 def test_sd_turbo_architecture_param_counts():
     m = build_model("sd-turbo", device="meta")  # nothing allocated
     unet = sum(p.numel() for p in m.unet.parameters())

@@ -133,13 +133,15 @@ class DifixModel(nn.Module):
         return merged
 
     # --- training ------------------------------------------------------------------------------------------------
-    def prepare_for_training(self) -> dict[str, int]:
+    def prepare_for_training(self, train_vae: bool = False) -> dict[str, int]:
         """The paper's pattern: UNet fully trainable, decoder LoRA and skip convs trainable, encoder frozen.
-        Returns the parameter counts (``unet``, ``decoder_lora``, ``skip_convs``, ``trainable``, ``frozen``)."""
+        ``train_vae``: the whole VAE trainable as well (a preset built from random weights has no pretrained
+        autoencoder to keep). Returns the parameter counts (``unet``, ``decoder_lora``, ``skip_convs``, ``vae_base``,
+        ``trainable``, ``frozen``)."""
         self.requires_grad_(False)
         self.unet.requires_grad_(True)
         for name, p in self.vae.named_parameters():
-            if name.startswith("decoder.") and ("lora_" in name or ".skip_conv_" in name):
+            if train_vae or (name.startswith("decoder.") and ("lora_" in name or ".skip_conv_" in name)):
                 p.requires_grad_(True)
         return self.parameter_counts()
 
@@ -153,6 +155,8 @@ class DifixModel(nn.Module):
             "unet": sum(p.numel() for n, p in trainable.items() if n.startswith("unet.")),
             "decoder_lora": sum(p.numel() for n, p in trainable.items() if "lora_" in n and ".skip_conv_" not in n),
             "skip_convs": sum(p.numel() for n, p in trainable.items() if ".skip_conv_" in n),
+            "vae_base": sum(p.numel() for n, p in trainable.items()
+                            if n.startswith("vae.") and "lora_" not in n and ".skip_conv_" not in n),
             "trainable": sum(p.numel() for p in trainable.values()),
             "frozen": sum(p.numel() for n, p in named.items() if not p.requires_grad),
         }

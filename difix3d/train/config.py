@@ -58,6 +58,10 @@ class FinetuneConfig:
     width: int = 512
     mixed_precision: str = "bf16"  # "bf16" autocast on CUDA with fp32 master weights, or "no"; CPU always fp32
     gradient_checkpointing: bool = False
+    # Also train the VAE's own weights (encoder and decoder). The paper freezes them because SD-Turbo's autoencoder
+    # is pretrained; a preset started from random weights (``tiny``) has no autoencoder to freeze, and with it
+    # frozen the fixer cannot even reproduce its input.
+    train_vae: bool = False
     use_reference: bool = True  # train the reference view too when a row has one (losses over both views)
     loss: LossWeights = field(default_factory=LossWeights)
 

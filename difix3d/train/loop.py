@@ -44,7 +44,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     device = ray.train.torch.get_device()
 
     model, state = _initial_model_and_state(cfg, ray.train.get_checkpoint())
-    counts = model.prepare_for_training()  # paper: UNet full, decoder LoRA + skip convs, encoder frozen
+    # paper: UNet full, decoder LoRA + skip convs, encoder frozen (train_vae: the whole VAE too, for random presets)
+    counts = model.prepare_for_training(train_vae=cfg.train_vae)
     if cfg.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
     net = ray.train.torch.prepare_model(AllViewsFixer(model))  # moves to device; DDP when world > 1
@@ -74,7 +75,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if logger:
         logger.console(f"fine-tuning {cfg.init} from step {step} on {world} worker(s) ({device.type}); "
                        f"trainable {counts['trainable']:,} (unet {counts['unet']:,}, decoder LoRA "
-                       f"{counts['decoder_lora']:,}, skip convs {counts['skip_convs']:,}), frozen {counts['frozen']:,}")
+                       f"{counts['decoder_lora']:,}, skip convs {counts['skip_convs']:,}, "
+                       f"VAE base {counts['vae_base']:,}), frozen {counts['frozen']:,}")
 
     seen: dict[str, None] = {}
     window = {"total": 0.0, "l2": 0.0, "lpips": 0.0, "gram": 0.0, "n": 0}
