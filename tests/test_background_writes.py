@@ -54,3 +54,20 @@ def test_inline_when_disabled_and_state_round_trips(tmp_path):
     writer.submit(save_torch, uri, {"t": torch.arange(4)}, state=True)
     assert torch.equal(torch.load(uri)["t"], torch.arange(4))  # written before submit returned
     writer.close()
+
+
+def test_writes_after_a_failure_are_skipped_so_no_state_names_a_missing_view(tmp_path):
+    writer = BackgroundWriter()
+    release = threading.Event()
+
+    def failing_view_write():
+        release.wait(5)
+        raise OSError("disk full")
+
+    uri = str(tmp_path / "state.pt")
+    writer.submit(failing_view_write)
+    writer.submit(save_torch, uri, {"t": torch.zeros(1)}, state=True)  # queued behind the failing write
+    release.set()
+    with pytest.raises(OSError, match="disk full"):
+        writer.close()
+    assert not (tmp_path / "state.pt").exists()

@@ -153,7 +153,8 @@ class DifixModel(nn.Module):
         trainable = {n: p for n, p in named.items() if p.requires_grad}
         return {
             "unet": sum(p.numel() for n, p in trainable.items() if n.startswith("unet.")),
-            "decoder_lora": sum(p.numel() for n, p in trainable.items() if "lora_" in n and ".skip_conv_" not in n),
+            "decoder_lora": sum(p.numel() for n, p in trainable.items()
+                                if n.startswith("vae.decoder.") and "lora_" in n and ".skip_conv_" not in n),
             "skip_convs": sum(p.numel() for n, p in trainable.items() if ".skip_conv_" in n),
             "vae_base": sum(p.numel() for n, p in trainable.items()
                             if n.startswith("vae.") and "lora_" not in n and ".skip_conv_" not in n),

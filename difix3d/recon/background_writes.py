@@ -42,7 +42,8 @@ def save_torch(uri: str, state: Any) -> None:
 class BackgroundWriter:
     """One writer thread, first in first out; at most one large state in flight (a new one waits for the last).
 
-    A failed write is raised at the next ``submit``/``flush``, so an error never passes silently.
+    A failed write is raised at the next ``submit``/``flush``, so an error never passes silently; every write queued
+    after it is skipped, so a state file never lands on storage after a pseudo view it names failed to.
     """
 
     def __init__(self, enabled: bool = True):
@@ -50,6 +51,7 @@ class BackgroundWriter:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="difix3d-writes") if enabled else None
         self._pending: list[Future] = []
         self._last_state: Future | None = None
+        self._failed: BaseException | None = None
 
     def submit(self, fn: Callable, *args, state: bool = False) -> None:
         """Run ``fn(*args)`` on the writer thread (inline when disabled). ``state=True`` for large snapshots."""
@@ -57,12 +59,27 @@ class BackgroundWriter:
         if not self.enabled:
             fn(*args)
             return
-        if state and self._last_state is not None:
-            self._last_state.result()  # bounds host memory to one snapshot being written
-        future = self._pool.submit(fn, *args)
+        if state:
+            self.wait_state()
+        future = self._pool.submit(self._guarded, fn, *args)
         self._pending.append(future)
         if state:
             self._last_state = future
+
+    def wait_state(self) -> None:
+        """Wait until the last state write is done: call before taking the next snapshot, so host memory holds at
+        most one snapshot being written and one being taken."""
+        if self._last_state is not None:
+            self._last_state.result()
+
+    def _guarded(self, fn: Callable, *args) -> None:
+        if self._failed is not None:
+            raise RuntimeError("write skipped: an earlier background write failed") from self._failed
+        try:
+            fn(*args)
+        except BaseException as e:
+            self._failed = e
+            raise
 
     def flush(self) -> None:
         """Wait for every write; raise the first error."""

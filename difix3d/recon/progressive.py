@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import random
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,9 @@ from difix3d.recon.outputs import METHODS, SceneOutputs
 from difix3d.recon.schedule import ProgressiveSchedule, PseudoViewSampling, nearest_index
 from difix3d.recon.view_fixers import ViewFixer, as_view_fixer
 from difix3d.scene.camera import Camera
+
+
+log = logging.getLogger(__name__)
 
 
 def _gaussian_config():
@@ -183,9 +187,15 @@ class ProgressiveLoop:
     def run(self):
         """Train to the budget (resuming if a saved state exists); returns the representation."""
         try:
-            return self._run()
-        finally:
-            self.writer.close()  # an interrupted run still leaves its last round's state whole on storage
+            rep = self._run()
+        except BaseException:
+            try:
+                self.writer.close()  # an interrupted run still leaves its last round's state whole on storage
+            except Exception as e:  # the training error is the one to raise; the write error is logged
+                log.warning("progressive loop of %s: a background write failed too: %s", self.scene.name, e)
+            raise
+        self.writer.close()
+        return rep
 
     def _run(self):
         rep = _new_representation(self.scene, self.config, self.device)
@@ -275,6 +285,7 @@ class ProgressiveLoop:
     def _save(self, rep) -> None:
         """Snapshot the state on this thread (consistent: training waits for the copy), write it on the writer's."""
         t0 = time.perf_counter()
+        self.writer.wait_state()
         state = {
             "iteration": self.iteration, "num_rounds": self.num_rounds, "frames_fixed": self.frames_fixed,
             "rng": self.rng.getstate(), "timings": dict(self.timings), "representation": rep.state_dict(),

@@ -53,6 +53,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
     step, start = 0, (0, 0)
     if state is not None:
+        saved_train_vae = bool(state.get("config", {}).get("train_vae", False))
+        if saved_train_vae != cfg.train_vae:
+            raise ValueError(f"run {cfg.name!r} was started with train_vae={saved_train_vae} and is resumed with "
+                             f"train_vae={cfg.train_vae}: the trained parameters differ, so its optimizer state does "
+                             "not fit; resume with the same setting or start a new --name")
         opt.load_state_dict(state["optimizer"])
         step = int(state["step"])
         streams = state["streams"]
