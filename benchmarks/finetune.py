@@ -78,6 +78,7 @@ def throughput(args: argparse.Namespace) -> None:
 def heldout_gain(args: argparse.Namespace) -> None:
     import torch
 
+    from difix3d.eval.metrics import ssim
     from difix3d.fixer.checkpoint import load_checkpoint
     from difix3d.imageio import to_tensor
     from difix3d.train.data import ShardIndex, read_rows
@@ -85,7 +86,7 @@ def heldout_gain(args: argparse.Namespace) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_checkpoint(args.checkpoint, device=device)
     rows = read_rows(ShardIndex.build(args.heldout), args.max_rows)
-    gains, before_all, after_all = [], [], []
+    gains, before_all, after_all, ssim_before, ssim_after = [], [], [], [], []
     with torch.no_grad():
         for r in rows:
             h, w = (r["target"].shape[0] // 8) * 8, (r["target"].shape[1] // 8) * 8  # the fixer needs multiples of 8
@@ -96,8 +97,11 @@ def heldout_gain(args: argparse.Namespace) -> None:
             before_all.append(before)
             after_all.append(after)
             gains.append(after - before)
+            ssim_before.append(float(ssim((x + 1) / 2, (t + 1) / 2).mean()))
+            ssim_after.append(float(ssim((out.clamp(-1, 1) + 1) / 2, (t + 1) / 2).mean()))
     settings = dict(preset=model.config.preset, checkpoint=args.checkpoint, heldout=args.heldout, pairs=len(rows),
-                    psnr_before_db=float(np.mean(before_all)), psnr_after_db=float(np.mean(after_all)))
+                    psnr_before_db=float(np.mean(before_all)), psnr_after_db=float(np.mean(after_all)),
+                    ssim_before=float(np.mean(ssim_before)), ssim_after=float(np.mean(ssim_after)))
     emit("heldout_psnr_gain_db", float(np.mean(gains)), "dB", **settings)
 
 
