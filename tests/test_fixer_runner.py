@@ -108,7 +108,7 @@ def test_bundled_checkpoint_is_small_tiny_and_warns(caplog):
     bundled._warned = False
     with caplog.at_level(logging.WARNING, logger="difix3d.fixer.bundled"):
         path = default_checkpoint()
-    assert "does not remove artifacts" in caplog.text
+    assert "no substitute for a real Difix" in caplog.text
     assert os.path.getsize(os.path.join(path, "model.safetensors")) < 8.5e6
     from difix3d.fixer.checkpoint import load_checkpoint
 
