@@ -39,6 +39,8 @@ def main(argv=None) -> None:
     p.add_argument("--skip-speed", action="store_true", help="only the baseline-quality run")
     p.add_argument("--no-write", action="store_true", help="print figures without appending them to results/")
     a = p.parse_args(argv)
+    if a.skip_speed and a.skip_quality:
+        p.error("--skip-speed and --skip-quality together leave nothing to measure")
 
     import torch
 

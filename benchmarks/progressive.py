@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
             fixer = _checkpoint_fixer(args.checkpoint, args.device) if args.checkpoint else as_view_fixer(None)
         else:
             raise SystemExit(f"unknown fixer {name!r} (oracle | trained)")
-        result = reconstruct_scene(scene, os.path.join(root, f"out-{representation}-{name}"), config, fixer,
+        result = reconstruct_scene(scene, os.path.join(root, f"out-{representation}-{name}" + ("-inline" if args.inline_writes else "")), config, fixer,
                                    progress=True,
                                    device=args.device)
         for split, methods in result.metrics.items():
