@@ -105,6 +105,15 @@ def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
 
 
+def write_torch(uri: str, obj: Any) -> None:
+    """``torch.save(obj)`` to ``uri``, atomically (:func:`write_bytes`)."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes(uri, buf.getvalue())
+
+
 def read_json(uri: str) -> Any:
     text = read_text(uri)
     try:

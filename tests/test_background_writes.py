@@ -4,7 +4,8 @@ import threading
 import pytest
 import torch
 
-from difix3d.recon.background_writes import BackgroundWriter, save_torch, snapshot
+from difix3d.recon.background_writes import BackgroundWriter, snapshot
+from difix3d.storage import write_torch as save_torch
 
 
 def test_snapshot_copies_every_tensor_even_on_cpu():

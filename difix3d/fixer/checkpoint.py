@@ -13,7 +13,6 @@ Nothing reaches the network: a hub id is looked up in the local cache only.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -192,9 +191,7 @@ def save_official_pkl(model: DifixModel, path: str) -> None:
           "state_dict_vae": {k: v for k, v in model.vae.state_dict().items() if "lora" in k or "skip" in k},
           "rank_vae": model.config.lora_rank, "vae_lora_target_modules": list(model.config.lora_targets),
           "optimizer": {}}
-    buf = io.BytesIO()
-    torch.save(sd, buf)
-    storage.write_bytes(path, buf.getvalue())
+    storage.write_torch(path, sd)
 
 
 # --- nvidia/difix diffusers folder ---------------------------------------------------------------------------------

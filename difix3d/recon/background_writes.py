@@ -8,13 +8,10 @@ in submission order, so a state file is never on storage before the pseudo views
 
 from __future__ import annotations
 
-import io
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 import torch
-
-from difix3d import storage
 
 
 def snapshot(obj: Any) -> Any:
@@ -30,13 +27,6 @@ def snapshot(obj: Any) -> Any:
         items = [snapshot(v) for v in obj]
         return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
     return obj
-
-
-def save_torch(uri: str, state: Any) -> None:
-    """``torch.save`` to any storage URI (atomic: storage.write_bytes)."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    storage.write_bytes(uri, buf.getvalue())
 
 
 class BackgroundWriter:

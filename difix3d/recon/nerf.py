@@ -420,9 +420,7 @@ class NerfactoScene(Representation):
         """A torch file (``torch.save``) with the weights, config and normalization; optimizers are left out.
         Load it with :meth:`load`."""
         state = {k: v for k, v in self.state_dict().items() if k not in ("optimizers", "schedulers", "generator")}
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        storage.write_bytes(uri, buf.getvalue())
+        storage.write_torch(uri, state)
 
     @classmethod
     def load(cls, uri: str, device=None) -> "NerfactoScene":

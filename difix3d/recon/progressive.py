@@ -23,7 +23,7 @@ import torch
 
 from difix3d import imageio, storage
 from difix3d.device import default_device
-from difix3d.recon.background_writes import BackgroundWriter, save_torch, snapshot
+from difix3d.recon.background_writes import BackgroundWriter, snapshot
 from difix3d.recon.outputs import METHODS, SceneOutputs
 from difix3d.recon.schedule import ProgressiveSchedule, PseudoViewSampling, nearest_index
 from difix3d.recon.view_fixers import ViewFixer, as_view_fixer
@@ -225,8 +225,7 @@ class ProgressiveLoop:
         self._drain()
         self.iteration = self.iterations
         self.timings["progressive_train_s"] = elapsed0 + time.perf_counter() - t_start
-        self._save(rep)
-        self.writer.flush()
+        self._save(rep)  # written by the time run() returns: run() closes the writer
         if bar is not None:
             bar.close()
         return rep
@@ -293,7 +292,7 @@ class ProgressiveLoop:
             "pseudo": [[{"camera": v.camera.to_dict(), "mask": None if v.mask is None else v.mask.bool()}
                         for v in views] for views in self.pseudo],
         }
-        self.writer.submit(save_torch, self.out.state(self.STATE_FILE), snapshot(state), state=True)
+        self.writer.submit(storage.write_torch, self.out.state(self.STATE_FILE), snapshot(state), state=True)
         self.timings["round_save_s"] += time.perf_counter() - t0
 
     def _load(self, rep) -> None:

@@ -180,12 +180,11 @@ def evaluate(representation: Representation, views: list[TrainingView], batch: i
 def save_checkpoint(uri: str, representation: Representation, generator: torch.Generator,
                     history: list[dict] | None = None) -> None:
     """Representation state + sampling/global RNG states, written atomically: a resumed run repeats exactly."""
-    buf = io.BytesIO()
-    torch.save({"format": "difix3d.recon.trainer/1", "representation": representation.state_dict(),
-                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "history": history or []}, buf)
-    storage.write_bytes(uri, buf.getvalue())
+    storage.write_torch(uri, {
+        "format": "difix3d.recon.trainer/1", "representation": representation.state_dict(),
+        "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "history": history or []})
 
 
 def load_checkpoint(uri: str, representation: Representation, generator: torch.Generator | None = None) -> list[dict]:
