@@ -107,6 +107,36 @@ def test_training_pattern_and_gradients():
     assert named["vae.encoder.conv_in.base_layer.weight"].grad is None
 
 
+@pytest.mark.parametrize("train_vae", [False, True])
+def test_gradient_checkpointing_recomputes_vae_blocks_with_the_same_gradients(monkeypatch, train_vae):
+    import torch.utils.checkpoint as tuc
+
+    x, ref = _img(2, 3, 32, 48), _img(2, 3, 32, 48)
+
+    def grads(checkpointing: bool) -> tuple[dict[str, torch.Tensor], int]:
+        model = build_model("tiny", seed=0)
+        model.prepare_for_training(train_vae=train_vae)
+        calls = []
+        real = tuc.checkpoint
+        monkeypatch.setattr(tuc, "checkpoint", lambda fn, *a, **k: calls.append(fn) or real(fn, *a, **k))
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        model.train()
+        model(x, ref).square().mean().backward()
+        with torch.no_grad():  # no recomputation outside training
+            model(x)
+        vae_blocks = set(model.vae.modules())
+        return ({n: p.grad for n, p in model.named_parameters() if p.requires_grad},
+                sum(fn in vae_blocks for fn in calls))
+
+    plain, no_calls = grads(False)
+    ckpt, calls = grads(True)
+    assert no_calls == 0 and calls == 4 + 1 + 1 + 4  # encoder down + mid blocks, decoder mid + up blocks
+    assert plain.keys() == ckpt.keys()
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
 def test_train_vae_makes_a_random_preset_learn_to_reproduce_its_input():
     """With the paper's pattern a random tiny VAE stays frozen and the fixer cannot even copy its input; with
     ``train_vae`` the same budget gets it most of the way (why the bundled tiny fixer trains its VAE)."""

@@ -131,3 +131,14 @@ def test_cuda_bf16_channels_last_matches_fp32(compile):
     assert np.abs(out.astype(int) - cpu.astype(int)).mean() < 6
     t = torch.rand(2, 3, 40, 56, device="cuda")
     assert gpu.fix(t).device.type == "cuda"
+
+
+def test_auto_compile_only_for_large_models_on_cuda():
+    from difix3d.fixer.model import build_model
+    from difix3d.fixer.runner import compile_pays
+
+    tiny, big = build_model("tiny"), build_model("sd-turbo", device="meta")
+    assert not compile_pays(tiny, torch.device("cuda"))  # the bundled demo fixer: compiling costs more than it gains
+    assert compile_pays(big, torch.device("cuda"))
+    assert not compile_pays(big, torch.device("cpu"))
+    assert FixerRunner(tiny, device="cpu", compile=None).compiled is False

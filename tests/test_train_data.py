@@ -120,3 +120,18 @@ def test_gram_loss_sees_texture_and_shared_crop_is_aligned():
     assert float(gram_loss(feats, feats)) == 0
     other = {k: v * 2 for k, v in feats.items()}
     assert float(gram_loss(feats, other)) > 0
+
+
+def test_checkpointed_lpips_gives_the_same_loss_and_gradient():
+    net = build_perceptual_net("random", seed=0)
+    x = torch.rand(2, 3, 24, 24) * 2 - 1
+    y0 = (x + 0.3 * torch.randn_like(x)).clamp(-1, 1)
+    results = []
+    for checkpointing in (False, True):
+        loss = DifixLoss(LossWeights(gram=0.0), net, checkpointing=checkpointing)
+        y = y0.clone().requires_grad_(True)
+        out = loss(y, x, step=0)
+        out["total"].backward()
+        results.append((out["lpips"], y.grad))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    torch.testing.assert_close(results[1][1], results[0][1])

@@ -56,6 +56,7 @@ class DifixModel(nn.Module):
         alpha_bar = _alphas_cumprod(config)[config.timestep].item()
         self.sqrt_alpha_bar = math.sqrt(alpha_bar)
         self.sqrt_one_minus_alpha_bar = math.sqrt(1.0 - alpha_bar)
+        self.vae_checkpointing = False  # recompute the VAE blocks' activations in backward (enable_gradient_checkpointing)
 
     # --- forward -------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,8 +82,8 @@ class DifixModel(nn.Module):
         skips = []
         for block in enc.down_blocks:
             skips.append(h)
-            h = block(h)
-        h = enc.conv_out(enc.conv_act(enc.conv_norm_out(enc.mid_block(h))))
+            h = self._run_block(block, h)
+        h = enc.conv_out(enc.conv_act(enc.conv_norm_out(self._run_block(enc.mid_block, h))))
         if self.vae.quant_conv is not None:
             h = self.vae.quant_conv(h)
         mean, logvar = h.chunk(2, dim=1)
@@ -107,13 +108,22 @@ class DifixModel(nn.Module):
         z = z0 / self.vae.config.scaling_factor
         if self.vae.post_quant_conv is not None:
             z = self.vae.post_quant_conv(z)
-        h = dec.mid_block(dec.conv_in(z), None)
+        h = self._run_block(dec.mid_block, dec.conv_in(z), None)
         h = h.to(next(iter(dec.up_blocks.parameters())).dtype)
         for i, block in enumerate(dec.up_blocks):
             skip_conv = getattr(dec, f"skip_conv_{i + 1}")
             h = h + skip_conv(skips[-1 - i] * self.config.skip_gamma)
-            h = block(h, None)
+            h = self._run_block(block, h, None)
         return dec.conv_out(dec.conv_act(dec.conv_norm_out(h)))
+
+    def _run_block(self, block: nn.Module, *args) -> torch.Tensor:
+        """``block(*args)``, through activation checkpointing while training with ``vae_checkpointing`` on: the
+        full-resolution decoder blocks hold most of a training step's activations (several GB per 576x1024 view)."""
+        if self.vae_checkpointing and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     # --- serving -------------------------------------------------------------------------------------------------
     def merge_lora(self) -> int:
@@ -144,6 +154,12 @@ class DifixModel(nn.Module):
             if train_vae or (name.startswith("decoder.") and ("lora_" in name or ".skip_conv_" in name)):
                 p.requires_grad_(True)
         return self.parameter_counts()
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Trade compute for memory in training: diffusers' UNet checkpointing plus per-block checkpointing of the
+        VAE passes (ours, since :meth:`encode`/:meth:`decode` call the blocks themselves). Gradients are unchanged."""
+        self.unet.enable_gradient_checkpointing()
+        self.vae_checkpointing = True
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

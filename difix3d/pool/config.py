@@ -36,7 +36,7 @@ class PoolConfig:
     dtype: str | None = None
     """``bfloat16``/``float32``/...; None: the runner's default (bf16 on CUDA, fp32 on CPU)."""
     compile: bool | None = None
-    """torch.compile the fixer in each replica; None: on CUDA only."""
+    """torch.compile the fixer in each replica; None: on CUDA for large models only (``runner.COMPILE_MIN_PARAMS``)."""
     max_batches_per_replica: int = 2
     """Batches sent to one replica at once: one computing, one waiting, so the GPU never waits on the router."""
 

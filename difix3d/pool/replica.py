@@ -26,8 +26,6 @@ class FixerReplica:
 
         if device is None:
             device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-        if compile is None:
-            compile = device.startswith("cuda")
         torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         self.device = device
         try:

@@ -38,9 +38,11 @@ class DifixLoss(nn.Module):
     by prediction and target.
     """
 
-    def __init__(self, weights: LossWeights, perceptual: nn.Module | None = None, seed: int = 0):
+    def __init__(self, weights: LossWeights, perceptual: nn.Module | None = None, seed: int = 0,
+                 checkpointing: bool = False):
         super().__init__()
         self.weights = weights
+        self.checkpointing = checkpointing  # recompute LPIPS's full-resolution VGG activations in backward
         needs_net = weights.lpips > 0 or weights.gram > 0
         if needs_net and perceptual is None:
             raise ValueError("LPIPS/Gram weights are non-zero: pass a perceptual network (build_perceptual_net)")
@@ -57,13 +59,20 @@ class DifixLoss(nn.Module):
         w = self.weights
         zero = pred.new_zeros((), dtype=torch.float32)
         l2 = F.mse_loss(pred.float(), target.float())
-        lp = self.perceptual(pred, target).mean().float() if w.lpips > 0 else zero
+        lp = self._lpips(pred, target).mean().float() if w.lpips > 0 else zero
         gram = zero
         if w.gram > 0 and step >= w.gram_warmup_steps:
             p, t = shared_random_crop(pred, target, w.gram_crop, self._crop_rng)
             gram = gram_loss(self.vgg_features(p), self.vgg_features(t))
         total = w.l2 * l2 + w.lpips * lp + w.gram * gram
         return {"total": total, "l2": l2.detach(), "lpips": lp.detach(), "gram": gram.detach()}
+
+    def _lpips(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.checkpointing and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self.perceptual, pred, target, use_reentrant=False)
+        return self.perceptual(pred, target)
 
     def vgg_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """VGG16 relu1_2 ... relu5_3 of ``x`` in [-1, 1] (the LPIPS backbone with its ImageNet scaling)."""
