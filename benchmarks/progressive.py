@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--nerf-iters", type=int, default=None, help="iterations of the nerfacto runs (default --iters)")
     p.add_argument("--inline-writes", action="store_true",
                    help="write round state and pseudo views on the training thread (the naive path, to compare)")
+    p.add_argument("--save-every-round", action="store_true",
+                   help="every round waits for and writes its state (default: skip while the last write runs)")
     p.add_argument("--device", default=None)
     p.add_argument("--quick", action="store_true", help="144x256, 6 frames, 600 iterations")
     p.add_argument("--no-write", action="store_true", help="print only; do not append to benchmarks/results")
@@ -68,8 +70,10 @@ def main(argv: list[str] | None = None) -> None:
             # the original schedule (first round at 3 000, then every 2 000 of 30 000) scaled to the budget
             schedule=ProgressiveSchedule(pretrain_iters=max(1, iters // 10), round_every=max(1, iters // 15)),
             target_splits=("shift_1m", "shift_2m", "shift_3m"),
-            eval_splits=("test", "shift_1m", "shift_2m", "shift_3m"), background_writes=not args.inline_writes)
-        settings = {"background_writes": not args.inline_writes, "height": args.height, "width": args.width, "iterations": iters, "frames": args.frames,
+            eval_splits=("test", "shift_1m", "shift_2m", "shift_3m"), background_writes=not args.inline_writes,
+            save_every_round=args.save_every_round)
+        settings = {"background_writes": not args.inline_writes, "save_every_round": args.save_every_round,
+                    "height": args.height, "width": args.width, "iterations": iters, "frames": args.frames,
                     "seed": args.seed, "representation": representation}
         if name == "oracle":
             fixer = OracleViewFixer(load_street_scene(segment, device=args.device).render)
@@ -77,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
             fixer = _checkpoint_fixer(args.checkpoint, args.device) if args.checkpoint else as_view_fixer(None)
         else:
             raise SystemExit(f"unknown fixer {name!r} (oracle | trained)")
-        result = reconstruct_scene(scene, os.path.join(root, f"out-{representation}-{name}" + ("-inline" if args.inline_writes else "")), config, fixer,
+        result = reconstruct_scene(scene, os.path.join(root, f"out-{representation}-{name}" + ("-inline" if args.inline_writes else "")
+                                   + ("-every-round" if args.save_every_round else "")), config, fixer,
                                    progress=True,
                                    device=args.device)
         for split, methods in result.metrics.items():
@@ -97,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
                          round_save_s=result.timings.get("round_save_s"),
                          round_render_s=result.timings.get("round_render_s"),
                          fix_wait_s=result.timings.get("fix_wait_s"),
+                         state_saves_skipped=result.timings.get("state_saves_skipped"),
                          baseline_train_s=result.timings.get("baseline_train_s"))
         if "post_render_ms_per_frame" in result.timings:
             emitter.emit("post_render_ms_per_frame", result.timings["post_render_ms_per_frame"], "ms", **settings,

@@ -16,6 +16,7 @@ import torch
 
 from difix3d import imageio, storage
 from difix3d.recon.gaussians import GaussianConfig, GaussianSplat
+from difix3d.recon.outputs import SceneOutputs
 from difix3d.recon.progressive import ProgressiveConfig, reconstruct_scene
 from difix3d.recon.schedule import ProgressiveSchedule, PseudoViewSampling, nearest_index
 from difix3d.recon.trainer import TrainerConfig
@@ -170,7 +171,7 @@ def test_identity_fixer_pseudo_views_equal_the_renders(street, tmp_path):
 
 
 def test_resume_after_an_interruption_reproduces_the_same_rounds(street, tmp_path):
-    cfg = tiny_config(iterations=24, baseline=False, post_render=False)
+    cfg = tiny_config(iterations=24, baseline=False, post_render=False, save_every_round=True)
     ref_fixer = RecordingFixer(OracleViewFixer(street.render_gt))
     ref = reconstruct_scene(street, str(tmp_path / "ref"), cfg, ref_fixer, progress=False, device="cpu")
 
@@ -187,4 +188,38 @@ def test_resume_after_an_interruption_reproduces_the_same_rounds(street, tmp_pat
     new_cams = [[c.viewmat for c in cams] for _, _, cams in resumed_fixer.calls]
     assert all(np.allclose(a, b) for ra, rb in zip(ref_cams, new_cams) for a, b in zip(ra, rb))
     for split, methods in ref.metrics.items():  # same state, same random draws: the same model
+        assert resumed.metrics[split]["difix3d"]["psnr"] == pytest.approx(methods["difix3d"]["psnr"], abs=1e-3)
+
+
+def test_slow_state_writes_are_skipped_not_waited_for_and_resume_still_reproduces(street, tmp_path, monkeypatch):
+    import time
+
+    import difix3d.recon.progressive as progressive
+
+    cfg = tiny_config(iterations=24, baseline=False, post_render=False)
+    ref = reconstruct_scene(street, str(tmp_path / "ref"), dataclasses.replace(cfg, save_every_round=True),
+                            RecordingFixer(OracleViewFixer(street.render_gt)), progress=False, device="cpu")
+    assert ref.timings["state_saves_skipped"] == 0 and ref.num_rounds >= 4
+
+    real_write = storage.write_torch
+
+    def slow_write(uri, obj):  # storage slower than a round: each state write outlasts the next round's start
+        time.sleep(1.5)
+        real_write(uri, obj)
+
+    monkeypatch.setattr(storage, "write_torch", slow_write)
+    out = str(tmp_path / "slow")
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        reconstruct_scene(street, out, cfg, RecordingFixer(OracleViewFixer(street.render_gt), fail_at=3),
+                          progress=False, device="cpu")
+    state_uri = SceneOutputs(out).state(progressive.ProgressiveLoop.STATE_FILE)
+    saved = torch.load(state_uri, weights_only=False)
+    # waiting for every write would have left round 3's state (num_rounds == 3); skipping leaves an older round's
+    assert saved["num_rounds"] < 3
+
+    resumed_fixer = RecordingFixer(OracleViewFixer(street.render_gt))
+    resumed = reconstruct_scene(street, out, cfg, resumed_fixer, progress=False, device="cpu")
+    assert len(resumed_fixer.calls) == ref.num_rounds - saved["num_rounds"]  # redone from the last written round
+    assert resumed.num_rounds == ref.num_rounds and resumed.frames_fixed == ref.frames_fixed
+    for split, methods in ref.metrics.items():  # skipping writes changes nothing the model sees
         assert resumed.metrics[split]["difix3d"]["psnr"] == pytest.approx(methods["difix3d"]["psnr"], abs=1e-3)

@@ -56,6 +56,10 @@ class BackgroundWriter:
         if state:
             self._last_state = future
 
+    def state_busy(self) -> bool:
+        """Whether the last state write is still running (a caller may skip its next snapshot instead of waiting)."""
+        return self._last_state is not None and not self._last_state.done()
+
     def wait_state(self) -> None:
         """Wait until the last state write is done: call before taking the next snapshot, so host memory holds at
         most one snapshot being written and one being taken."""

@@ -73,6 +73,10 @@ class ProgressiveConfig:
     """Report LPIPS when its pretrained weights are on this machine (never downloads)."""
     background_writes: bool = True
     """Write each round's state and pseudo views on a writer thread while training goes on (False: inline)."""
+    save_every_round: bool = False
+    """False: a round whose previous state write is still running skips its own (training never waits for storage;
+    a resume redoes the rounds since the last written state). True: every round waits for and writes its state.
+    The final state is always written."""
 
     @classmethod
     def tiny(cls) -> "ProgressiveConfig":
@@ -181,7 +185,8 @@ class ProgressiveLoop:
         self.iteration = 0
         self.num_rounds = 0
         self.frames_fixed = 0
-        self.timings = {"progressive_train_s": 0.0, "fix_wait_s": 0.0, "round_render_s": 0.0, "round_save_s": 0.0}
+        self.timings = {"progressive_train_s": 0.0, "fix_wait_s": 0.0, "round_render_s": 0.0, "round_save_s": 0.0,
+                        "state_saves_skipped": 0}
         self.writer = BackgroundWriter(enabled=config.background_writes)
 
     def run(self):
@@ -225,7 +230,7 @@ class ProgressiveLoop:
         self._drain()
         self.iteration = self.iterations
         self.timings["progressive_train_s"] = elapsed0 + time.perf_counter() - t_start
-        self._save(rep)  # written by the time run() returns: run() closes the writer
+        self._save(rep, final=True)  # written by the time run() returns: run() closes the writer
         if bar is not None:
             bar.close()
         return rep
@@ -281,8 +286,12 @@ class ProgressiveLoop:
 
     # ---------------------------------------------------------------- resume
 
-    def _save(self, rep) -> None:
-        """Snapshot the state on this thread (consistent: training waits for the copy), write it on the writer's."""
+    def _save(self, rep, final: bool = False) -> None:
+        """Snapshot the state on this thread (consistent: training waits for the copy), write it on the writer's.
+        A round skips its write while the last one is still being written, unless ``save_every_round``."""
+        if not final and not self.config.save_every_round and self.writer.state_busy():
+            self.timings["state_saves_skipped"] = self.timings.get("state_saves_skipped", 0) + 1
+            return
         t0 = time.perf_counter()
         self.writer.wait_state()
         state = {
