@@ -15,6 +15,7 @@ _HELP = {
     "train_shards": "pair shards: folder, glob or file URI",
     "init": "tiny | sd-turbo preset, or a checkpoint URI (ours, official .pkl, nvidia/difix folder, SD-Turbo folder)",
     "storage_path": "run storage URI; the same --name and --storage-path resume a run",
+    "optimizer": "adamw (fp32 state; fused on CUDA) | adamw8bit (torchao 8-bit state: fits sd-turbo in less memory)",
 }
 
 

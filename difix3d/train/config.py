@@ -58,6 +58,8 @@ class FinetuneConfig:
     width: int = 512
     mixed_precision: str = "bf16"  # "bf16" autocast on CUDA with fp32 master weights, or "no"; CPU always fp32
     gradient_checkpointing: bool = False
+    # "adamw" (fp32 moments; fused on CUDA) or "adamw8bit" (torchao: 8-bit moments, ~5 GB less for sd-turbo's UNet)
+    optimizer: str = "adamw"
     # Also train the VAE's own weights (encoder and decoder). The paper freezes them because SD-Turbo's autoencoder
     # is pretrained; a preset started from random weights (``tiny``) has no autoencoder to freeze, and with it
     # frozen the fixer cannot even reproduce its input.
@@ -82,6 +84,12 @@ class FinetuneConfig:
 
     # fault injection for recovery tests: the last worker's process exits once at this step (0 = never)
     fail_once_at_step: int = 0
+
+    def __post_init__(self) -> None:
+        from difix3d.train.optim import OPTIMIZERS
+
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
