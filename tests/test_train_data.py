@@ -122,7 +122,12 @@ def test_gram_loss_sees_texture_and_shared_crop_is_aligned():
     assert float(gram_loss(feats, other)) > 0
 
 
-def test_checkpointed_lpips_gives_the_same_loss_and_gradient():
+def test_checkpointed_lpips_gives_the_same_loss_and_gradient(monkeypatch):
+    import torch.utils.checkpoint as tuc
+
+    calls = []
+    real = tuc.checkpoint
+    monkeypatch.setattr(tuc, "checkpoint", lambda fn, *a, **k: calls.append(fn) or real(fn, *a, **k))
     net = build_perceptual_net("random", seed=0)
     x = torch.rand(2, 3, 24, 24) * 2 - 1
     y0 = (x + 0.3 * torch.randn_like(x)).clamp(-1, 1)
@@ -133,5 +138,6 @@ def test_checkpointed_lpips_gives_the_same_loss_and_gradient():
         out = loss(y, x, step=0)
         out["total"].backward()
         results.append((out["lpips"], y.grad))
+    assert calls == [net]  # only the checkpointed run went through torch.utils.checkpoint
     torch.testing.assert_close(results[1][0], results[0][0])
     torch.testing.assert_close(results[1][1], results[0][1])

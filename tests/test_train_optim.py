@@ -28,6 +28,7 @@ def _train(model, opt, x, y, steps):
 
 
 def test_adamw8bit_learns_keeps_8bit_moments_and_resumes_exactly_from_a_saved_state():
+    pytest.importorskip("torchao", reason="the optional extra difix3d[lowmem]")
     torch.manual_seed(0)
     x, y = torch.randn(32, 128), torch.randn(32, 128)
 
@@ -54,3 +55,11 @@ def test_adamw8bit_learns_keeps_8bit_moments_and_resumes_exactly_from_a_saved_st
     resumed_opt.load_state_dict(state["optimizer"])
     assert _train(resumed_model, resumed_opt, x, y, 3) == pytest.approx(straight, rel=1e-5)
     torch.testing.assert_close(resumed_model[0].weight, model[0].weight)
+
+
+def test_adamw8bit_without_torchao_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchao.optim", None)  # import fails as if torchao were absent
+    with pytest.raises(ImportError, match=r"difix3d\[lowmem\]"):
+        build_optimizer("adamw8bit", [torch.nn.Parameter(torch.zeros(2))], **KW)

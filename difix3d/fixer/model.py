@@ -125,14 +125,16 @@ class DifixModel(nn.Module):
         """
         if not (self.vae_checkpointing and self.training and torch.is_grad_enabled()):
             return block(h, *args)
+        from diffusers.models.unets.unet_2d_blocks import DownEncoderBlock2D, UpDecoderBlock2D
         from torch.utils.checkpoint import checkpoint
 
-        samplers = getattr(block, "upsamplers", None) or getattr(block, "downsamplers", None) or []
-        if not hasattr(block, "resnets") or hasattr(block, "attentions"):
+        if not isinstance(block, (DownEncoderBlock2D, UpDecoderBlock2D)):  # e.g. mid blocks: whole
             return checkpoint(block, h, *args, use_reentrant=False)
+        temb = args[0] if args else None
         for resnet in block.resnets:  # the block's own forward, one checkpoint per layer
-            h = checkpoint(resnet, h, None, use_reentrant=False)
-        for sampler in samplers:
+            h = checkpoint(resnet, h, temb, use_reentrant=False)
+        samplers = block.upsamplers if isinstance(block, UpDecoderBlock2D) else block.downsamplers
+        for sampler in samplers or []:
             h = checkpoint(sampler, h, use_reentrant=False)
         return h
 

@@ -66,6 +66,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                              f"train_vae={cfg.train_vae}: the trained parameters differ, so its optimizer state does "
                              "not fit; resume with the same setting or start a new --name")
         opt.load_state_dict(state["optimizer"])
+        if cfg.optimizer == "adamw":  # load_state_dict restores the saved run's fused/foreach flags: use this device's
+            for group in opt.param_groups:
+                group["fused"], group["foreach"] = device.type == "cuda", None
         step = int(state["step"])
         streams = state["streams"]
         start = tuple(streams[rank]) if len(streams) == world else (max(s[0] for s in streams) + 1, 0)

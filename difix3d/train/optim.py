@@ -26,6 +26,7 @@ def build_optimizer(name: str, params: Iterable[torch.nn.Parameter], *, lr: floa
         try:
             from torchao.optim import AdamW8bit
         except ImportError as e:
-            raise ImportError(f"optimizer 'adamw8bit' needs torchao: pip install torchao ({e})") from None
+            raise ImportError(f"optimizer 'adamw8bit' needs torchao: pip install 'difix3d[lowmem]' (or torchao) "
+                              f"({e})") from None
         return AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}: expected one of {', '.join(OPTIMIZERS)}")
