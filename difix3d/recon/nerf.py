@@ -317,7 +317,8 @@ class NerfactoScene(Representation):
         views, yx, ray_w = sampled
         ray_bundle = self.ns_cameras(cameras).generate_rays(
             camera_indices=views.to(self.device)[:, None], coords=(yx.float() + 0.5).to(self.device))  # [n]
-        gt = images.detach().to(torch.float32).cpu()[views, :, yx[:, 0], yx[:, 1]].to(self.device)  # [n, 3]
+        idx = views.to(images.device), yx[:, 0].to(images.device), yx[:, 1].to(images.device)
+        gt = images.detach()[idx[0], :, idx[1], idx[2]].to(self.device, torch.float32)  # [n, 3], gathered in place
         outputs = model(ray_bundle)
         pred, gt = model.renderer_rgb.blend_background_for_loss_computation(
             pred_image=outputs["rgb"], pred_accumulation=outputs["accumulation"], gt_image=gt)
