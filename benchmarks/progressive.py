@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="where scenes and outputs go (default: a temporary folder)")
     p.add_argument("--representations", default="3dgs", help="comma list of 3dgs, nerfacto")
     p.add_argument("--nerf-iters", type=int, default=None, help="iterations of the nerfacto runs (default --iters)")
+    p.add_argument("--nerf-preset", default="nerfacto", choices=["nerfacto", "tiny"],
+                   help="nerfacto: nerfstudio's defaults; tiny: NerfConfig.tiny (small grid, 256 rays: CPU runs)")
     p.add_argument("--inline-writes", action="store_true",
                    help="write round state and pseudo views on the training thread (the naive path, to compare)")
     p.add_argument("--save-every-round", action="store_true",
@@ -65,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
         iters = (args.nerf_iters or args.iters) if representation == "nerfacto" else args.iters
         config = ProgressiveConfig(
             representation=representation, gaussian=GaussianConfig(iterations=iters),
-            nerf=NerfConfig(iterations=iters) if representation == "nerfacto" else None,
+            nerf=(NerfConfig.tiny(iterations=iters) if args.nerf_preset == "tiny" else NerfConfig(iterations=iters))
+            if representation == "nerfacto" else None,
             trainer=TrainerConfig(iterations=iters),
             # the original schedule (first round at 3 000, then every 2 000 of 30 000) scaled to the budget
             schedule=ProgressiveSchedule(pretrain_iters=max(1, iters // 10), round_every=max(1, iters // 15)),
@@ -75,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
         settings = {"background_writes": not args.inline_writes, "save_every_round": args.save_every_round,
                     "height": args.height, "width": args.width, "iterations": iters, "frames": args.frames,
                     "seed": args.seed, "representation": representation}
+        if representation == "nerfacto":
+            settings["nerf_preset"] = args.nerf_preset
         if name == "oracle":
             fixer = OracleViewFixer(load_street_scene(segment, device=args.device).render)
         elif name == "trained":
