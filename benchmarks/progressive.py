@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
                          round_render_s=result.timings.get("round_render_s"),
                          fix_wait_s=result.timings.get("fix_wait_s"),
                          state_saves_skipped=result.timings.get("state_saves_skipped"),
+                         train_steps_s=result.timings.get("train_steps_s"),
                          baseline_train_s=result.timings.get("baseline_train_s"))
         if "post_render_ms_per_frame" in result.timings:
             emitter.emit("post_render_ms_per_frame", result.timings["post_render_ms_per_frame"], "ms", **settings,

@@ -186,7 +186,7 @@ class ProgressiveLoop:
         self.num_rounds = 0
         self.frames_fixed = 0
         self.timings = {"progressive_train_s": 0.0, "fix_wait_s": 0.0, "round_render_s": 0.0, "round_save_s": 0.0,
-                        "state_saves_skipped": 0}
+                        "state_saves_skipped": 0, "train_steps_s": 0.0}
         self.writer = BackgroundWriter(enabled=config.background_writes)
 
     def run(self):
@@ -219,9 +219,11 @@ class ProgressiveLoop:
                 self._start_round(rep)
             self._poll()
             view, is_pseudo = self.config.sampling.pick(self.rng, self.data.train, self.pseudo)
+            t_step = time.perf_counter()
             stats = rep.train_step([view.camera], view.image[None].to(self.device),
                                    torch.tensor([view.weight], device=self.device),
                                    None if view.mask is None else view.mask[None].to(self.device))
+            self.timings["train_steps_s"] = self.timings.get("train_steps_s", 0.0) + time.perf_counter() - t_step
             if bar is not None:
                 bar.update(1)
                 if it % 25 == 0:
