@@ -142,3 +142,17 @@ def test_auto_compile_only_for_large_models_on_cuda():
     assert compile_pays(big, torch.device("cuda"))
     assert not compile_pays(big, torch.device("cpu"))
     assert FixerRunner(tiny, device="cpu", compile=None).compiled is False
+
+
+def test_read_only_arrays_from_the_object_store_fix_without_warnings():
+    import warnings
+
+    from difix3d.fixer.checkpoint import load_checkpoint
+
+    runner = FixerRunner(load_checkpoint(default_checkpoint()), device="cpu")
+    imgs = _u8(2, 16, 24, 3, seed=3)
+    imgs.setflags(write=False)  # what a Ray replica receives
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = runner.fix(imgs, imgs)
+    assert out.shape == imgs.shape and out.dtype == np.uint8

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import warnings
 
 import numpy as np
 import torch
@@ -67,8 +68,8 @@ class FixerRunner:
         if isinstance(images, np.ndarray) or isinstance(images, list):
             arr, single = _check_uint8(images, "images")
             rarr = None if refs is None else _check_uint8(refs, "refs")[0]
-            x = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255.0)  # [B, 3, H, W]
-            r = None if rarr is None else torch.from_numpy(rarr).permute(0, 3, 1, 2).float().div_(255.0)
+            x = _uint8_to_float(arr)  # [B, 3, H, W]
+            r = None if rarr is None else _uint8_to_float(rarr)
             _check_pair(x, r)
             out = self._run(x, r).mul_(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
             return out[0] if single else out
@@ -144,3 +145,12 @@ def _check_pair(x: torch.Tensor, r: torch.Tensor | None) -> None:
     if r is not None and tuple(r.shape) != tuple(x.shape):
         raise ValueError(f"refs: shape {tuple(r.shape)} must equal the images' shape {tuple(x.shape)} "
                          "(one reference per image, same size)")
+
+
+def _uint8_to_float(arr: np.ndarray) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [0, 1]. Arrays from Ray's object store are read-only; the
+    zero-copy view is only read (``.float()`` copies), so torch's warning about non-writable arrays does not apply."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        view = torch.from_numpy(arr)
+    return view.permute(0, 3, 1, 2).float().div_(255.0)
