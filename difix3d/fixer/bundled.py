@@ -19,15 +19,16 @@ BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "difix-tiny"
 _warned = False
 
 
-def default_checkpoint() -> str:
-    """Path of the bundled ``tiny`` checkpoint (our format); logs once that it is a pipeline demo, not a real fixer."""
+def default_checkpoint(warn: bool = True) -> str:
+    """Path of the bundled ``tiny`` checkpoint (our format); logs once that it is a pipeline demo, not a real fixer
+    (``warn=False``: the caller tells its user itself)."""
     global _warned
     if not (BUNDLED_DIR / "model.safetensors").exists():
         from difix3d.errors import MissingWeightsError
 
         raise MissingWeightsError(f"{BUNDLED_DIR}: the bundled fixer is missing from this install; regenerate it with "
                                   "`python -m difix3d.fixer.bundled`")
-    if not _warned:
+    if warn and not _warned:
         log.warning("using the bundled tiny fixer %s: a 1.9 M-parameter demo trained on synthetic pairs (about +2 dB "
                     "PSNR on held-out synthetic renders, benchmarks/RESULTS.md), no substitute for a real Difix; pass "
                     "a real Difix checkpoint for real results", BUNDLED_DIR)
