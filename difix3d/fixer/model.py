@@ -12,7 +12,9 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.utils.checkpoint
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.models.unets.unet_2d_blocks import DownEncoderBlock2D, UpDecoderBlock2D
 from peft import LoraConfig
 from torch import nn
 
@@ -125,9 +127,7 @@ class DifixModel(nn.Module):
         """
         if not (self.vae_checkpointing and self.training and torch.is_grad_enabled()):
             return block(h, *args)
-        from diffusers.models.unets.unet_2d_blocks import DownEncoderBlock2D, UpDecoderBlock2D
-        from torch.utils.checkpoint import checkpoint
-
+        checkpoint = torch.utils.checkpoint.checkpoint
         if not isinstance(block, (DownEncoderBlock2D, UpDecoderBlock2D)):  # e.g. mid blocks: whole
             return checkpoint(block, h, *args, use_reentrant=False)
         temb = args[0] if args else None

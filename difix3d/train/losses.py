@@ -15,6 +15,7 @@ import random
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from difix3d.errors import CheckpointError, MissingWeightsError
@@ -69,9 +70,7 @@ class DifixLoss(nn.Module):
 
     def _lpips(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.checkpointing and torch.is_grad_enabled():
-            from torch.utils.checkpoint import checkpoint
-
-            return checkpoint(self.perceptual, pred, target, use_reentrant=False)
+            return torch.utils.checkpoint.checkpoint(self.perceptual, pred, target, use_reentrant=False)
         return self.perceptual(pred, target)
 
     def vgg_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
