@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from difix3d.train.config import FinetuneConfig
-from difix3d.train.optim import build_optimizer
+from difix3d.train.optim import build_optimizer, load_optimizer_state
 
 KW = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, device=torch.device("cpu"))
 
@@ -63,3 +63,16 @@ def test_adamw8bit_without_torchao_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao.optim", None)  # import fails as if torchao were absent
     with pytest.raises(ImportError, match=r"difix3d\[lowmem\]"):
         build_optimizer("adamw8bit", [torch.nn.Parameter(torch.zeros(2))], **KW)
+
+
+def test_resumed_adamw_keeps_this_devices_kernel_choice_not_the_saved_one():
+    param = torch.nn.Parameter(torch.ones(4))
+    saved = torch.optim.AdamW([param], lr=1e-3, fused=True)  # e.g. a run checkpointed on a GPU host
+    param.grad = torch.ones(4)
+    saved.step()
+    opt = build_optimizer("adamw", [param], **KW)  # resumed on a CPU worker
+    load_optimizer_state(opt, saved.state_dict(), "adamw", torch.device("cpu"))
+    assert opt.param_groups[0]["fused"] is False and opt.param_groups[0]["foreach"] is None
+    assert opt.param_groups[0]["lr"] == 1e-3  # the rest of the saved state is the run's
+    assert torch.equal(opt.state[param]["exp_avg"], saved.state[param]["exp_avg"])
+    opt.step()

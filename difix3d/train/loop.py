@@ -23,7 +23,7 @@ from difix3d import storage
 from difix3d.train.config import FinetuneConfig
 from difix3d.train.data import PairStream, ShardIndex, batches, collate_pairs, read_rows
 from difix3d.train.losses import DifixLoss, build_perceptual_net
-from difix3d.train.optim import build_optimizer
+from difix3d.train.optim import build_optimizer, load_optimizer_state
 from difix3d.train.validate import validation_sums, write_sample_grid
 from difix3d.train.views import AllViewsFixer, training_targets
 
@@ -65,10 +65,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"run {cfg.name!r} was started with train_vae={saved_train_vae} and is resumed with "
                              f"train_vae={cfg.train_vae}: the trained parameters differ, so its optimizer state does "
                              "not fit; resume with the same setting or start a new --name")
-        opt.load_state_dict(state["optimizer"])
-        if cfg.optimizer == "adamw":  # load_state_dict restores the saved run's fused/foreach flags: use this device's
-            for group in opt.param_groups:
-                group["fused"], group["foreach"] = device.type == "cuda", None
+        load_optimizer_state(opt, state["optimizer"], cfg.optimizer, device)
         step = int(state["step"])
         streams = state["streams"]
         start = tuple(streams[rank]) if len(streams) == world else (max(s[0] for s in streams) + 1, 0)

@@ -30,3 +30,13 @@ def build_optimizer(name: str, params: Iterable[torch.nn.Parameter], *, lr: floa
                               f"({e})") from None
         return AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}: expected one of {', '.join(OPTIMIZERS)}")
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, state: dict, name: str, device: torch.device) -> None:
+    """``opt.load_state_dict(state)``, keeping this device's AdamW kernel choice: ``load_state_dict`` restores every
+    param group's saved ``fused``/``foreach`` flags, so a run saved on CPU (or before fused AdamW) would resume on
+    the foreach path, whose temporaries are as large as the UNet."""
+    opt.load_state_dict(state)
+    if name == "adamw":
+        for group in opt.param_groups:
+            group["fused"], group["foreach"] = device.type == "cuda", None
