@@ -58,7 +58,7 @@ class DifixModel(nn.Module):
         alpha_bar = _alphas_cumprod(config)[config.timestep].item()
         self.sqrt_alpha_bar = math.sqrt(alpha_bar)
         self.sqrt_one_minus_alpha_bar = math.sqrt(1.0 - alpha_bar)
-        self.vae_checkpointing = False  # recompute the VAE blocks' activations in backward (enable_gradient_checkpointing)
+        self.vae_checkpointing = False  # recompute the VAE's activations in backward (enable_gradient_checkpointing)
 
     # --- forward -------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
@@ -169,8 +169,9 @@ class DifixModel(nn.Module):
         return self.parameter_counts()
 
     def enable_gradient_checkpointing(self) -> None:
-        """Trade compute for memory in training: diffusers' UNet checkpointing plus per-block checkpointing of the
-        VAE passes (ours, since :meth:`encode`/:meth:`decode` call the blocks themselves). Gradients are unchanged."""
+        """Trade compute for memory in training: diffusers' UNet checkpointing plus layer-by-layer checkpointing of
+        the VAE passes (ours, since :meth:`encode`/:meth:`decode` call the blocks themselves; see :meth:`_run_block`).
+        Gradients are unchanged."""
         self.unet.enable_gradient_checkpointing()
         self.vae_checkpointing = True
 
