@@ -34,6 +34,20 @@ STATE_FILE = "train_state.pt"
 MAX_RECORDED_IDS = 10_000  # rows named in a worker's summary (enough to audit small runs, bounded for big ones)
 
 
+# settings a saved optimizer state depends on, with their values in checkpoints written before they existed
+_OPTIMIZER_SETUP = {"optimizer": "adamw", "train_vae": False}
+
+
+def _check_same_optimizer_setup(cfg: FinetuneConfig, saved: dict[str, Any]) -> None:
+    """A resumed run must train the same parameters with the same optimizer, or its saved state does not fit."""
+    for name, default in _OPTIMIZER_SETUP.items():
+        was, now = saved.get(name, default), getattr(cfg, name)
+        if was != now:
+            raise ValueError(f"run {cfg.name!r} was started with {name}={was!r} and is resumed with {name}={now!r}: "
+                             "its saved optimizer state does not fit; resume with the same setting or start a new "
+                             "--name")
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Fine-tune on this worker's slice of the pair shards; returns a summary (rank 0's is the run's result)."""
     import ray.train
@@ -55,16 +69,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                           weight_decay=cfg.weight_decay, device=device)
     step, start = 0, (0, 0)
     if state is not None:
-        saved_optimizer = state.get("config", {}).get("optimizer", "adamw")
-        if saved_optimizer != cfg.optimizer:
-            raise ValueError(f"run {cfg.name!r} was started with optimizer={saved_optimizer!r} and is resumed with "
-                             f"optimizer={cfg.optimizer!r}: its saved optimizer state does not fit; resume with the "
-                             "same optimizer or start a new --name")
-        saved_train_vae = bool(state.get("config", {}).get("train_vae", False))
-        if saved_train_vae != cfg.train_vae:
-            raise ValueError(f"run {cfg.name!r} was started with train_vae={saved_train_vae} and is resumed with "
-                             f"train_vae={cfg.train_vae}: the trained parameters differ, so its optimizer state does "
-                             "not fit; resume with the same setting or start a new --name")
+        _check_same_optimizer_setup(cfg, state.get("config", {}))
         load_optimizer_state(opt, state["optimizer"], cfg.optimizer, device)
         step = int(state["step"])
         streams = state["streams"]
