@@ -36,7 +36,13 @@ def main() -> None:
                    help="torch.compile mode of the optimized path ('none' disables compiling)")
     p.add_argument("--paths", default="naive,bf16_eager,optimized",
                    help="naive: fp32 eager; bf16_eager: bf16 + channels_last, no compile; optimized: + torch.compile")
+    p.add_argument("--refs", default="false,true", help="comma list: without (false) and with (true) a reference")
+    p.add_argument("--stage-compile", action="store_true",
+                   help="with --profile: time the stages compiled too (one more compile each; default eager)")
     p.add_argument("--no-write", action="store_true", help="print only, do not append to results/")
+    p.add_argument("--profile", metavar="FILE", default=None,
+                   help="after timing, profile the last path at the first batch size without a reference and write "
+                        "its CUDA kernel table (top 40 by device time) to FILE")
     args = p.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -56,7 +62,7 @@ def main() -> None:
         fwd = prepare(model, path, device, args.compile_mode)
         dtype = torch.float32 if path == "naive" else (torch.bfloat16 if cuda else torch.float32)
         for batch in batches:
-            for ref in (False, True):
+            for ref in [r.strip().lower() == "true" for r in args.refs.split(",")]:
                 ms = time_forward(fwd, batch, ref, args.height, args.width, device, dtype, path != "naive",
                                   iters, warmup)
                 settings = dict(path=path, batch=batch, ref=ref, height=args.height, width=args.width,
@@ -66,6 +72,9 @@ def main() -> None:
                     naive_ms[(batch, ref)] = ms
                 elif (batch, ref) in naive_ms:
                     emitter.emit("speedup_vs_naive", naive_ms[(batch, ref)] / ms, "x", **settings)
+        if args.profile and path == args.paths.split(",")[-1]:
+            write_profile(fwd, batches[0], args.height, args.width, device, dtype, path != "naive", args.profile,
+                          stage_compile=args.stage_compile)
         del model, fwd
         if cuda:
             torch.cuda.empty_cache()
@@ -106,6 +115,57 @@ def time_forward(fwd, batch, ref, h, w, device, dtype, channels_last, iters, war
         fwd(x, r)
     sync(device)
     return (time.perf_counter() - t0) * 1000.0 / (iters * batch)
+
+
+@torch.no_grad()
+def write_profile(fwd, batch, h, w, device, dtype, channels_last, path: str, iters: int = 3,
+                  stage_compile: bool = False) -> None:
+    """Kernel table of a few warm forwards: where the milliseconds go (convolutions vs norms vs attention)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.rand(batch, 3, h, w, device=device, dtype=dtype) * 2 - 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    fwd(x, None)
+    sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(iters):
+            fwd(x, None)
+        sync(device)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90)
+    stages = stage_breakdown(getattr(fwd, "_orig_mod", fwd), x, compiled=stage_compile and hasattr(fwd, "_orig_mod"))
+    with open(path, "w") as f:
+        f.write(f"# {iters} forwards, batch {batch}, {h}x{w}, no reference\n{stages}\n{table}\n")
+    print(stages, table, sep="\n", flush=True)
+
+
+@torch.no_grad()
+def stage_breakdown(model, x, compiled: bool, iters: int = 5) -> str:
+    """ms and achieved TFLOP/s of encode, denoise (UNet) and decode, each timed alone (compiled alone when the
+    forward was compiled): the stage furthest from the roofline is the one to work on."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    z, skips = model.encode(x)
+    z0 = model.denoise(z)
+    stages = {"encode": (model.encode, (x,)), "denoise": (model.denoise, (z,)), "decode": (model.decode, (z0, skips))}
+    lines = [f"{'stage':8s} {'ms':>8s} {'TFLOP':>8s} {'TFLOP/s':>8s}"]
+    for name, (fn, args) in stages.items():
+        with FlopCounterMode(display=False) as counter:
+            fn(*args)
+        flops = counter.get_total_flops()
+        run = torch.compile(fn, dynamic=False) if compiled else fn
+        for _ in range(3):
+            run(*args)
+        sync(x.device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            run(*args)
+        sync(x.device)
+        ms = (time.perf_counter() - t0) * 1000.0 / iters
+        lines.append(f"{name:8s} {ms:8.2f} {flops / 1e12:8.3f} {flops / 1e9 / max(ms, 1e-6):8.1f}")
+    return "\n".join(lines)
 
 
 def sync(device: torch.device) -> None:

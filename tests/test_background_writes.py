@@ -4,7 +4,7 @@ import threading
 import pytest
 import torch
 
-from difix3d.recon.background_writes import BackgroundWriter, snapshot
+from difix3d.recon.background_writes import BackgroundWriter, DeviceSnapshot, cuda_nbytes, snapshot
 from difix3d.storage import write_torch as save_torch
 
 
@@ -17,6 +17,36 @@ def test_snapshot_copies_every_tensor_even_on_cpu():
     assert torch.equal(snap["params"]["x"], torch.zeros(3))
     assert torch.equal(snap["opt"][0].a, torch.zeros(3)) and isinstance(snap["opt"][0], Pair)
     assert snap["rng"] == (1, (2, 3)) and snap["name"] == "s"
+
+
+def test_cuda_nbytes_counts_only_device_tensors():
+    assert cuda_nbytes({"a": torch.zeros(10), "b": [torch.zeros(2, 2)], "c": 3}) == 0
+
+
+def test_device_snapshot_refuses_a_cpu_device():
+    with pytest.raises(ValueError, match="CUDA"):
+        DeviceSnapshot({"x": torch.zeros(2)}, "cpu")
+
+
+@pytest.mark.gpu
+def test_device_snapshot_freezes_the_state_and_lands_on_the_host_from_another_thread():
+    live = torch.arange(1 << 20, device="cuda", dtype=torch.float32)
+    Pair = collections.namedtuple("Pair", "a b")
+    state = {"params": {"x": live}, "opt": [Pair(live, 1)], "cpu": torch.ones(2), "rng": (1, 2)}
+    assert cuda_nbytes(state) == 2 * live.numel() * 4
+    snap = DeviceSnapshot(state, live.device)
+    for _ in range(50):  # training keeps changing the live tensors after the snapshot, queued on the same stream
+        live.mul_(1.0001).add_(1.0)
+    writer, out = BackgroundWriter(), {}
+    writer.submit(lambda: out.update(host=snap.to_host()), state=True)
+    writer.close()
+    host = out["host"]
+    assert host["params"]["x"].device.type == "cpu"
+    assert torch.equal(host["params"]["x"], torch.arange(1 << 20, dtype=torch.float32))
+    assert torch.equal(host["opt"][0].a, host["params"]["x"]) and isinstance(host["opt"][0], Pair)
+    assert torch.equal(host["cpu"], torch.ones(2)) and host["rng"] == (1, 2)
+    with pytest.raises(RuntimeError, match="twice"):
+        snap.to_host()
 
 
 def test_writes_run_in_submission_order_off_the_calling_thread():

@@ -228,3 +228,24 @@ def test_slow_state_writes_are_skipped_not_waited_for_and_resume_still_reproduce
     assert resumed.num_rounds == ref.num_rounds and resumed.frames_fixed == ref.frames_fixed
     for split, methods in ref.metrics.items():  # skipping writes changes nothing the model sees
         assert resumed.metrics[split]["difix3d"]["psnr"] == pytest.approx(methods["difix3d"]["psnr"], abs=1e-3)
+
+
+@pytest.mark.gpu
+def test_device_snapshots_on_cuda_resume_like_host_snapshots(street, tmp_path):
+    """Round states snapshotted on the device (the CUDA default) resume the same rounds as host snapshots; a CUDA
+    run repeats closely rather than bitwise, hence the tolerance."""
+    cfg = tiny_config(iterations=24, baseline=False, post_render=False, save_every_round=True)
+    results = {}
+    for on_device in (False, True):
+        run_cfg = dataclasses.replace(cfg, snapshot_on_device=on_device)
+        out = str(tmp_path / f"device_{on_device}")
+        with pytest.raises(RuntimeError, match="simulated interruption"):
+            reconstruct_scene(street, out, run_cfg, RecordingFixer(OracleViewFixer(street.render_gt), fail_at=2),
+                              progress=False, device="cuda")
+        fixer = RecordingFixer(OracleViewFixer(street.render_gt))
+        results[on_device] = reconstruct_scene(street, out, run_cfg, fixer, progress=False, device="cuda")
+        assert len(fixer.calls) == results[on_device].num_rounds - 2  # rounds 0 and 1 came from the saved state
+    host, device = results[False], results[True]
+    assert device.num_rounds == host.num_rounds and device.frames_fixed == host.frames_fixed
+    for split, methods in host.metrics.items():
+        assert device.metrics[split]["difix3d"]["psnr"] == pytest.approx(methods["difix3d"]["psnr"], abs=0.5)
