@@ -39,6 +39,8 @@ def main() -> None:
     p.add_argument("--refs", default="false,true", help="comma list: without (false) and with (true) a reference")
     p.add_argument("--stage-compile", action="store_true",
                    help="with --profile: time the stages compiled too (one more compile each; default eager)")
+    p.add_argument("--group-norm", default="nhwc", choices=["nhwc", "native"],
+                   help="bf16 paths: our channels_last group norm (as FixerRunner serves) or nn.GroupNorm's")
     p.add_argument("--no-write", action="store_true", help="print only, do not append to results/")
     p.add_argument("--profile", metavar="FILE", default=None,
                    help="after timing, profile the last path at the first batch size without a reference and write "
@@ -59,14 +61,15 @@ def main() -> None:
     naive_ms = {}
     for path in args.paths.split(","):
         model = build_model(preset, seed=0).eval().requires_grad_(False)
-        fwd = prepare(model, path, device, args.compile_mode)
+        fwd = prepare(model, path, device, args.compile_mode, args.group_norm)
         dtype = torch.float32 if path == "naive" else (torch.bfloat16 if cuda else torch.float32)
         for batch in batches:
             for ref in [r.strip().lower() == "true" for r in args.refs.split(",")]:
                 ms = time_forward(fwd, batch, ref, args.height, args.width, device, dtype, path != "naive",
                                   iters, warmup)
                 settings = dict(path=path, batch=batch, ref=ref, height=args.height, width=args.width,
-                                preset=preset, compile_mode=args.compile_mode if path == "optimized" else "none")
+                                preset=preset, compile_mode=args.compile_mode if path == "optimized" else "none",
+                                group_norm="native" if path == "naive" else args.group_norm)
                 emitter.emit("ms_per_frame", ms, "ms", **settings)
                 if path == "naive":
                     naive_ms[(batch, ref)] = ms
@@ -80,9 +83,10 @@ def main() -> None:
             torch.cuda.empty_cache()
 
 
-def prepare(model, path: str, device: torch.device, compile_mode: str):
+def prepare(model, path: str, device: torch.device, compile_mode: str, group_norm: str = "nhwc"):
     """naive: fp32 eager, NCHW, LoRA unmerged (the original code). bf16_eager: LoRA merged, bf16 weights,
-    channels_last. optimized: that plus torch.compile."""
+    channels_last (with ``group_norm="nhwc"``, group norms computed on NHWC views). optimized: that plus
+    torch.compile."""
     if path == "naive":
         return model.to(device)
     if path not in ("optimized", "bf16_eager"):
@@ -93,6 +97,10 @@ def prepare(model, path: str, device: torch.device, compile_mode: str):
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
         model = model.to(device, torch.bfloat16).to(memory_format=torch.channels_last)
+        if group_norm == "nhwc":
+            from difix3d.fixer.channels_last_norm import use_channels_last_group_norm
+
+            use_channels_last_group_norm(model)
     else:
         model = model.to(device)
     if compile_mode != "none" and path == "optimized":

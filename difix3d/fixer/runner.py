@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from difix3d.device import default_device, default_dtype
+from difix3d.fixer.channels_last_norm import use_channels_last_group_norm
 from difix3d.fixer.model import DifixModel
 
 MULTIPLE = 8  # the VAE downsamples by 8; the UNet copes with any latent size itself (upsample_size)
@@ -45,6 +46,7 @@ class FixerRunner:
             torch.backends.cudnn.benchmark = True
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+            use_channels_last_group_norm(self.model)  # keeps activations NHWC through the norms (no layout copies)
         if compile is None:
             compile = compile_pays(model, self.device)
         self.compiled = bool(compile)

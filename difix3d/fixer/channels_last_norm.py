@@ -1,0 +1,46 @@
+"""GroupNorm that stays in channels_last for serving.
+
+PyTorch's CUDA group norm makes a channels_last input contiguous (an NCHW copy) and computes its moments with a slow
+row-wise kernel; its NCHW output then makes the next channels_last convolution convert back. Profiled on one H200
+(bf16, 576x1024, batch 1, eager), group norm and those copies were ~70% of the fixer's GPU time while the
+convolutions, the FLOPs, were ~12%. Here the statistics and the affine are computed on an NHWC view of the same
+memory: no layout copies, plain reductions and one fused multiply-add, and torch.compile sees simple ops to fuse.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class ChannelsLastGroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` with the same parameters and state-dict keys, computed on an NHWC view when the input is
+    channels_last (4-D); any other input takes ``nn.GroupNorm``'s path. Statistics and affine run in float32, as
+    PyTorch's own kernel does, and the output has the input's dtype and memory format."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+            return super().forward(x)
+        b, c, h, w = x.shape
+        g = self.num_groups
+        xv = x.permute(0, 2, 3, 1).reshape(b, h * w, g, c // g).float()  # NHWC memory seen as [B, HW, G, C/G]
+        var, mean = torch.var_mean(xv, dim=(1, 3), keepdim=True, correction=0)  # [B, 1, G, 1]
+        scale = torch.rsqrt(var + self.eps)
+        if self.affine:
+            scale = scale * self.weight.float().view(1, 1, g, c // g)  # [B, 1, G, C/G]
+            shift = self.bias.float().view(1, 1, g, c // g) - mean * scale
+        else:
+            shift = -mean * scale
+        y = torch.addcmul(shift, xv, scale).to(x.dtype)  # [B, HW, G, C/G] contiguous = NHWC
+        return y.view(b, h, w, c).permute(0, 3, 1, 2)  # a channels_last [B, C, H, W] view
+
+
+def use_channels_last_group_norm(model: nn.Module) -> int:
+    """Switch every ``nn.GroupNorm`` in ``model`` to :class:`ChannelsLastGroupNorm` in place (parameters, keys and
+    results unchanged); returns how many were switched."""
+    switched = 0
+    for module in model.modules():
+        if type(module) is nn.GroupNorm:
+            module.__class__ = ChannelsLastGroupNorm
+            switched += 1
+    return switched

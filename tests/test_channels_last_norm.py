@@ -1,0 +1,56 @@
+"""The channels_last group norm used for serving: the same numbers, keys and layouts as nn.GroupNorm."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from difix3d.fixer.bundled import default_checkpoint
+from difix3d.fixer.channels_last_norm import ChannelsLastGroupNorm, use_channels_last_group_norm
+from difix3d.fixer.runner import FixerRunner
+
+
+def _pair(groups, channels, affine):
+    torch.manual_seed(0)
+    ref = nn.GroupNorm(groups, channels, eps=1e-6, affine=affine)
+    if affine:
+        nn.init.normal_(ref.weight)
+        nn.init.normal_(ref.bias)
+    ours = nn.GroupNorm(groups, channels, eps=1e-6, affine=affine)
+    ours.load_state_dict(ref.state_dict())
+    assert use_channels_last_group_norm(ours) == 1 and isinstance(ours, ChannelsLastGroupNorm)
+    return ref, ours
+
+
+@pytest.mark.parametrize("groups,channels,affine,hw", [(32, 128, True, (12, 20)), (32, 64, False, (7, 5)),
+                                                       (4, 8, True, (1, 1)), (1, 6, True, (9, 3))])
+def test_equals_group_norm_on_channels_last_inputs(groups, channels, affine, hw):
+    ref, ours = _pair(groups, channels, affine)
+    x = (torch.randn(3, channels, *hw) * 3 + 5).contiguous(memory_format=torch.channels_last)
+    y = ours(x)
+    torch.testing.assert_close(y, ref(x), atol=2e-5, rtol=1e-5)
+    assert y.is_contiguous(memory_format=torch.channels_last) and y.dtype == x.dtype
+    xb, ref_b, ours_b = x.bfloat16(), ref.bfloat16(), ours.bfloat16()  # stats in float32 as PyTorch's kernel
+    torch.testing.assert_close(ours_b(xb).float(), ref_b(xb).float(), atol=0.02, rtol=0.01)
+
+
+def test_other_layouts_take_group_norms_own_path_and_gradients_flow():
+    ref, ours = _pair(8, 16, True)
+    for x in (torch.randn(2, 16, 5, 6), torch.randn(2, 16, 30)):  # NCHW and 3-D inputs
+        torch.testing.assert_close(ours(x), ref(x))
+    x = torch.randn(2, 16, 5, 6).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    ours(x).square().sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    ref(x2).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_keys_are_unchanged_and_a_channels_last_runner_matches_the_plain_one():
+    plain = FixerRunner.from_checkpoint(default_checkpoint(), device="cpu")
+    nhwc = FixerRunner.from_checkpoint(default_checkpoint(), device="cpu", channels_last=True)
+    norms = [m for m in nhwc.model.modules() if isinstance(m, nn.GroupNorm)]
+    assert norms and all(isinstance(m, ChannelsLastGroupNorm) for m in norms)
+    assert not any(isinstance(m, ChannelsLastGroupNorm) for m in plain.model.modules())
+    assert nhwc.model.state_dict().keys() == plain.model.state_dict().keys()
+    t = torch.rand(2, 3, 40, 56, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(nhwc.fix(t), plain.fix(t), atol=1e-4, rtol=1e-4)
