@@ -39,8 +39,8 @@ def main() -> None:
     p.add_argument("--refs", default="false,true", help="comma list: without (false) and with (true) a reference")
     p.add_argument("--stage-compile", action="store_true",
                    help="with --profile: time the stages compiled too (one more compile each; default eager)")
-    p.add_argument("--group-norm", default="nhwc", choices=["nhwc", "native"],
-                   help="bf16 paths: our channels_last group norm (as FixerRunner serves) or nn.GroupNorm's")
+    p.add_argument("--group-norm", default="native", choices=["native", "nhwc"],
+                   help="bf16 paths: nn.GroupNorm, or ours on NHWC views (FixerRunner(nhwc_group_norm=True))")
     p.add_argument("--no-write", action="store_true", help="print only, do not append to results/")
     p.add_argument("--profile", metavar="FILE", default=None,
                    help="after timing, profile the last path at the first batch size without a reference and write "
@@ -83,7 +83,7 @@ def main() -> None:
             torch.cuda.empty_cache()
 
 
-def prepare(model, path: str, device: torch.device, compile_mode: str, group_norm: str = "nhwc"):
+def prepare(model, path: str, device: torch.device, compile_mode: str, group_norm: str = "native"):
     """naive: fp32 eager, NCHW, LoRA unmerged (the original code). bf16_eager: LoRA merged, bf16 weights,
     channels_last (with ``group_norm="nhwc"``, group norms computed on NHWC views). optimized: that plus
     torch.compile."""

@@ -47,7 +47,7 @@ def test_other_layouts_take_group_norms_own_path_and_gradients_flow():
 
 def test_keys_are_unchanged_and_a_channels_last_runner_matches_the_plain_one():
     plain = FixerRunner.from_checkpoint(default_checkpoint(), device="cpu")
-    nhwc = FixerRunner.from_checkpoint(default_checkpoint(), device="cpu", channels_last=True)
+    nhwc = FixerRunner.from_checkpoint(default_checkpoint(), device="cpu", channels_last=True, nhwc_group_norm=True)
     norms = [m for m in nhwc.model.modules() if isinstance(m, nn.GroupNorm)]
     assert norms and all(isinstance(m, ChannelsLastGroupNorm) for m in norms)
     assert not any(isinstance(m, ChannelsLastGroupNorm) for m in plain.model.modules())

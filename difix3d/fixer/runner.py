@@ -30,10 +30,15 @@ class FixerRunner:
     ``fix(images, refs=None)``: numpy uint8 ``[B, H, W, 3]`` (or ``[H, W, 3]``) -> the same; float tensor
     ``[B, 3, H, W]`` in [0, 1] -> float32 tensor on the input's device. H, W are padded by reflection to a multiple of
     8 and cropped back (aspect ratio never changes); batches run in micro-batches of ``max_batch``. Thread-safe.
+
+    ``nhwc_group_norm`` (with channels_last): group norms computed on NHWC views (:mod:`channels_last_norm`), the
+    same results without the layout copies PyTorch's CUDA kernel makes. Off by default until its GPU speed-up is
+    measured (``benchmarks/fixer_latency.py --group-norm nhwc``).
     """
 
     def __init__(self, model: DifixModel, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                 compile: bool | None = False, channels_last: bool | None = None, max_batch: int | None = None):
+                 compile: bool | None = False, channels_last: bool | None = None, max_batch: int | None = None,
+                 nhwc_group_norm: bool = False):
         self.device = default_device(device)
         self.dtype = dtype or default_dtype(self.device)
         self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
@@ -46,7 +51,8 @@ class FixerRunner:
             torch.backends.cudnn.benchmark = True
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-            use_channels_last_group_norm(self.model)  # keeps activations NHWC through the norms (no layout copies)
+            if nhwc_group_norm:  # keeps activations NHWC through the norms (no layout copies)
+                use_channels_last_group_norm(self.model)
         if compile is None:
             compile = compile_pays(model, self.device)
         self.compiled = bool(compile)
@@ -56,10 +62,10 @@ class FixerRunner:
     @classmethod
     def from_checkpoint(cls, uri: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                         compile: bool | None = False, channels_last: bool | None = None, max_batch: int | None = None,
-                        base: str | None = None) -> "FixerRunner":
+                        base: str | None = None, nhwc_group_norm: bool = False) -> "FixerRunner":
         from difix3d.fixer.checkpoint import load_checkpoint
 
-        return cls(load_checkpoint(uri, base=base), device, dtype, compile, channels_last, max_batch)
+        return cls(load_checkpoint(uri, base=base), device, dtype, compile, channels_last, max_batch, nhwc_group_norm)
 
     def fix(self, images, refs=None):
         if isinstance(images, torch.Tensor):

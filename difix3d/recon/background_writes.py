@@ -16,19 +16,25 @@ from typing import Any, Callable
 import torch
 
 
+def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``fn`` applied to every tensor in nested dicts/lists/tuples (named tuples keep their type); other leaves
+    returned as they are."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_map_tensors(v, fn) for v in obj]
+    if isinstance(obj, tuple):
+        items = [_map_tensors(v, fn) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    return obj
+
+
 def snapshot(obj: Any) -> Any:
     """A deep CPU copy of the tensors in nested dicts/lists/tuples (live training tensors are never shared, even when
     they already live on the CPU); other leaves are returned as they are (ints, floats, strings, configs)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: snapshot(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [snapshot(v) for v in obj]
-    if isinstance(obj, tuple):
-        items = [snapshot(v) for v in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
-    return obj
+    return _map_tensors(obj, lambda t: t.detach().to("cpu", copy=True))
 
 
 def cuda_nbytes(obj: Any) -> int:
@@ -40,19 +46,6 @@ def cuda_nbytes(obj: Any) -> int:
     if isinstance(obj, (list, tuple)):
         return sum(cuda_nbytes(v) for v in obj)
     return 0
-
-
-def _clone(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()  # on the tensor's own device
-    if isinstance(obj, dict):
-        return {k: _clone(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clone(v) for v in obj]
-    if isinstance(obj, tuple):
-        items = [_clone(v) for v in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
-    return obj
 
 
 class DeviceSnapshot:
@@ -67,7 +60,7 @@ class DeviceSnapshot:
         self.device = torch.device(device)
         if self.device.type != "cuda":
             raise ValueError(f"DeviceSnapshot needs a CUDA device, got {self.device}")
-        self._obj = _clone(obj)
+        self._obj = _map_tensors(obj, lambda t: t.detach().clone())  # on each tensor's own device
         self._ready = torch.cuda.Event()
         self._ready.record(torch.cuda.current_stream(self.device))
 
