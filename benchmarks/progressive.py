@@ -8,6 +8,7 @@ and the wall time of the progressive loop over plain training of the same length
     python benchmarks/progressive.py                       # 576x1024, 30k iterations, oracle + checkpoint
     python benchmarks/progressive.py --quick               # small and short: checks the script end to end
     python benchmarks/progressive.py --fixers oracle --height 288 --width 512 --iters 7000
+    python benchmarks/progressive.py --fixers oracle --seeds 0,1,2     # mean and spread of the gains over 3 segments
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--iters", type=int, default=30_000, help="iterations of the baseline and of the progressive run")
     p.add_argument("--frames", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default=None,
+                   help="comma list of segment seeds (overrides --seed): one run each, then the mean and spread "
+                        "of each gain (single runs vary by a few dB: gsplat's backward is not deterministic)")
     p.add_argument("--fixers", default="oracle,trained", help="comma list of oracle, trained")
     p.add_argument("--checkpoint", default=None, help="fixer checkpoint for 'trained' (default: the bundled one)")
     p.add_argument("--out", default=None, help="where scenes and outputs go (default: a temporary folder)")
@@ -49,7 +53,30 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.quick:
         args.height, args.width, args.frames, args.iters = 144, 256, 6, 600
+    import torch
 
+    emitter = Emitter("progressive", write=not args.no_write)
+    base_root = args.out or tempfile.mkdtemp(prefix="difix3d-progressive-")
+    seeds = [int(v) for v in args.seeds.split(",")] if args.seeds else [args.seed]
+    gains: dict[tuple, list[float]] = {}
+    for seed in seeds:
+        args.seed = seed
+        root = base_root if len(seeds) == 1 else os.path.join(base_root, f"seed_{seed}")
+        for row in run_seed(args, root, emitter):
+            if row["metric"] == "psnr_gain_db":
+                key = (row["representation"], row["fixer"], row["method"], row["shift_m"], row["split"])
+                gains.setdefault(key, []).append(row["value"])
+    if len(seeds) > 1:
+        for (representation, fixer, method, shift, split), values in sorted(gains.items()):
+            t = torch.tensor(values, dtype=torch.float64)
+            emitter.emit("psnr_gain_db_mean", float(t.mean()), "dB", representation=representation, fixer=fixer,
+                         method=method, shift_m=shift, split=split, seeds=seeds, height=args.height,
+                         width=args.width, iterations=args.iters, frames=args.frames,
+                         std=float(t.std()) if len(values) > 1 else 0.0, min=min(values), max=max(values))
+
+
+def run_seed(args, root: str, emitter: Emitter) -> list[dict]:
+    """One segment (``args.seed``) through every representation and fixer; returns the rows it emitted."""
     from difix3d.recon.gaussians import GaussianConfig
     from difix3d.recon.nerf import NerfConfig
     from difix3d.recon.progressive import ProgressiveConfig, reconstruct_scene
@@ -58,8 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     from difix3d.recon.view_fixers import OracleViewFixer, as_view_fixer
     from difix3d.scene.synthetic import load_street_scene, make_segment
 
-    emitter = Emitter("progressive", write=not args.no_write)
-    root = args.out or tempfile.mkdtemp(prefix="difix3d-progressive-")
+    rows: list[dict] = []
     segment = os.path.join(root, "segment")
     scene = make_segment(segment, seed=args.seed, frames=args.frames, height=args.height, width=args.width,
                          device=args.device)
@@ -102,9 +128,10 @@ def main(argv: list[str] | None = None) -> None:
                     continue  # the oracle returns the exact ground truth: a post-render "fix" of it says nothing
                 common = {**settings, "method": method, "fixer": name, "shift_m": shift, "split": split}
                 for metric, value in values.items():
-                    emitter.emit(metric, value, "dB" if metric == "psnr" else "", **common)
+                    rows.append(emitter.emit(metric, value, "dB" if metric == "psnr" else "", **common))
                 if method != "baseline" and "baseline" in methods:
-                    emitter.emit("psnr_gain_db", values["psnr"] - methods["baseline"]["psnr"], "dB", **common)
+                    rows.append(emitter.emit("psnr_gain_db", values["psnr"] - methods["baseline"]["psnr"], "dB",
+                                             **common))
         if "wall_ratio_vs_plain" in result.timings:
             emitter.emit("wall_ratio_vs_plain", result.timings["wall_ratio_vs_plain"], "x", **settings, fixer=name,
                          frames_fixed=result.frames_fixed, rounds=result.num_rounds,
@@ -121,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
                          fixer=name)
         if result.notes.get("lpips"):
             print(f"# lpips omitted: {result.notes['lpips']}", file=sys.stderr)
+    return rows
 
 
 def _checkpoint_fixer(checkpoint: str, device: str | None):

@@ -259,11 +259,15 @@ class GaussianSplat(Representation):
                       value=s.prune_opa * 2.0)
 
     def state_dict(self) -> dict:
+        """The training state, tensors on the model's device (detached, not copied, as torch's optimizer
+        ``state_dict`` hands out its moments): a caller that keeps it while training goes on copies it (the progressive
+        loop snapshots it on the device; ``torch.save`` writes it at once). A host copy here held training ~0.4 s a
+        round at 576x1024."""
         return {
-            "params": {k: v.detach().cpu() for k, v in self.params.items()},
+            "params": {k: v.detach() for k, v in self.params.items()},
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "means_scheduler": self.means_scheduler.state_dict(),
-            "strategy_state": {k: v.cpu() if torch.is_tensor(v) else v for k, v in self.strategy_state.items()},
+            "strategy_state": {k: v.detach() if torch.is_tensor(v) else v for k, v in self.strategy_state.items()},
             "step": self._step,
             "scene_scale": self.scene_scale,
             "config": asdict(self.config),

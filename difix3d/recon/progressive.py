@@ -185,6 +185,7 @@ class ProgressiveLoop:
         self.rng = random.Random(_seed(config))
         self.known: list[Camera] = [v.camera for v in data.train]  # cameras pseudo cameras start from
         self.pseudo: list[list[Any]] = []  # round -> TrainingViews that joined
+        self.pseudo_records: list[list[dict]] = []  # round -> their saved form (camera dict, bool mask), built once
         self.pending: list[_Pending] = []
         self.iteration = 0
         self.num_rounds = 0
@@ -261,6 +262,7 @@ class ProgressiveLoop:
         # time the training thread spends handing renders over (a fixer that answers synchronously shows up here)
         self.timings["fix_submit_s"] = self.timings.get("fix_submit_s", 0.0) + time.perf_counter() - t0
         self.pseudo.append([])
+        self.pseudo_records.append([])
         self.num_rounds += 1
 
     def _poll(self) -> None:
@@ -291,6 +293,7 @@ class ProgressiveLoop:
             self.pseudo[p.round_index].append(
                 TrainingView(camera=cam, image=imageio.to_tensor(image)[0], weight=weight, mask=mask,
                              is_pseudo=True))
+            self.pseudo_records[p.round_index].append(_pseudo_record(cam, mask))
         self.frames_fixed += len(p.cameras)
 
     # ---------------------------------------------------------------- resume
@@ -307,8 +310,7 @@ class ProgressiveLoop:
             "iteration": self.iteration, "num_rounds": self.num_rounds, "frames_fixed": self.frames_fixed,
             "rng": self.rng.getstate(), "timings": dict(self.timings), "representation": rep.state_dict(),
             "known": [c.to_dict() for c in self.known],
-            "pseudo": [[{"camera": v.camera.to_dict(), "mask": None if v.mask is None else v.mask.bool()}
-                        for v in views] for views in self.pseudo],
+            "pseudo": self.pseudo_records,
         }
         if self._snapshot_on_device(state):
             self.writer.submit(_write_device_snapshot, self.out.state(self.STATE_FILE),
@@ -336,15 +338,21 @@ class ProgressiveLoop:
         self.known = [Camera.from_dict(d) for d in state["known"]]
         TrainingView = _training_view_class()
         weight = self.config.sampling.loss_weight(True)
-        self.pseudo = []
+        self.pseudo, self.pseudo_records = [], []
         for k, views in enumerate(state["pseudo"]):
             self.pseudo.append([])
+            self.pseudo_records.append(list(views))
             for v in views:
                 cam = Camera.from_dict(v["camera"])
                 image = imageio.to_tensor(imageio.read_image(self.out.pseudo(k, cam.name)))[0]
                 mask = None if v["mask"] is None else v["mask"].float()
                 self.pseudo[k].append(TrainingView(camera=cam, image=image, weight=weight, mask=mask,
                                                    is_pseudo=True))
+
+
+def _pseudo_record(camera: Camera, mask: torch.Tensor | None) -> dict:
+    """A pseudo view as the round state saves it (its image is the PNG under pseudo/)."""
+    return {"camera": camera.to_dict(), "mask": None if mask is None else mask.bool()}
 
 
 def _write_device_snapshot(uri: str, snap: DeviceSnapshot) -> None:
