@@ -9,6 +9,11 @@ and the wall time of the progressive loop over plain training of the same length
     python benchmarks/progressive.py --quick               # small and short: checks the script end to end
     python benchmarks/progressive.py --fixers oracle --height 288 --width 512 --iters 7000
     python benchmarks/progressive.py --fixers oracle --seeds 0,1,2     # mean and spread of the gains over 3 segments
+
+A run longer than one sitting (the 30 000-iteration schedule at 576x1024 takes ~17 min on one H200): give ``--out`` a
+folder that survives the interruption and run the same command again. The finished baseline is cached, and the
+progressive loop resumes from its last round state; its wall time carries over from that state, so the redone
+iterations are timed once.
 """
 
 from __future__ import annotations
