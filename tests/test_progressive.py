@@ -249,3 +249,34 @@ def test_device_snapshots_on_cuda_resume_like_host_snapshots(street, tmp_path):
     assert device.num_rounds == host.num_rounds and device.frames_fixed == host.frames_fixed
     for split, methods in host.metrics.items():
         assert device.metrics[split]["difix3d"]["psnr"] == pytest.approx(methods["difix3d"]["psnr"], abs=0.5)
+
+
+def _views_for_batches():
+    from difix3d.recon.trainer import TrainingView
+
+    rng = np.random.default_rng(0)
+    cam = Camera(viewmat=np.eye(4), K=np.array([[10.0, 0, 6], [0, 10, 4], [0, 0, 1]]), width=12, height=8)
+    real = TrainingView(camera=cam, image=imageio.to_tensor(rng.integers(0, 256, (8, 12, 3), dtype=np.uint8))[0],
+                        weight=1.5)
+    mask = (torch.rand(1, 8, 12, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    pseudo = TrainingView(camera=cam, image=imageio.to_tensor(rng.integers(0, 256, (8, 12, 3), dtype=np.uint8))[0],
+                          weight=0.3, mask=mask, is_pseudo=True)
+    return real, pseudo
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_step_batches_kept_as_uint8_give_the_same_tensors_as_host_copies(device):
+    from difix3d.recon.progressive import _StepBatches
+
+    plain = _StepBatches(torch.device(device), on_device=False)
+    cached = _StepBatches(torch.device(device), on_device=True)
+    assert cached.cache == (device == "cuda")
+    cached.cache = True  # exercise the uint8 cache on the CPU too: same code path, host memory
+    for view in _views_for_batches():
+        for _ in range(2):  # first use fills the cache, the second reads it
+            for a, b in zip(plain.get(view), cached.get(view)):
+                if a is None:
+                    assert b is None
+                else:
+                    assert a.device.type == device and torch.equal(a, b) and a.dtype == b.dtype
+    assert len(cached._views) == 2
