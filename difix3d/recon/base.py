@@ -34,7 +34,9 @@ class Representation(abc.ABC):
 
     @abc.abstractmethod
     def state_dict(self) -> dict:
-        """Everything needed to resume training exactly: parameters, optimizer and strategy state, step."""
+        """Everything needed to resume training exactly: parameters, optimizer and strategy state, step. Tensors may
+        be the live ones on the training device (as torch's ``Optimizer.state_dict``): copy before training goes on
+        (``recon.background_writes.snapshot`` / ``DeviceSnapshot``), or write at once."""
 
     @abc.abstractmethod
     def load_state_dict(self, state: dict) -> None:
