@@ -69,7 +69,7 @@ def main() -> None:
                                   iters, warmup)
                 settings = dict(path=path, batch=batch, ref=ref, height=args.height, width=args.width,
                                 preset=preset, compile_mode=args.compile_mode if path == "optimized" else "none",
-                                group_norm="native" if path == "naive" else args.group_norm)
+                                group_norm="native" if path == "naive" or not cuda else args.group_norm)
                 emitter.emit("ms_per_frame", ms, "ms", **settings)
                 if path == "naive":
                     naive_ms[(batch, ref)] = ms
@@ -141,7 +141,7 @@ def write_profile(fwd, batch, h, w, device, dtype, channels_last, path: str, ite
         for _ in range(iters):
             fwd(x, None)
         sync(device)
-    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90)
     stages = stage_breakdown(getattr(fwd, "_orig_mod", fwd), x, compiled=stage_compile and hasattr(fwd, "_orig_mod"))
     with open(path, "w") as f:

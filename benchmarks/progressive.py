@@ -50,14 +50,16 @@ def main(argv: list[str] | None = None) -> None:
                    help="write round state and pseudo views on the training thread (the naive path, to compare)")
     p.add_argument("--save-every-round", action="store_true",
                    help="every round waits for and writes its state (default: skip while the last write runs)")
-    p.add_argument("--snapshot-on-device", default=None, type=lambda v: {"true": True, "false": False}[v.lower()],
-                   help="true/false: round state snapshot on the CUDA device or on the host (default: auto)")
+    p.add_argument("--snapshot-on-device", default=None, choices=["true", "false"],
+                   help="round state snapshot on the CUDA device or on the host (default: auto)")
     p.add_argument("--device", default=None)
     p.add_argument("--quick", action="store_true", help="144x256, 6 frames, 600 iterations")
     p.add_argument("--no-write", action="store_true", help="print only; do not append to benchmarks/results")
     args = p.parse_args(argv)
     if args.quick:
         args.height, args.width, args.frames, args.iters = 144, 256, 6, 600
+    if args.snapshot_on_device is not None:
+        args.snapshot_on_device = args.snapshot_on_device == "true"
     import torch
 
     emitter = Emitter("progressive", write=not args.no_write)
@@ -69,14 +71,17 @@ def main(argv: list[str] | None = None) -> None:
         root = base_root if len(seeds) == 1 else os.path.join(base_root, f"seed_{seed}")
         for row in run_seed(args, root, emitter):
             if row["metric"] == "psnr_gain_db":
-                key = (row["representation"], row["fixer"], row["method"], row["shift_m"], row["split"])
+                key = (row["representation"], row["fixer"], row["method"], row["shift_m"], row["split"],
+                       row["iterations"])
                 gains.setdefault(key, []).append(row["value"])
     if len(seeds) > 1:
-        for (representation, fixer, method, shift, split), values in sorted(gains.items()):
+        for (representation, fixer, method, shift, split, iterations), values in sorted(gains.items()):
             t = torch.tensor(values, dtype=torch.float64)
             emitter.emit("psnr_gain_db_mean", float(t.mean()), "dB", representation=representation, fixer=fixer,
                          method=method, shift_m=shift, split=split, seeds=seeds, height=args.height,
-                         width=args.width, iterations=args.iters, frames=args.frames,
+                         width=args.width, iterations=iterations, frames=args.frames,
+                         background_writes=not args.inline_writes, save_every_round=args.save_every_round,
+                         snapshot_on_device=args.snapshot_on_device,
                          std=float(t.std()) if len(values) > 1 else 0.0, min=min(values), max=max(values))
 
 
@@ -118,12 +123,16 @@ def run_seed(args, root: str, emitter: Emitter) -> list[dict]:
             # answered on a worker thread, as the pool and in-process clients answer: the oracle's ground-truth
             # render is not part of the loop's cost (synchronous, it held the training thread ~30 s at 576x1024)
             fixer = OracleViewFixer(load_street_scene(segment, device=args.device).render, workers=1)
+            settings["oracle_thread"] = True  # since commit 1aae11c; when views join is no longer deterministic
         elif name == "trained":
             fixer = _checkpoint_fixer(args.checkpoint, args.device) if args.checkpoint else as_view_fixer(None)
         else:
             raise SystemExit(f"unknown fixer {name!r} (oracle | trained)")
         result = reconstruct_scene(scene, os.path.join(root, f"out-{representation}-{name}" + ("-inline" if args.inline_writes else "")
-                                   + ("-every-round" if args.save_every_round else "")), config, fixer,
+                                   + ("-every-round" if args.save_every_round else "")
+                                   + ("" if args.snapshot_on_device is None
+                                      else f"-snapshot-{'device' if args.snapshot_on_device else 'host'}")),
+                                   config, fixer,
                                    progress=True,
                                    device=args.device)
         for split, methods in result.metrics.items():

@@ -54,3 +54,10 @@ def test_keys_are_unchanged_and_a_channels_last_runner_matches_the_plain_one():
     assert nhwc.model.state_dict().keys() == plain.model.state_dict().keys()
     t = torch.rand(2, 3, 40, 56, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(nhwc.fix(t), plain.fix(t), atol=1e-4, rtol=1e-4)
+
+
+def test_float64_inputs_keep_float64_statistics():
+    ref, ours = _pair(4, 8, True)
+    ref, ours = ref.double(), ours.double()
+    x = (torch.randn(2, 8, 6, 5, dtype=torch.float64) + 1e4).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ours(x), ref(x.contiguous()), atol=1e-9, rtol=1e-9)

@@ -16,20 +16,21 @@ import torch.nn as nn
 
 class ChannelsLastGroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` with the same parameters and state-dict keys, computed on an NHWC view when the input is
-    channels_last (4-D); any other input takes ``nn.GroupNorm``'s path. Statistics and affine run in float32, as
-    PyTorch's own kernel does, and the output has the input's dtype and memory format."""
+    channels_last (4-D); any other input takes ``nn.GroupNorm``'s path. Statistics and affine run in float32 (float64
+    for float64 input), as PyTorch's own kernel does, and the output has the input's dtype and memory format."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
             return super().forward(x)
         b, c, h, w = x.shape
         g = self.num_groups
-        xv = x.permute(0, 2, 3, 1).reshape(b, h * w, g, c // g).float()  # NHWC memory seen as [B, HW, G, C/G]
+        acc = torch.promote_types(x.dtype, torch.float32)  # float32 statistics for bf16/fp16, float64 kept
+        xv = x.permute(0, 2, 3, 1).reshape(b, h * w, g, c // g).to(acc)  # NHWC memory seen as [B, HW, G, C/G]
         var, mean = torch.var_mean(xv, dim=(1, 3), keepdim=True, correction=0)  # [B, 1, G, 1]
         scale = torch.rsqrt(var + self.eps)
         if self.affine:
-            scale = scale * self.weight.float().view(1, 1, g, c // g)  # [B, 1, G, C/G]
-            shift = self.bias.float().view(1, 1, g, c // g) - mean * scale
+            scale = scale * self.weight.to(acc).view(1, 1, g, c // g)  # [B, 1, G, C/G]
+            shift = self.bias.to(acc).view(1, 1, g, c // g) - mean * scale
         else:
             shift = -mean * scale
         y = torch.addcmul(shift, xv, scale).to(x.dtype)  # [B, HW, G, C/G] contiguous = NHWC

@@ -57,9 +57,11 @@ class DeviceSnapshot:
     """
 
     def __init__(self, obj: Any, device: torch.device | str):
-        self.device = torch.device(device)
-        if self.device.type != "cuda":
-            raise ValueError(f"DeviceSnapshot needs a CUDA device, got {self.device}")
+        device = torch.device(device)
+        if device.type != "cuda":
+            raise ValueError(f"DeviceSnapshot needs a CUDA device, got {device}")
+        # an explicit index: the writer thread's current device is not the training thread's
+        self.device = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
         self._obj = _map_tensors(obj, lambda t: t.detach().clone())  # on each tensor's own device
         self._ready = torch.cuda.Event()
         self._ready.record(torch.cuda.current_stream(self.device))

@@ -279,8 +279,8 @@ class GaussianSplat(Representation):
         for k, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"][k])
         self.means_scheduler.load_state_dict(state["means_scheduler"])
-        self.strategy_state = {k: v.to(self.device) if torch.is_tensor(v) else v
-                               for k, v in state["strategy_state"].items()}
+        self.strategy_state = {k: v.detach().to(self.device, copy=True) if torch.is_tensor(v) else v
+                               for k, v in state["strategy_state"].items()}  # never shared with the state's owner
         self._step = int(state["step"])
 
     @classmethod

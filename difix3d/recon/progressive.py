@@ -328,6 +328,7 @@ class ProgressiveLoop:
         if self.config.snapshot_on_device is not None:
             return self.config.snapshot_on_device
         free, _ = torch.cuda.mem_get_info(self.device)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)  # cached by torch
         return cuda_nbytes(state) <= free // 2
 
     def _load(self, rep) -> None:
@@ -415,13 +416,16 @@ class _StepBatches:
 
     On CUDA (``on_device``) each view's image is kept there as uint8 and its mask as bool after its first use, so a
     step converts on the device instead of copying a float32 image from pageable host memory (7 MB at 576x1024).
-    The float image is bitwise the same: the views were decoded from uint8 as ``u8 / 255``.
+    The float image is bitwise the same: the views were decoded from uint8 as ``u8 / 255`` on the CPU, and a step
+    looks its values up in that same table (CUDA's division by a scalar multiplies by the reciprocal, which differs
+    in the last bit for half of the 256 values).
     """
 
     def __init__(self, device: torch.device, on_device: bool = True):
         self.device = torch.device(device)
         self.cache = self.device.type == "cuda" and on_device
         self._views: dict[int, tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+        self._lut = torch.arange(256, dtype=torch.float32).div_(255.0)  # as imageio.to_tensor computes it
 
     def get(self, view) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         if not self.cache:
@@ -430,11 +434,13 @@ class _StepBatches:
         hit = self._views.get(id(view))
         if hit is None or hit[0] is not view:  # keyed by identity; the view is held so its id is never reused
             u8 = view.image.mul(255.0).round_().to(torch.uint8).to(self.device)
+            if self._lut.device != self.device:
+                self._lut = self._lut.to(self.device)
             mask = None if view.mask is None else view.mask.to(self.device, torch.bool)
             hit = (view, u8, torch.tensor([view.weight], device=self.device), mask)
             self._views[id(view)] = hit
         _, u8, weight, mask = hit
-        return u8[None].float().div_(255.0), weight, None if mask is None else mask[None].float()
+        return self._lut[u8[None].long()], weight, None if mask is None else mask[None].float()
 
 
 # -------------------------------------------------------------------- baseline, rendering, scoring

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from difix3d import storage
 from difix3d.errors import CheckpointError
 from difix3d.imageio import to_tensor
+from difix3d.recon.background_writes import snapshot
 from difix3d.recon.base import Representation
 from difix3d.scene.camera import Camera
 
@@ -179,9 +180,10 @@ def evaluate(representation: Representation, views: list[TrainingView], batch: i
 
 def save_checkpoint(uri: str, representation: Representation, generator: torch.Generator,
                     history: list[dict] | None = None) -> None:
-    """Representation state + sampling/global RNG states, written atomically: a resumed run repeats exactly."""
+    """Representation state + sampling/global RNG states, written atomically: a resumed run repeats exactly. Tensors
+    are written from host copies, so the file loads on machines without the training device."""
     storage.write_torch(uri, {
-        "format": "difix3d.recon.trainer/1", "representation": representation.state_dict(),
+        "format": "difix3d.recon.trainer/1", "representation": snapshot(representation.state_dict()),
         "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "history": history or []})
