@@ -53,6 +53,10 @@ def main() -> None:
     if not cuda and (args.height, args.width) == (576, 1024):
         args.height, args.width = 64, 96  # CPU smoke test only: the figures that matter come from a GPU host
     batches = [1] if args.quick else [int(b) for b in args.batches.split(",")]
+    refs = [r.strip().lower() for r in args.refs.split(",")]
+    if not refs or set(refs) - {"true", "false"}:
+        p.error(f"--refs: expected a comma list of true/false, got {args.refs!r}")
+    refs = [r == "true" for r in refs]
     iters, warmup = (3, 2) if args.quick else (args.iters, args.warmup)
     emitter = Emitter("fixer_latency", write=not args.no_write)
 
@@ -64,7 +68,7 @@ def main() -> None:
         fwd = prepare(model, path, device, args.compile_mode, args.group_norm)
         dtype = torch.float32 if path == "naive" else (torch.bfloat16 if cuda else torch.float32)
         for batch in batches:
-            for ref in [r.strip().lower() == "true" for r in args.refs.split(",")]:
+            for ref in refs:
                 ms = time_forward(fwd, batch, ref, args.height, args.width, device, dtype, path != "naive",
                                   iters, warmup)
                 settings = dict(path=path, batch=batch, ref=ref, height=args.height, width=args.width,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 
@@ -60,7 +61,6 @@ def main(argv: list[str] | None = None) -> None:
         args.height, args.width, args.frames, args.iters = 144, 256, 6, 600
     if args.snapshot_on_device is not None:
         args.snapshot_on_device = args.snapshot_on_device == "true"
-    import torch
 
     emitter = Emitter("progressive", write=not args.no_write)
     base_root = args.out or tempfile.mkdtemp(prefix="difix3d-progressive-")
@@ -76,13 +76,12 @@ def main(argv: list[str] | None = None) -> None:
                 gains.setdefault(key, []).append(row["value"])
     if len(seeds) > 1:
         for (representation, fixer, method, shift, split, iterations), values in sorted(gains.items()):
-            t = torch.tensor(values, dtype=torch.float64)
-            emitter.emit("psnr_gain_db_mean", float(t.mean()), "dB", representation=representation, fixer=fixer,
+            emitter.emit("psnr_gain_db_mean", statistics.fmean(values), "dB", representation=representation, fixer=fixer,
                          method=method, shift_m=shift, split=split, seeds=seeds, height=args.height,
                          width=args.width, iterations=iterations, frames=args.frames,
                          background_writes=not args.inline_writes, save_every_round=args.save_every_round,
                          snapshot_on_device=args.snapshot_on_device,
-                         std=float(t.std()) if len(values) > 1 else 0.0, min=min(values), max=max(values))
+                         std=statistics.stdev(values) if len(values) > 1 else 0.0, min=min(values), max=max(values))
 
 
 def run_seed(args, root: str, emitter: Emitter) -> list[dict]:
@@ -128,13 +127,8 @@ def run_seed(args, root: str, emitter: Emitter) -> list[dict]:
             fixer = _checkpoint_fixer(args.checkpoint, args.device) if args.checkpoint else as_view_fixer(None)
         else:
             raise SystemExit(f"unknown fixer {name!r} (oracle | trained)")
-        result = reconstruct_scene(scene, os.path.join(root, f"out-{representation}-{name}" + ("-inline" if args.inline_writes else "")
-                                   + ("-every-round" if args.save_every_round else "")
-                                   + ("" if args.snapshot_on_device is None
-                                      else f"-snapshot-{'device' if args.snapshot_on_device else 'host'}")),
-                                   config, fixer,
-                                   progress=True,
-                                   device=args.device)
+        result = reconstruct_scene(scene, os.path.join(root, _run_folder(args, representation, name)), config, fixer,
+                                   progress=True, device=args.device)
         for split, methods in result.metrics.items():
             shift = {"shift_1m": 1, "shift_2m": 2, "shift_3m": 3}.get(split, 0)
             for method, values in methods.items():
@@ -163,6 +157,18 @@ def run_seed(args, root: str, emitter: Emitter) -> list[dict]:
         if result.notes.get("lpips"):
             print(f"# lpips omitted: {result.notes['lpips']}", file=sys.stderr)
     return rows
+
+
+def _run_folder(args, representation: str, fixer: str) -> str:
+    """One output folder per combination of settings, so re-running with other settings never resumes this one."""
+    parts = [f"out-{representation}-{fixer}"]
+    if args.inline_writes:
+        parts.append("inline")
+    if args.save_every_round:
+        parts.append("every-round")
+    if args.snapshot_on_device is not None:
+        parts.append("snapshot-device" if args.snapshot_on_device else "snapshot-host")
+    return "-".join(parts)
 
 
 def _checkpoint_fixer(checkpoint: str, device: str | None):

@@ -39,13 +39,9 @@ def snapshot(obj: Any) -> Any:
 
 def cuda_nbytes(obj: Any) -> int:
     """Bytes of the CUDA tensors in nested dicts/lists/tuples."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size() if obj.is_cuda else 0
-    if isinstance(obj, dict):
-        return sum(cuda_nbytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(cuda_nbytes(v) for v in obj)
-    return 0
+    sizes: list[int] = []
+    _map_tensors(obj, lambda t: sizes.append(t.nbytes if t.is_cuda else 0) or t)
+    return sum(sizes)
 
 
 class DeviceSnapshot:

@@ -231,7 +231,7 @@ class ProgressiveLoop:
             view, is_pseudo = self.config.sampling.pick(self.rng, self.data.train, self.pseudo)
             t_step = time.perf_counter()
             stats = rep.train_step([view.camera], *self.batches.get(view))
-            self.timings["train_steps_s"] = self.timings.get("train_steps_s", 0.0) + time.perf_counter() - t_step
+            self.timings["train_steps_s"] += time.perf_counter() - t_step
             if bar is not None:
                 bar.update(1)
                 if it % 25 == 0:
@@ -263,7 +263,7 @@ class ProgressiveLoop:
             future = self.fixer.submit(rgb[i:i + bs], refs[i:i + bs], cams[i:i + bs])
             self.pending.append(_Pending(k, cams[i:i + bs], masks[i:i + bs], future))
         # time the training thread spends handing renders over (a fixer that answers synchronously shows up here)
-        self.timings["fix_submit_s"] = self.timings.get("fix_submit_s", 0.0) + time.perf_counter() - t0
+        self.timings["fix_submit_s"] += time.perf_counter() - t0
         self.pseudo.append([])
         self.pseudo_records.append([])
         self.num_rounds += 1
@@ -305,7 +305,7 @@ class ProgressiveLoop:
         """Snapshot the state on this thread (consistent: training waits for the copy), write it on the writer's.
         A round skips its write while the last one is still being written, unless ``save_every_round``."""
         if not final and not self.config.save_every_round and self.writer.state_busy():
-            self.timings["state_saves_skipped"] = self.timings.get("state_saves_skipped", 0) + 1
+            self.timings["state_saves_skipped"] += 1
             return
         t0 = time.perf_counter()
         self.writer.wait_state()
@@ -432,7 +432,7 @@ class _StepBatches:
             return (view.image[None].to(self.device), torch.tensor([view.weight], device=self.device),
                     None if view.mask is None else view.mask[None].to(self.device))
         hit = self._views.get(id(view))
-        if hit is None or hit[0] is not view:  # keyed by identity; the view is held so its id is never reused
+        if hit is None:  # keyed by identity: the entry holds the view, so its id is not reused meanwhile
             u8 = view.image.mul(255.0).round_().to(torch.uint8).to(self.device)
             if self._lut.device != self.device:
                 self._lut = self._lut.to(self.device)

@@ -9,9 +9,8 @@ steps pay nothing; the first one is logged so a run does not look stalled.
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import logging
+from typing import Iterable
 
 import torch
 
