@@ -39,8 +39,9 @@ def main() -> None:
     p.add_argument("--refs", default="false,true", help="comma list: without (false) and with (true) a reference")
     p.add_argument("--stage-compile", action="store_true",
                    help="with --profile: time the stages compiled too (one more compile each; default eager)")
-    p.add_argument("--group-norm", default="native", choices=["native", "nhwc"],
-                   help="bf16 paths: nn.GroupNorm, or ours on NHWC views (FixerRunner(nhwc_group_norm=True))")
+    p.add_argument("--group-norm", default="auto", choices=["auto", "native", "nhwc"],
+                   help="bf16 paths: nn.GroupNorm, or ours on NHWC views; auto = FixerRunner's default (nhwc when eager, "
+                        "native when compiled)")
     p.add_argument("--no-write", action="store_true", help="print only, do not append to results/")
     p.add_argument("--profile", metavar="FILE", default=None,
                    help="after timing, profile the last path at the first batch size without a reference and write "
@@ -65,7 +66,8 @@ def main() -> None:
     naive_ms = {}
     for path in args.paths.split(","):
         model = build_model(preset, seed=0).eval().requires_grad_(False)
-        fwd = prepare(model, path, device, args.compile_mode, args.group_norm)
+        group_norm = resolve_group_norm(args.group_norm, path, args.compile_mode, cuda)
+        fwd = prepare(model, path, device, args.compile_mode, group_norm)
         dtype = torch.float32 if path == "naive" else (torch.bfloat16 if cuda else torch.float32)
         for batch in batches:
             for ref in refs:
@@ -73,7 +75,7 @@ def main() -> None:
                                   iters, warmup)
                 settings = dict(path=path, batch=batch, ref=ref, height=args.height, width=args.width,
                                 preset=preset, compile_mode=args.compile_mode if path == "optimized" else "none",
-                                group_norm="native" if path == "naive" or not cuda else args.group_norm)
+                                group_norm=group_norm)
                 emitter.emit("ms_per_frame", ms, "ms", **settings)
                 if path == "naive":
                     naive_ms[(batch, ref)] = ms
@@ -85,6 +87,15 @@ def main() -> None:
         del model, fwd
         if cuda:
             torch.cuda.empty_cache()
+
+
+def resolve_group_norm(choice: str, path: str, compile_mode: str, cuda: bool) -> str:
+    """The group norm a path runs: native on the naive path and off CUDA; ``auto`` follows ``FixerRunner``."""
+    if path == "naive" or not cuda:
+        return "native"
+    if choice == "auto":
+        return "native" if path == "optimized" and compile_mode != "none" else "nhwc"
+    return choice
 
 
 def prepare(model, path: str, device: torch.device, compile_mode: str, group_norm: str = "native"):

@@ -32,13 +32,14 @@ class FixerRunner:
     8 and cropped back (aspect ratio never changes); batches run in micro-batches of ``max_batch``. Thread-safe.
 
     ``nhwc_group_norm`` (with channels_last): group norms computed on NHWC views (:mod:`channels_last_norm`), the
-    same results without the layout copies PyTorch's CUDA kernel makes. Off by default until its GPU speed-up is
-    measured (``benchmarks/fixer_latency.py --group-norm nhwc``).
+    same results without the layout copies PyTorch's CUDA kernel makes. ``None`` (default) turns it on for eager
+    models, where it was measured (117 -> 81 ms per 576x1024 frame on an H200, ``benchmarks/RESULTS.md``), and leaves
+    compiled ones on ``nn.GroupNorm`` until the compiled path is measured with it.
     """
 
     def __init__(self, model: DifixModel, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                  compile: bool | None = False, channels_last: bool | None = None, max_batch: int | None = None,
-                 nhwc_group_norm: bool = False):
+                 nhwc_group_norm: bool | None = None):
         self.device = default_device(device)
         self.dtype = dtype or default_dtype(self.device)
         self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
@@ -49,12 +50,15 @@ class FixerRunner:
             # a fixer sees few shapes (batch sizes up to max_batch, one padded frame size), so cuDNN's autotuned conv
             # algorithms pay off from the second call; the latency benchmark measures with this on
             torch.backends.cudnn.benchmark = True
-        if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-            if nhwc_group_norm:  # keeps activations NHWC through the norms (no layout copies)
-                use_channels_last_group_norm(self.model)
         if compile is None:
             compile = compile_pays(model, self.device)
+        if nhwc_group_norm is None:
+            nhwc_group_norm = not compile
+        self.nhwc_group_norm = self.channels_last and bool(nhwc_group_norm)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if self.nhwc_group_norm:
+            use_channels_last_group_norm(self.model)  # activations stay NHWC through the norms
         self.compiled = bool(compile)
         self._forward = torch.compile(self.model, dynamic=False) if compile else self.model
         self._lock = threading.Lock()
@@ -62,7 +66,7 @@ class FixerRunner:
     @classmethod
     def from_checkpoint(cls, uri: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                         compile: bool | None = False, channels_last: bool | None = None, max_batch: int | None = None,
-                        base: str | None = None, nhwc_group_norm: bool = False) -> "FixerRunner":
+                        base: str | None = None, nhwc_group_norm: bool | None = None) -> "FixerRunner":
         from difix3d.fixer.checkpoint import load_checkpoint
 
         return cls(load_checkpoint(uri, base=base), device, dtype, compile, channels_last, max_batch, nhwc_group_norm)
