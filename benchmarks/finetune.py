@@ -63,7 +63,7 @@ def throughput(args: argparse.Namespace) -> None:
         storage_path=os.path.join(work, "runs"), num_workers=max(1, args.gpus), use_gpu=args.gpus > 0,
         cpus_per_worker=args.cpus_per_worker, steps=args.steps, batch_size=args.batch, height=args.height,
         width=args.width, gradient_checkpointing=args.gradient_checkpointing, use_reference=args.ref,
-        optimizer=args.optimizer,
+        optimizer=args.optimizer, gpu_memory_limit_gib=args.memory_limit_gib,
         perceptual_weights=args.vgg_weights or "random",  # the stand-in costs the same FLOPs as the real VGG16
         loss=LossWeights(gram_warmup_steps=0),  # Gram on from step 0: the slowest step is what we measure
         log_every=warmup, val_every=10**9, val_rows=0, ckpt_every=10**9, max_failures=0)
@@ -73,10 +73,13 @@ def throughput(args: argparse.Namespace) -> None:
                     ref=args.ref, gradient_checkpointing=args.gradient_checkpointing, steps=args.steps - warmup,
                     # what --gradient-checkpointing covers, and the optimizer (the 51 GB figure predates both)
                     checkpointed="unet,vae_layers,lpips" if args.gradient_checkpointing else "",
-                    optimizer=args.optimizer + ("_fused" if args.optimizer == "adamw" and args.gpus > 0 else ""))
+                    optimizer=args.optimizer + ("_fused" if args.optimizer == "adamw" and args.gpus > 0 else ""),
+                    memory_limit_gib=args.memory_limit_gib)
     emit("samples_per_s", result.metrics["samples_per_s"], "samples/s", **settings)
     if "peak_mem_gb" in result.metrics:
         emit("peak_mem_gb", result.metrics["peak_mem_gb"], "GB", **settings)
+    if "peak_reserved_gb" in result.metrics:
+        emit("peak_reserved_gb", result.metrics["peak_reserved_gb"], "GB", **settings)
 
 
 def heldout_gain(args: argparse.Namespace) -> None:
@@ -135,6 +138,8 @@ def main() -> None:
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
     p.add_argument("--cpus-per-worker", type=float, default=4)
+    p.add_argument("--memory-limit-gib", type=float, default=0.0,
+                   help="cap each GPU's allocator (e.g. 23: does it fit a 24 GiB card?); beyond it the run fails")
     p.add_argument("--vgg-weights", default="", help="local torchvision vgg16 weights (default: random stand-in)")
     p.add_argument("--heldout", default="", help="held-out pair shards: measure --checkpoint's PSNR gain instead")
     p.add_argument("--checkpoint", default="", help="fixer checkpoint for --heldout")

@@ -15,6 +15,9 @@ class InputError(Difix3DError, ValueError):
         self.problem = problem
         super().__init__(f"{self.source}: {problem}")
 
+    def __reduce__(self):  # rebuilt from (source, problem): the error survives pickling between Ray processes
+        return type(self), (self.source, self.problem)
+
 
 class CheckpointError(InputError):
     """A checkpoint that is missing, corrupt, or does not match the model it is loaded into."""

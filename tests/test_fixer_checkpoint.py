@@ -91,6 +91,20 @@ def test_official_pkl_loads_with_its_sd_turbo_base(tmp_path, sd_turbo, trained, 
         load_checkpoint(str(tmp_path / "broken.pkl"), base=sd_turbo)
 
 
+def test_fine_tuning_starts_from_a_pkl_with_the_configured_base(tmp_path, sd_turbo, trained, x, monkeypatch):
+    from difix3d.train.config import FinetuneConfig
+    from difix3d.train.loop import _initial_model_and_state
+
+    path = str(tmp_path / "model_10001.pkl")
+    save_official_pkl(trained, path)
+    monkeypatch.delenv("DIFIX3D_SD_TURBO", raising=False)
+    model, state = _initial_model_and_state(FinetuneConfig(init=path, base=sd_turbo), checkpoint=None)
+    assert state is None and model.training
+    _assert_same_outputs(trained, model.eval(), x)
+    with pytest.raises(MissingWeightsError, match="sd-turbo"):
+        _initial_model_and_state(FinetuneConfig(init=path), checkpoint=None)
+
+
 def test_nvidia_diffusers_folder_loads(tmp_path, sd_turbo, trained, x):
     folder = str(tmp_path / "difix_ref")
     save_nvidia_folder(trained, folder, text_folder=sd_turbo)

@@ -64,6 +64,22 @@ def test_corrupt_row_fails_naming_it_or_is_skipped(tmp_path):
     skipping = PairStream(index, shuffle_window=1, skip_corrupt=True)
     got = _ids([r for r, _ in zip(skipping, range(4))])
     assert ("0", "1") not in got and len(got) == 4 and "row 1" in skipping.skipped[0]
+    lonely = PairStream(index, rank=1, world_size=3, skip_corrupt=True, shuffle_window=1)  # its slice: row 1 only
+    with pytest.raises(InputError, match=r"all 1 rows worker 1 of 3 reads in epoch 0 are corrupt"):
+        next(iter(lonely))
+    with pytest.raises(InputError, match=r"row 1 column degraded"):  # validation rows: the same choice
+        read_rows(index, 3)
+    assert _ids(read_rows(index, 3, skip_corrupt=True)) == [("0", "0"), ("0", "2")]
+
+
+def test_input_errors_survive_pickling_between_processes():
+    import pickle
+
+    from difix3d.errors import CheckpointError
+
+    for e in (InputError("a/0.png", "not a PNG"), CheckpointError("ckpt/model.safetensors", "truncated")):
+        back = pickle.loads(pickle.dumps(e))
+        assert type(back) is type(e) and str(back) == str(e) and back.source == e.source
 
 
 def test_collate_crops_aligned_windows_in_minus_one_one(tmp_path):

@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from difix3d.errors import MissingWeightsError
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from difix3d.errors import InputError, MissingWeightsError
 from difix3d.fixer.checkpoint import load_checkpoint
 from difix3d.fixer.runner import FixerRunner
 from difix3d.train.config import FinetuneConfig, LossWeights
@@ -71,6 +74,50 @@ def test_two_workers_train_checkpoint_survive_a_crash_and_resume(tmp_path, ray_l
     assert more.metrics["step"] == 14
 
 
+def _corrupt_first_row(shards):
+    uri = os.path.join(shards, "shard-000.parquet")
+    table = pq.read_table(uri)
+    col = table.column("degraded").to_pylist()
+    col[0] = b"garbage"
+    pq.write_table(table.set_column(0, table.schema.field("degraded"), pa.array(col, pa.binary())), uri)
+
+
+def test_a_corrupt_row_is_skipped_or_fails_the_job_naming_it(tmp_path, ray_local):
+    shards = _shard(tmp_path, n=4)  # two rows a worker: rank 0 reads rows 0 (corrupt) and 1
+    _corrupt_first_row(shards)
+    # row 0 is also the first validation row: skipped, rank 0 is left with no validation rows and must still take
+    # part in validation's all-reduce (it used to wait there forever)
+    result = finetune(_config(tmp_path, shards, name="skip", steps=4, val_every=2, ckpt_every=4, skip_corrupt=True))
+    assert result.summary["end_step"] == 4 and "val_psnr" in result.metrics
+    skipped = [json.loads((tmp_path / "runs" / "skip" / "workers" / f"rank-{r}.json").read_text())["skipped"]
+               for r in (0, 1)]
+    assert any("row 0 column degraded" in s for rank in skipped for s in rank)
+
+    # without skipping, the job stops with the row named, and restarts fail at once instead of training again
+    with pytest.raises(InputError, match=r"shard-000.parquet row 0 column degraded"):
+        finetune(_config(tmp_path, shards, name="strict", steps=4, max_failures=1))
+    assert (tmp_path / "runs" / "strict" / "input-error.json").exists()
+    assert not (tmp_path / "runs" / "strict" / "final").exists()
+
+
+def test_tensorboard_files_reach_remote_run_storage(tmp_path, monkeypatch):
+    from difix3d import storage
+    from difix3d.train import loop
+
+    written = {}
+    monkeypatch.setattr(storage, "write_bytes", lambda uri, data: written.__setitem__(uri, data))
+    monkeypatch.setattr(storage, "write_json", lambda uri, obj: written.__setitem__(uri, obj))
+    monkeypatch.setattr(storage, "exists", lambda uri: False)
+    monkeypatch.setattr(loop.tempfile, "gettempdir", lambda: str(tmp_path))
+    cfg = FinetuneConfig(storage_path="s3://bucket/runs", name="tb", steps=2)
+    logger = loop._RankZeroLogger(cfg, 0)
+    logger.metrics(1, {"step": 1, "train_total": 0.5})
+    logger.close()
+    events = [u for u in written if u.startswith("s3://bucket/runs/tb/tensorboard/events.out.tfevents")]
+    assert events and all(written[u] for u in events)
+    assert written["s3://bucket/runs/tb/history.json"]["metrics"][0]["train_total"] == 0.5
+
+
 def test_missing_vgg_weights_stop_the_job_before_workers_start(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     cfg = _config(tmp_path, _shard(tmp_path), perceptual_weights="pretrained")
@@ -82,7 +129,8 @@ def test_missing_vgg_weights_stop_the_job_before_workers_start(tmp_path, monkeyp
 @pytest.mark.gpu
 def test_one_gpu_worker_trains_in_bf16_and_reports_memory(tmp_path, ray_local):
     cfg = _config(tmp_path, _shard(tmp_path), num_workers=1, use_gpu=True, steps=4, ckpt_every=4, val_every=4,
-                  gradient_checkpointing=True)
+                  gradient_checkpointing=True, gpu_memory_limit_gib=2.0)
     result = finetune(cfg)
     assert result.metrics["peak_mem_gb"] > 0 and np.isfinite(result.metrics["train_total"])
+    assert result.metrics["peak_mem_gb"] <= result.metrics["peak_reserved_gb"] <= 2.0 * 2**30 / 1e9
     assert load_checkpoint(result.final_uri).config.preset == "tiny"

@@ -1,9 +1,9 @@
 """The small fixer shipped inside the package, so demos, tests and the quick start run with no download.
 
-NOTE: the bundled checkpoint (difix3d/assets/difix-tiny/) is the ``tiny`` preset (1.9 M parameters) fine-tuned for
-1 000 steps with L2 on 570 synthetic pairs at 48×64 (``scripts/train_bundled_fixer.sh``). It exercises the whole
-pipeline (shapes, batching, references, serving) but is far too small to remove artifacts: on held-out synthetic
-pairs its outputs score BELOW its inputs (13.2 vs 17.5 dB PSNR). Real results need a real Difix checkpoint.
+NOTE: the bundled checkpoint (difix3d/assets/difix-tiny/) is the ``tiny`` preset (1.9 M parameters), VAE included,
+trained for 1 000 L2 steps on 456 curated synthetic pairs at 48×64 (``scripts/train_bundled_fixer.sh``). It exercises
+the whole pipeline (shapes, batching, references, serving) and lifts held-out synthetic renders by about 2 dB PSNR
+(``benchmarks/RESULTS.md``), but it is a demo: real results need a real Difix checkpoint.
 ``python -m difix3d.fixer.bundled`` writes a random-init one instead (deterministic, seed 0).
 """
 

@@ -34,6 +34,9 @@ class FinetuneConfig:
     val_shards: str = ""  # held-out pair shards; "" = validate on the first rows of the training shards
     init: str = "tiny"  # "tiny" | "sd-turbo" preset (random), "bundled", or a checkpoint URI (ours, official .pkl,
     #                     nvidia/difix folder, SD-Turbo folder)
+    # SD-Turbo folder (or hub id in the local cache) that an official Difix .pkl needs for its VAE base;
+    # None = $DIFIX3D_SD_TURBO on the machine that starts the job (workers get the value, not the variable)
+    base: str | None = None
     name: str = "difix-finetune"
     storage_path: str = "outputs/finetune"  # URI of the run storage (local, s3://, gs://)
     export_uri: str = ""  # final model in our checkpoint format; "" = <storage_path>/<name>/final
@@ -58,6 +61,9 @@ class FinetuneConfig:
     width: int = 512
     mixed_precision: str = "bf16"  # "bf16" autocast on CUDA with fp32 master weights, or "no"; CPU always fp32
     gradient_checkpointing: bool = False
+    # cap each GPU worker's CUDA caching allocator at this many GiB (0 = no cap): a run that passes with 23 fits a
+    # 24 GiB card with room for the CUDA context; beyond the cap it fails with CUDA's out-of-memory error
+    gpu_memory_limit_gib: float = 0.0
     # "adamw" (fp32 moments; fused on CUDA) or "adamw8bit" (torchao: 8-bit moments, ~5 GB less for sd-turbo's UNet)
     optimizer: str = "adamw"
     # Also train the VAE's own weights (encoder and decoder). The paper freezes them because SD-Turbo's autoencoder

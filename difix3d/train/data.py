@@ -104,16 +104,24 @@ class PairStream:
     def __iter__(self) -> Iterator[dict]:
         while True:
             positions = self.positions(self.epoch)
+            bad = 0
             while self.offset < len(positions):
                 shard, row = positions[self.offset]
                 self.offset += 1
                 try:
-                    yield self._row(shard, row)
+                    record = self._row(shard, row)
                 except InputError as e:
                     if not self.skip_corrupt:
                         raise
                     log.warning("skipping corrupt training row: %s", e)
                     self.skipped.append(str(e))
+                    bad += 1
+                    continue
+                yield record
+            if positions and bad == len(positions):  # a whole epoch of corrupt rows: the next ones would spin forever
+                raise InputError(self.index.shards[positions[0][0]],
+                                 f"all {len(positions)} rows worker {self.rank} of {self.world_size} reads in epoch "
+                                 f"{self.epoch} are corrupt ({self.skipped[-1]})")
             self.epoch, self.offset = self.epoch + 1, 0
 
     def _row(self, shard: int, row: int) -> dict:
@@ -174,9 +182,11 @@ def batches(stream: PairStream, batch_size: int, height: int, width: int, seed: 
         yield collate_pairs([next(it) for _ in range(batch_size)], height, width, rng, use_reference)
 
 
-def read_rows(index: ShardIndex, limit: int, rank: int = 0, world_size: int = 1) -> list[dict]:
+def read_rows(index: ShardIndex, limit: int, rank: int = 0, world_size: int = 1, skip_corrupt: bool = False
+              ) -> list[dict]:
     """The first ``limit`` rows in shard order, dealt round-robin: worker ``rank`` gets rows rank, rank+world, ...
-    (validation: fixed, disjoint per worker, no shuffle)."""
+    (validation: fixed, disjoint per worker, no shuffle). A corrupt row raises :class:`InputError` naming it, or
+    is logged and left out when ``skip_corrupt``."""
     out, i = [], 0
     for shard, n in zip(index.shards, index.rows):
         if i >= limit:
@@ -186,6 +196,11 @@ def read_rows(index: ShardIndex, limit: int, rank: int = 0, world_size: int = 1)
             if i >= limit:
                 break
             if i % world_size == rank:
-                out.append(decode_pair_row(table.slice(row, 1).to_pylist()[0], f"{shard} row {row}"))
+                try:
+                    out.append(decode_pair_row(table.slice(row, 1).to_pylist()[0], f"{shard} row {row}"))
+                except InputError as e:
+                    if not skip_corrupt:
+                        raise
+                    log.warning("skipping corrupt validation row: %s", e)
             i += 1
     return out

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from difix3d import storage
+from difix3d.errors import CheckpointError, InputError
 from difix3d.train.config import FinetuneConfig
 from difix3d.train.data import PairStream, ShardIndex, batches, collate_pairs, read_rows
 from difix3d.train.losses import DifixLoss, build_perceptual_net
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
 STATE_FILE = "train_state.pt"
+INPUT_ERROR_FILE = "input-error.json"  # written by the worker that met bad input (see train_loop_per_worker)
 MAX_RECORDED_IDS = 10_000  # rows named in a worker's summary (enough to audit small runs, bounded for big ones)
 
 
@@ -49,15 +51,43 @@ def _check_same_optimizer_setup(cfg: FinetuneConfig, saved: dict[str, Any]) -> N
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """Fine-tune on this worker's slice of the pair shards; returns a summary (rank 0's is the run's result)."""
+    """Fine-tune on this worker's slice of the pair shards; returns a summary (rank 0's is the run's result).
+
+    Bad input (a corrupt row, a checkpoint that does not load) is recorded in the run's ``input-error.json``: a
+    worker group restarted after it fails at once instead of training up to the same row, and the driver raises the
+    recorded error, which names the file (see :func:`recorded_input_error`).
+    """
+    cfg = FinetuneConfig.from_dict(config)
+    record = storage.join(cfg.run_uri(), INPUT_ERROR_FILE)
+    if storage.exists(record):
+        raise recorded_input_error(cfg)  # the same data fails the same way on every restart
+    try:
+        return _train(cfg)
+    except InputError as e:
+        storage.write_json(record, {"type": type(e).__name__, "source": e.source, "problem": e.problem})
+        raise
+
+
+def recorded_input_error(cfg: FinetuneConfig) -> InputError | None:
+    """The bad-input error a worker of this run recorded, or None."""
+    record = storage.join(cfg.run_uri(), INPUT_ERROR_FILE)
+    if not storage.exists(record):
+        return None
+    e = storage.read_json(record)
+    return (CheckpointError if e.get("type") == "CheckpointError" else InputError)(e["source"], e["problem"])
+
+
+def _train(cfg: FinetuneConfig) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
 
-    cfg = FinetuneConfig.from_dict(config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
 
+    if device.type == "cuda" and cfg.gpu_memory_limit_gib > 0:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.gpu_memory_limit_gib * 2**30 / total), device)
     model, state = _initial_model_and_state(cfg, ray.train.get_checkpoint())
     # paper: UNet full, decoder LoRA + skip convs, encoder frozen (train_vae: the whole VAE too, for random presets)
     counts = model.prepare_for_training(train_vae=cfg.train_vae)
@@ -134,8 +164,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                        lr=float(opt.param_groups[0]["lr"]))  # torchao keeps lr as a tensor
         if device.type == "cuda":
             metrics["peak_mem_gb"] = _max_over_ranks(torch.cuda.max_memory_allocated(device) / 1e9, device)
+            # what the caching allocator held at most: what a card must have, besides the CUDA context
+            metrics["peak_reserved_gb"] = _max_over_ranks(torch.cuda.max_memory_reserved(device) / 1e9, device)
         window = dict.fromkeys(window, 0.0) | {"n": 0}
-        if is_val and val_batches:
+        if is_val and cfg.val_rows > 0:  # every rank joins the all-reduce, also one that got no validation rows
             metrics.update(_validate(model, val_batches, device, lpips_for_val, autocast, logger, step, cfg))
         if logger:
             logger.metrics(step, metrics)
@@ -174,7 +206,7 @@ def _initial_model_and_state(cfg: FinetuneConfig, checkpoint) -> tuple[torch.nn.
         from difix3d.fixer.bundled import default_checkpoint
 
         return load_checkpoint(default_checkpoint()).train(), None
-    return load_checkpoint(cfg.init).train(), None
+    return load_checkpoint(cfg.init, base=cfg.base).train(), None
 
 
 def _report(metrics: dict, model, opt, step: int, stream: PairStream, cfg: FinetuneConfig, save: bool,
@@ -203,7 +235,7 @@ def _validation_batches(cfg: FinetuneConfig, rank: int, world: int) -> list[dict
     if cfg.val_rows <= 0:
         return []
     index = ShardIndex.build(cfg.val_shards or cfg.train_shards)
-    rows = read_rows(index, cfg.val_rows, rank, world)
+    rows = read_rows(index, cfg.val_rows, rank, world, skip_corrupt=cfg.skip_corrupt)
     return [collate_pairs(rows[i:i + cfg.batch_size], cfg.height, cfg.width, None, cfg.use_reference)
             for i in range(0, len(rows), cfg.batch_size)]
 
@@ -212,7 +244,9 @@ def _validate(model, val_batches, device, lpips_net, autocast, logger, step: int
     sums, grid = validation_sums(model, val_batches, device, lpips_net, autocast)
     keys = sorted(sums)
     totals = dict(zip(keys, _all_reduce([sums[k] for k in keys], device)))
-    n = max(totals["n"], 1.0)
+    if totals["n"] == 0:  # every validation row was skipped as corrupt
+        return {}
+    n = totals["n"]
     out = {"val_l2": totals["l2"] / n, "val_psnr": totals["psnr"] / n}
     if lpips_net is not None:
         out["val_lpips"] = totals["lpips"] / n
@@ -295,7 +329,8 @@ class _RankZeroLogger:
         self.history = storage.read_json(self.history_uri) if storage.exists(self.history_uri) else {}
         self.history.setdefault("loss", {})
         self.history.setdefault("metrics", [])
-        self.writer = SummaryWriter(log_dir=_tensorboard_dir(cfg))
+        self.local_dir = _tensorboard_dir(cfg)
+        self.writer = SummaryWriter(log_dir=self.local_dir)
 
     def console(self, line: str) -> None:
         print(f"[finetune] {line}", flush=True)
@@ -308,6 +343,7 @@ class _RankZeroLogger:
             if k != "step" and isinstance(v, (int, float)):
                 self.writer.add_scalar(k, v, step)
         self.writer.flush()
+        self._sync_tensorboard()
         self.history["metrics"].append(metrics)
         storage.write_json(self.history_uri, self.history)
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "step")
@@ -321,6 +357,18 @@ class _RankZeroLogger:
 
     def close(self) -> None:
         self.writer.close()
+        self._sync_tensorboard()
+
+    def _sync_tensorboard(self) -> None:
+        """With remote storage, copy the local event files to ``<run>/tensorboard/`` (local runs write there)."""
+        if storage.is_local(self.cfg.run_uri()):
+            return
+        for root, _, files in os.walk(self.local_dir):
+            for name in files:
+                path = os.path.join(root, name)
+                rel = os.path.relpath(path, self.local_dir).replace(os.sep, "/")
+                with open(path, "rb") as f:
+                    storage.write_bytes(storage.join(self.cfg.run_uri(), "tensorboard", rel), f.read())
 
 
 def _tensorboard_dir(cfg: FinetuneConfig) -> str:

@@ -6,7 +6,9 @@ The run lives at ``<storage_path>/<name>``: re-running with the same two resumes
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,10 +35,14 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from difix3d.train.loop import train_loop_per_worker
+    from difix3d.fixer.checkpoint import SD_TURBO_ENV
+    from difix3d.train.loop import INPUT_ERROR_FILE, recorded_input_error, train_loop_per_worker
     from difix3d.train.pairs import list_shards
 
     list_shards(config.train_shards)  # fail here, naming the URI, rather than inside every worker
+    if config.base is None and os.environ.get(SD_TURBO_ENV):  # workers may run on machines without the variable
+        config = dataclasses.replace(config, base=os.environ[SD_TURBO_ENV])
+    storage.delete(storage.join(config.run_uri(), INPUT_ERROR_FILE))  # a re-run after fixing the data starts clean
     if config.perceptual_weights != "random" and (config.loss.lpips > 0 or config.loss.gram > 0):
         build_perceptual_net(config.perceptual_weights)  # MissingWeightsError before any worker starts
     storage_fs, storage_root = storage.resolve(config.storage_path)
@@ -54,9 +60,15 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(config.cpus_per_worker)))}},
         ),
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+    try:
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+    except Exception as e:
+        bad_input = recorded_input_error(config)  # names the file; Ray's own error names only the worker
+        if bad_input is not None:
+            raise bad_input from e
+        raise
     summary = result.return_value or {}
     return FinetuneResult(final_uri=config.final_uri(),
                           checkpoint_path=result.checkpoint.path if result.checkpoint else None,
