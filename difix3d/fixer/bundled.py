@@ -2,7 +2,7 @@
 
 NOTE: the bundled checkpoint (difix3d/assets/difix-tiny/) is the ``tiny`` preset (1.9 M parameters), VAE included,
 trained for 1 000 L2 steps on 456 curated synthetic pairs at 48×64 (``scripts/train_bundled_fixer.sh``). It exercises
-the whole pipeline (shapes, batching, references, serving) and lifts held-out synthetic renders by about 2 dB PSNR
+the whole pipeline (shapes, batching, references, serving) and lifts held-out synthetic renders by 1.5-2 dB PSNR
 (``benchmarks/RESULTS.md``), but it is a demo: real results need a real Difix checkpoint.
 ``python -m difix3d.fixer.bundled`` writes a random-init one instead (deterministic, seed 0).
 """
@@ -29,7 +29,7 @@ def default_checkpoint(warn: bool = True) -> str:
         raise MissingWeightsError(f"{BUNDLED_DIR}: the bundled fixer is missing from this install; regenerate it with "
                                   "`python -m difix3d.fixer.bundled`")
     if warn and not _warned:
-        log.warning("using the bundled tiny fixer %s: a 1.9 M-parameter demo trained on synthetic pairs (about +2 dB "
+        log.warning("using the bundled tiny fixer %s: a 1.9 M-parameter demo trained on synthetic pairs (+1.5 to +2 dB "
                     "PSNR on held-out synthetic renders, benchmarks/RESULTS.md), no substitute for a real Difix; pass "
                     "a real Difix checkpoint for real results", BUNDLED_DIR)
         _warned = True
