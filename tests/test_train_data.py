@@ -1,5 +1,6 @@
 """Distributed pair streams and the training losses."""
 
+import contextlib
 import random
 
 import numpy as np
@@ -136,6 +137,43 @@ def test_gram_loss_sees_texture_and_shared_crop_is_aligned():
     assert float(gram_loss(feats, feats)) == 0
     other = {k: v * 2 for k, v in feats.items()}
     assert float(gram_loss(feats, other)) > 0
+    only_first = {"relu1_2": 2.0}  # per-layer weights are a config field (LossWeights.gram_layers)
+    assert float(gram_loss(feats, other, only_first)) == pytest.approx(
+        2.0 * 2.6 * float(gram_loss({"relu1_2": feats["relu1_2"]}, {"relu1_2": other["relu1_2"]}, {"relu1_2": 1 / 2.6})))
+    with pytest.raises(ValueError, match="relu9_9"):
+        LossWeights(gram_layers={"relu9_9": 1.0})
+
+
+def test_reference_view_is_decoded_and_supervised():
+    from difix3d.fixer.model import build_model
+    from difix3d.train.views import AllViewsFixer, training_targets
+
+    model = build_model("tiny", seed=0).eval()
+    x, ref = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        out = AllViewsFixer(model)(x, ref)
+        assert out.shape == (2, 2, 3, 32, 32)
+        torch.testing.assert_close(out[:, 0], model(x, ref), atol=1e-5, rtol=0)  # view 0 = what serving returns
+    targets = training_targets(x, ref)
+    assert torch.equal(targets[:, 0], x) and torch.equal(targets[:, 1], ref)  # the reference is its own target
+
+
+def test_validation_reports_lpips_with_a_perceptual_net():
+    from difix3d.fixer.model import build_model
+    from difix3d.train.validate import validation_sums
+
+    model = build_model("tiny", seed=0)
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    batches = [{"x": x, "target": x.clone(), "ref": None}]
+    calls = []
+
+    def lpips_net(a, b):
+        calls.append(a.shape)
+        return (a - b).abs().mean(dim=(1, 2, 3))
+
+    sums, grid = validation_sums(model, batches, torch.device("cpu"), lpips_net, contextlib.nullcontext)
+    assert sums["n"] == 3 and calls == [(3, 3, 32, 32)] and sums["lpips"] > 0 and len(grid) == 3
+    assert validation_sums(model, [], torch.device("cpu"), None, contextlib.nullcontext)[0]["n"] == 0  # a rank with no rows
 
 
 def test_checkpointed_lpips_gives_the_same_loss_and_gradient(monkeypatch):

@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         _add_field(parser, f.name, f.type, _HELP.get(f.name))
     for f in dataclasses.fields(LossWeights):
-        _add_field(parser, f"loss.{f.name}", f.type, "loss weight / schedule (LossWeights)")
+        if f.name != "gram_layers":  # a mapping: --config JSON only
+            _add_field(parser, f"loss.{f.name}", f.type, "loss weight / schedule (LossWeights)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--allow-random-perceptual", action="store_true",
                        help="train LPIPS/Gram with a random VGG16 stand-in (smoke tests only; results not comparable)")

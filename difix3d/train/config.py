@@ -15,6 +15,11 @@ from typing import Any
 from difix3d import storage
 
 
+# Per-layer Gram weights of the original Difix loss (nv-tlabs/Difix3D src/loss.py, STYLE_WEIGHTS).
+GRAM_LAYER_WEIGHTS = {"relu1_2": 1.0 / 2.6, "relu2_2": 1.0 / 4.8, "relu3_3": 1.0 / 3.7, "relu4_3": 1.0 / 5.6,
+                      "relu5_3": 10.0 / 1.5}
+
+
 @dataclass
 class LossWeights:
     """Weights of the three training losses (official command: ``--lambda_l2/lpips/gram 1.0``)."""
@@ -24,6 +29,14 @@ class LossWeights:
     gram: float = 1.0
     gram_warmup_steps: int = 2000  # Gram loss only after this many steps (``--gram_loss_warmup_steps 2000``)
     gram_crop: int = 400  # side of the shared random crop the Gram loss sees (train_difix.py: 400 x 400)
+    # VGG16 layer -> weight inside the Gram term (a subset of relu1_2 ... relu5_3; set through --config JSON)
+    gram_layers: dict[str, float] = field(default_factory=lambda: dict(GRAM_LAYER_WEIGHTS))
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.gram_layers) - set(GRAM_LAYER_WEIGHTS))
+        if unknown:
+            raise ValueError(f"loss.gram_layers: unknown VGG16 layers {unknown}; expected some of "
+                             f"{', '.join(GRAM_LAYER_WEIGHTS)}")
 
 
 @dataclass

@@ -19,13 +19,9 @@ import torch.utils.checkpoint
 from torch import nn
 
 from difix3d.errors import CheckpointError, MissingWeightsError
-from difix3d.train.config import LossWeights
+from difix3d.train.config import GRAM_LAYER_WEIGHTS, LossWeights
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision's VGG16 (what lpips loads)
-
-# Per-layer Gram weights of the original Difix loss (nv-tlabs/Difix3D src/loss.py, STYLE_WEIGHTS).
-GRAM_LAYER_WEIGHTS = {"relu1_2": 1.0 / 2.6, "relu2_2": 1.0 / 4.8, "relu3_3": 1.0 / 3.7, "relu4_3": 1.0 / 5.6,
-                      "relu5_3": 10.0 / 1.5}
 
 RANDOM_HINT = ("pass --allow-random-perceptual (perceptual_weights='random') to train with a random stand-in "
                "network (smoke tests only), or --vgg-weights PATH (perceptual_weights=PATH) for a local copy")
@@ -64,7 +60,7 @@ class DifixLoss(nn.Module):
         gram = zero
         if w.gram > 0 and step >= w.gram_warmup_steps:
             p, t = shared_random_crop(pred, target, w.gram_crop, self._crop_rng)
-            gram = gram_loss(self.vgg_features(p), self.vgg_features(t))
+            gram = gram_loss(self.vgg_features(p), self.vgg_features(t), w.gram_layers)
         total = w.l2 * l2 + w.lpips * lp + w.gram * gram
         return {"total": total, "l2": l2.detach(), "lpips": lp.detach(), "gram": gram.detach()}
 
@@ -79,14 +75,15 @@ class DifixLoss(nn.Module):
         return out._asdict()
 
 
-def gram_loss(pred_feats: dict[str, torch.Tensor], target_feats: dict[str, torch.Tensor]) -> torch.Tensor:
+def gram_loss(pred_feats: dict[str, torch.Tensor], target_feats: dict[str, torch.Tensor],
+              layer_weights: dict[str, float] = GRAM_LAYER_WEIGHTS) -> torch.Tensor:
     """Weighted Gram-matrix distance over the VGG layers, normalised by each layer's C·H·W as in the original.
 
     Gram matrices are per sample (``[N, C, C]``); the original multiplies features across the whole batch, which
     also matches unrelated images against each other.
     """
     total = 0.0
-    for layer, weight in GRAM_LAYER_WEIGHTS.items():
+    for layer, weight in layer_weights.items():
         fp, ft = pred_feats[layer].float(), target_feats[layer].float()  # [N, C, h, w]; Gram in fp32 (bf16 overflows)
         _, c, h, wd = fp.shape
         total = total + weight * torch.mean((gram_matrix(fp) - gram_matrix(ft)) ** 2) / (c * h * wd)
