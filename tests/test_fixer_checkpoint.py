@@ -91,6 +91,73 @@ def test_official_pkl_loads_with_its_sd_turbo_base(tmp_path, sd_turbo, trained, 
         load_checkpoint(str(tmp_path / "broken.pkl"), base=sd_turbo)
 
 
+def _decoder_only_lora(model):
+    """``model`` with its encoder's LoRA delta removed (lora_B = 0): what decoder-only adapters compute."""
+    with torch.no_grad():
+        for name, p in model.vae.named_parameters():
+            if name.startswith("encoder.") and "lora_B" in name:
+                p.zero_()
+    return model
+
+
+def test_pkl_with_full_decoder_module_targets_loads_converts_and_reloads(tmp_path, sd_turbo, x):
+    """pix2pix-turbo-style code lists full decoder module names as targets: the adapter is rebuilt in that shape."""
+    from difix3d.fixer.checkpoint import _load_sd_turbo
+    from difix3d.fixer.config import LORA_TARGETS
+
+    probe = _load_sd_turbo(sd_turbo)
+    targets = [n[len("vae."):] for n, _ in probe.named_modules()
+               if n.startswith("vae.decoder.") and any(n.endswith("." + t) for t in LORA_TARGETS)
+               and "base_layer" not in n and "lora_" not in n]
+    model = _load_sd_turbo(sd_turbo, lora_rank=8, lora_targets=tuple(targets))
+    with torch.no_grad():
+        for name, p in model.vae.named_parameters():
+            if "lora_B" in name or "skip_conv" in name:
+                p.add_(torch.randn_like(p) * 0.02)
+    assert not any(n.startswith("encoder.") and "lora_" in n for n, _ in model.vae.named_parameters())
+    save_official_pkl(model, str(tmp_path / "m.pkl"))
+    loaded = load_checkpoint(str(tmp_path / "m.pkl"), base=sd_turbo)
+    assert loaded.config.lora_rank == 8 and list(loaded.config.lora_targets) == targets
+    _assert_same_outputs(model.eval(), loaded, x)
+    convert_checkpoint(str(tmp_path / "m.pkl"), str(tmp_path / "ours"), base=sd_turbo)
+    _assert_same_outputs(model, load_checkpoint(str(tmp_path / "ours")), x)
+
+
+def test_pkl_missing_adapter_or_skip_weights_is_an_error(tmp_path, sd_turbo, trained):
+    save_official_pkl(trained, str(tmp_path / "m.pkl"))
+    sd = torch.load(str(tmp_path / "m.pkl"), weights_only=True)
+    del sd["state_dict_vae"]["decoder.skip_conv_1.base_layer.weight"]
+    torch.save(sd, str(tmp_path / "partial.pkl"))
+    with pytest.raises(CheckpointError, match=r"partial\.pkl\[state_dict_vae\].*missing keys.*skip_conv_1"):
+        load_checkpoint(str(tmp_path / "partial.pkl"), base=sd_turbo)
+
+
+def test_nvidia_folder_with_decoder_only_lora_loads(tmp_path, sd_turbo, trained, x):
+    model = _decoder_only_lora(load_checkpoint(str(_saved(trained, tmp_path / "copy"))))
+    folder = str(tmp_path / "difix")
+    save_nvidia_folder(model, folder, text_folder=sd_turbo)
+    w = os.path.join(folder, "vae", "diffusion_pytorch_model.safetensors")
+    st = {(k.replace(".base_layer.", ".") if k.startswith("encoder.") else k): v for k, v in load_file(w).items()
+          if not (k.startswith("encoder.") and "lora_" in k)}  # as the official trainer exports: no encoder LoRA
+    save_file(st, w)
+    _assert_same_outputs(model, load_checkpoint(folder), x)
+
+
+def test_a_model_merged_for_serving_saves_and_loads_without_doubling_lora(tmp_path, trained, x):
+    from difix3d.fixer.runner import FixerRunner
+
+    model = load_checkpoint(str(_saved(trained, tmp_path / "copy")))
+    runner = FixerRunner(model, device="cpu")  # merges the LoRA into the decoder convs
+    save_checkpoint(runner.model, str(tmp_path / "merged"))
+    for ya, yb in zip(_out(trained, x), _out(load_checkpoint(str(tmp_path / "merged")), x)):
+        torch.testing.assert_close(ya, yb, atol=5e-4, rtol=0)  # merging rounds; a doubled delta is ~100x larger
+
+
+def _saved(model, path):
+    save_checkpoint(model, str(path))
+    return path
+
+
 def test_fine_tuning_starts_from_a_pkl_with_the_configured_base(tmp_path, sd_turbo, trained, x, monkeypatch):
     from difix3d.train.config import FinetuneConfig
     from difix3d.train.loop import _initial_model_and_state

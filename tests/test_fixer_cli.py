@@ -3,6 +3,7 @@
 import os
 
 import numpy as np
+import pytest
 
 from difix3d.cli import main
 from difix3d.imageio import read_image, write_image
@@ -37,6 +38,19 @@ def test_fix_with_reference_changes_output(tmp_path):
     assert plain.shape == ref.shape == (32, 48, 3) and not np.array_equal(plain, ref)
 
 
+def test_reference_folder_is_looked_up_at_each_input_relative_path(tmp_path):
+    for cam, seed in (("cam1", 1), ("cam2", 2)):
+        _write(tmp_path / "in" / cam / "0.png", 32, 48, seed=seed)
+    _write(tmp_path / "ref" / "cam1" / "0.png", 32, 48, seed=11)
+    _write(tmp_path / "ref" / "cam2" / "0.png", 32, 48, seed=12)
+    assert main(["fix", str(tmp_path / "in"), "--ref", str(tmp_path / "ref"), "-o", str(tmp_path / "out"),
+                 "--device", "cpu"]) == 0
+    # cam2's output equals fixing cam2's input with cam2's reference (not cam1's, not a same-named flat file)
+    assert main(["fix", str(tmp_path / "in" / "cam2" / "0.png"), "--ref", str(tmp_path / "ref" / "cam2" / "0.png"),
+                 "-o", str(tmp_path / "one"), "--device", "cpu"]) == 0
+    assert np.array_equal(read_image(str(tmp_path / "out" / "cam2" / "0.png")), read_image(str(tmp_path / "one" / "0.png")))
+
+
 def test_fix_errors_name_the_input(tmp_path, capsys):
     assert main(["fix", str(tmp_path / "missing.png"), "-o", str(tmp_path / "o")]) == 2
     assert "missing.png" in capsys.readouterr().err
@@ -45,6 +59,9 @@ def test_fix_errors_name_the_input(tmp_path, capsys):
     assert main(["fix", str(tmp_path / "x.png"), "--ref", str(tmp_path / "small_ref.png"),
                  "-o", str(tmp_path / "o"), "--device", "cpu"]) == 2
     assert "small_ref.png" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: --batch must be a positive count
+        main(["fix", str(tmp_path / "x.png"), "-o", str(tmp_path / "o"), "--batch", "0"])
+    assert "--batch: must be at least 1" in capsys.readouterr().err
 
 
 def test_convert_official_pkl(tmp_path):

@@ -37,10 +37,18 @@ FETCH_SD_TURBO = ("fetch it with `huggingface-cli download stabilityai/sd-turbo 
 
 def save_checkpoint(model: DifixModel, uri: str) -> str:
     """Write ``model`` in our format under ``uri`` (a folder URI); returns ``uri``. Weights are written as they are
-    (dtype kept), the config last so a half-written checkpoint is never mistaken for a whole one."""
+    (dtype kept), the config last so a half-written checkpoint is never mistaken for a whole one. A model whose LoRA
+    was merged for serving (:meth:`DifixModel.merge_lora`) is written as its merged weights with ``lora_B`` zeroed,
+    so loading it does not add the delta twice."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
     from safetensors.torch import save
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    for name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer) and module.merged:
+            for adapter in module.merged_adapters:
+                key = f"{name}.lora_B.{adapter}.weight"
+                state[key] = torch.zeros_like(state[key])
     storage.makedirs(uri)
     storage.write_bytes(storage.join(uri, WEIGHTS_FILE), save(state))
     storage.write_json(storage.join(uri, CONFIG_FILE),
@@ -130,11 +138,16 @@ def materialize(config: FixerConfig, state: dict[str, torch.Tensor], source: str
 
 
 # --- SD-Turbo folder -----------------------------------------------------------------------------------------------
-def _load_sd_turbo(folder: str) -> DifixModel:
+def _load_sd_turbo(folder: str, lora_rank: int | None = None, lora_targets: tuple[str, ...] | None = None
+                   ) -> DifixModel:
+    """A fresh Difix on an SD-Turbo folder's weights; ``lora_rank`` / ``lora_targets`` shape its decoder adapter
+    (default: ours, the official Difix code's)."""
     unet, vae = _pretrained(folder, "unet"), _pretrained(folder, "vae")
     config = _config_from(unet, vae)
     prompt = encode_prompt(folder, config.prompt)
     config.prompt_tokens = prompt.shape[1]
+    config.lora_rank = config.lora_rank if lora_rank is None else int(lora_rank)
+    config.lora_targets = config.lora_targets if lora_targets is None else tuple(lora_targets)
     return DifixModel(config, unet, vae, prompt)
 
 
@@ -166,17 +179,14 @@ def _load_official_pkl(path: str, base: str | None) -> DifixModel:
     if not base or not os.path.isdir(base):
         raise MissingWeightsError(f"{path}: the official Difix .pkl holds only the VAE's LoRA and skip weights, "
                                   f"their base comes from SD-Turbo ({base or 'no base given'}): {FETCH_SD_TURBO}")
-    model = _load_sd_turbo(base)
-    model.config.lora_rank = int(sd.get("rank_vae", model.config.lora_rank))
-    model.config.lora_targets = tuple(sd.get("vae_lora_target_modules", LORA_TARGETS))
-    if model.config.lora_rank != 4 or model.config.lora_targets != LORA_TARGETS:  # rebuild with its LoRA shape
-        model = DifixModel(model.config, model.unet, _strip_adapter(model.vae), model.prompt_embeds)
+    # the adapter is built in the checkpoint's own shape: its rank and target list (suffixes in the official Difix
+    # code, full decoder module names in pix2pix-turbo-style code)
+    model = _load_sd_turbo(base, sd.get("rank_vae", 4), sd.get("vae_lora_target_modules", LORA_TARGETS))
     _check_keys(model.unet.state_dict(), sd["state_dict_unet"], f"{path}[state_dict_unet]")
     vae_state = model.vae.state_dict()
-    extra = sorted(set(sd["state_dict_vae"]) - set(vae_state))
-    if extra:
-        raise CheckpointError(f"{path}[state_dict_vae]", f"unexpected keys {extra[:8]} (of {len(extra)}); "
-                                                         f"rank_vae={model.config.lora_rank}")
+    # the file holds exactly the adapter and skip-conv tensors (the VAE's base weights come from SD-Turbo)
+    _check_keys({k: v for k, v in vae_state.items() if "lora" in k or "skip" in k}, sd["state_dict_vae"],
+                f"{path}[state_dict_vae] (rank_vae={model.config.lora_rank})")
     vae_state.update(sd["state_dict_vae"])
     _check_shapes(model.unet.state_dict(), sd["state_dict_unet"], f"{path}[state_dict_unet]")
     _check_shapes(model.vae.state_dict(), vae_state, f"{path}[state_dict_vae]")
@@ -212,8 +222,11 @@ def _load_nvidia_folder(folder: str) -> DifixModel:
     state = _normalize_vae_keys(_read_safetensors(w_path), model.vae.state_dict())
     want = model.vae.state_dict()
     if not any("lora_" in k for k in state):  # a merged export: LoRA folded into the base weights, adapter stays 0
-        state.update({k: v for k, v in want.items() if "lora_" in k})
+        state.update(_zero_delta_lora(want, lambda k: True))
         log.info("%s carries no LoRA weights: treating it as merged", w_path)
+    elif not any(k.startswith("encoder.") and "lora_" in k for k in state):  # the adapter on the decoder only
+        state.update(_zero_delta_lora(want, lambda k: k.startswith("encoder.")))
+        log.info("%s carries decoder LoRA only: the encoder keeps its base weights", w_path)
     _check_keys(want, state, w_path)
     _check_shapes(want, state, w_path)
     model.vae.load_state_dict(state, strict=True)
@@ -257,6 +270,11 @@ def _normalize_vae_keys(state: dict[str, torch.Tensor], want: dict[str, torch.Te
 
 
 # --- helpers -------------------------------------------------------------------------------------------------------
+def _zero_delta_lora(want: dict[str, torch.Tensor], where) -> dict[str, torch.Tensor]:
+    """LoRA tensors (of the keys ``where`` selects) whose product is zero: ``lora_A`` as built, ``lora_B`` zeros."""
+    return {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in want.items() if "lora_" in k and where(k)}
+
+
 def _check_keys(want: dict, got: dict, source: str) -> None:
     missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     if missing or unexpected:
@@ -335,15 +353,6 @@ def _config_from(unet, vae) -> FixerConfig:
 def _same(a, b) -> bool:
     norm = lambda x: list(x) if isinstance(x, (list, tuple)) else x  # noqa: E731
     return norm(a) == norm(b)
-
-
-def _strip_adapter(vae):
-    """A VAE without our skip convs and LoRA, so a DifixModel with another LoRA shape can be built on it."""
-    vae.delete_adapters(ADAPTER_NAME)
-    for i in range(1, 5):
-        if hasattr(vae.decoder, f"skip_conv_{i}"):
-            delattr(vae.decoder, f"skip_conv_{i}")
-    return vae
 
 
 def _looks_like_hub_id(uri: str) -> bool:

@@ -21,12 +21,13 @@ def add_parser(subparsers) -> None:
                               description="Fix images (files or folders) with a Difix checkpoint; outputs keep each "
                                           "input's name and size.")
     p.add_argument("inputs", nargs="+", metavar="IN", help="image files or folders of images")
-    p.add_argument("--ref", help="reference view: one image for all inputs, or a folder with same-named images")
+    p.add_argument("--ref", help="reference view: one image for all inputs, or a folder holding each input's "
+                                 "reference at the same relative path (for a file input: the same name)")
     p.add_argument("--checkpoint", help="fixer checkpoint (ours, official .pkl, nvidia/difix folder, SD-Turbo "
                                         "folder); default: the bundled tiny demo one")
     p.add_argument("--base", help="SD-Turbo folder, for official .pkl checkpoints")
     p.add_argument("-o", "--output", required=True, help="output folder (URI)")
-    p.add_argument("--batch", type=int, default=4, help="images per forward pass (default 4)")
+    p.add_argument("--batch", type=_positive_int, default=4, help="images per forward pass (default 4)")
     p.add_argument("--device", help="cuda, cuda:1 or cpu (default: CUDA when present)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on many images)")
     p.set_defaults(func=run_fix)
@@ -55,7 +56,7 @@ def run_fix(args: argparse.Namespace) -> int:
     with tqdm(total=len(jobs), desc="fix", unit="img") as bar:
         for group in _batches(jobs, args.batch):
             images = [read_image(src) for src, _ in group]
-            refs = [ref_for(src, img.shape) for (src, _), img in zip(group, images)] if args.ref else None
+            refs = [ref_for(src, name, img.shape) for (src, name), img in zip(group, images)] if args.ref else None
             by_size = defaultdict(list)  # one forward per size: a batch must share H x W
             for i, img in enumerate(images):
                 by_size[img.shape].append(i)
@@ -106,15 +107,16 @@ def _walk(uri: str) -> list[str]:
 
 
 def _reference_lookup(ref: str | None):
-    """--ref as a function (input uri, shape) -> reference image of that shape."""
+    """--ref as a function (input uri, its output name, shape) -> reference image of that shape. A folder is looked up
+    at the input's output name: its path relative to the input folder (``cam1/0.png``), or a file input's name."""
     if ref is None:
         return None
     if not storage.is_dir(ref):
         image = read_image(ref)
-        return lambda src, shape: _same_size(image, shape, ref)
+        return lambda src, name, shape: _same_size(image, shape, ref)
 
-    def lookup(src: str, shape):
-        path = storage.join(ref, os.path.basename(src))
+    def lookup(src: str, name: str, shape):
+        path = storage.join(ref, name)
         if not storage.exists(path):
             raise InputError(path, f"no reference image for {src}")
         return _same_size(read_image(path), shape, path)
@@ -130,5 +132,12 @@ def _same_size(image, shape, source: str):
 
 
 def _batches(items: list, n: int):
-    for i in range(0, len(items), max(1, n)):
+    for i in range(0, len(items), n):
         yield items[i:i + n]
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value

@@ -144,7 +144,8 @@ class DifixModel(nn.Module):
 
         Unmerged, every LoRA-wrapped conv of the full-resolution decoder runs two extra low-rank convs and an add:
         memory-bound kernels on the most expensive part of the model. Keys and parameters stay as they are (peft
-        keeps the adapters and marks them merged), so a merged model still saves and loads the same checkpoint.
+        keeps the adapters and marks them merged); ``save_checkpoint`` writes a merged model with ``lora_B`` zeroed,
+        so it loads back with the same outputs.
         """
         from peft.tuners.tuners_utils import BaseTunerLayer
 

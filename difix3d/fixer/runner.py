@@ -30,6 +30,7 @@ class FixerRunner:
     ``fix(images, refs=None)``: numpy uint8 ``[B, H, W, 3]`` (or ``[H, W, 3]``) -> the same; float tensor
     ``[B, 3, H, W]`` in [0, 1] -> float32 tensor on the input's device. H, W are padded by reflection to a multiple of
     8 and cropped back (aspect ratio never changes); batches run in micro-batches of ``max_batch``. Thread-safe.
+    The runner takes ``model`` over: it merges its LoRA, casts, freezes and (maybe) converts it in place.
 
     ``nhwc_group_norm`` (with channels_last): group norms computed on NHWC views (:mod:`channels_last_norm`), the
     same results without the layout copies PyTorch's CUDA kernel makes. ``None`` (default) turns it on for eager
