@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import logging
 import random
 import time
@@ -59,8 +60,12 @@ class ProgressiveConfig:
     """``TrainerConfig``: ``iterations`` is the budget of the baseline and of the progressive run; ``seed``."""
     schedule: ProgressiveSchedule = field(default_factory=ProgressiveSchedule)
     sampling: PseudoViewSampling = field(default_factory=PseudoViewSampling)
+    init_ply: str | None = None
+    """A pretrained 3DGS (gsplat / 3DGS-format PLY URI) to start from instead of the scene's points; the baseline
+    starts from it too, so both get the same budget on top of it. 3dgs only."""
     target_splits: tuple[str, ...] = ("test", "shift_1m", "shift_2m", "shift_3m")
-    """Splits whose cameras are the targets of the pseudo views (the novel views to improve)."""
+    """Splits whose cameras are the targets of the pseudo views (the novel views to improve); a trajectory passed
+    to :func:`reconstruct_scene` as ``targets`` replaces them."""
     eval_splits: tuple[str, ...] = ("test", "shift_1m", "shift_2m", "shift_3m")
     """Splits rendered and scored (those the scene lacks are skipped)."""
     baseline: bool = True
@@ -120,11 +125,14 @@ class SceneResult:
 
 
 def reconstruct_scene(scene: Any, output_uri: str, config: ProgressiveConfig | None = None,
-                      fixer: Any = None, progress: bool = True, device: Any = None) -> SceneResult:
+                      fixer: Any = None, progress: bool = True, device: Any = None,
+                      targets: list[Camera] | None = None) -> SceneResult:
     """Baseline, progressive Difix3D and Difix3D+ for one scene; outputs under ``output_uri``.
 
     ``scene``: a ``Scene`` or its URI. ``fixer``: a :class:`ViewFixer`, a ``FixerClient`` (in-process or the Ray
-    pool), or None for the small fixer bundled with difix3d. Re-running with the same ``output_uri`` resumes.
+    pool), or None: the running default pool if there is one, else the small fixer bundled with difix3d.
+    ``targets``: cameras of a trajectory to move the pseudo views toward (default: the ``target_splits`` cameras).
+    Re-running with the same ``output_uri`` resumes; with a config that changes training, it is an error.
     """
     config = config or ProgressiveConfig()
     if isinstance(scene, (str, bytes)) or hasattr(scene, "__fspath__"):
@@ -133,8 +141,9 @@ def reconstruct_scene(scene: Any, output_uri: str, config: ProgressiveConfig | N
         scene = load_scene(str(scene))
     out = SceneOutputs(str(output_uri))
     device = default_device(device)
-    storage.write_json(out.config, config.to_dict())
-    data = _SceneData.load(scene, config, device)
+    _check_resumable(out, config, targets)
+    storage.write_json(out.config, _config_record(config, targets))
+    data = _SceneData.load(scene, config, device, targets)
     for split, (cams, gts) in data.evals.items():
         out.write_renders("gt", split, [c.name for c in cams], gts)
 
@@ -311,7 +320,8 @@ class ProgressiveLoop:
         self.writer.wait_state()
         state = {
             "iteration": self.iteration, "num_rounds": self.num_rounds, "frames_fixed": self.frames_fixed,
-            "rng": self.rng.getstate(), "timings": dict(self.timings), "representation": rep.state_dict(),
+            "rng": self.rng.getstate(), "torch_rng": _torch_rng_state(self.device),
+            "timings": dict(self.timings), "representation": rep.state_dict(),
             "known": [c.to_dict() for c in self.known],
             "pseudo": self.pseudo_records,
         }
@@ -338,6 +348,8 @@ class ProgressiveLoop:
         self.iteration, self.num_rounds = state["iteration"], state["num_rounds"]
         self.frames_fixed = state["frames_fixed"]
         self.rng.setstate(state["rng"])
+        if "torch_rng" in state:  # densification draws from torch's generators: resume them where they were
+            _set_torch_rng_state(state["torch_rng"], self.device)
         self.timings.update(state["timings"])
         self.known = [Camera.from_dict(d) for d in state["known"]]
         TrainingView = _training_view_class()
@@ -380,8 +392,11 @@ class _SceneData:
     targets: list[Camera]
     evals: dict[str, tuple[list[Camera], np.ndarray]]  # split -> (cameras, uint8 [B, H, W, 3])
 
+    rotation_weight: float = 1.0  # of the distance that picks a camera's nearest training view
+
     @classmethod
-    def load(cls, scene: Any, config: ProgressiveConfig, device: torch.device) -> "_SceneData":
+    def load(cls, scene: Any, config: ProgressiveConfig, device: torch.device,
+             targets: list[Camera] | None = None) -> "_SceneData":
         TrainingView = _training_view_class()
         train_idx = list(scene.splits["train"])
         if not train_idx:
@@ -392,23 +407,31 @@ class _SceneData:
         train_u8 = [scene.load_image(i) for i in train_idx]
         train = [TrainingView(camera=scene.cameras[i], image=imageio.to_tensor(im)[0], weight=weight, mask=None,
                               is_pseudo=False) for i, im in zip(train_idx, train_u8)]
-        seen, targets = set(), []
-        for split in config.target_splits:
-            for i in scene.splits.get(split, []):
-                if scene.cameras[i].name not in seen:
-                    seen.add(scene.cameras[i].name)
-                    targets.append(scene.cameras[i])
+        if targets is None:
+            seen, targets = set(), []
+            for split in config.target_splits:
+                for i in scene.splits.get(split, []):
+                    if scene.cameras[i].name not in seen:  # a camera in several splits is one target
+                        seen.add(scene.cameras[i].name)
+                        targets.append(scene.cameras[i])
+        if not targets:
+            from difix3d.errors import InputError
+
+            raise InputError(getattr(scene, "root", scene.name),
+                             f"no target cameras: the scene has none of the splits {list(config.target_splits)} "
+                             f"(it has {sorted(scene.splits)}); set target_splits or pass targets")
         evals = {}
         for split in config.eval_splits:
             idx = list(scene.splits.get(split, []))
             if idx:
                 evals[split] = ([scene.cameras[i] for i in idx], np.stack([scene.load_image(i) for i in idx]))
-        return cls(train=train, train_uint8=train_u8, targets=targets, evals=evals)
+        return cls(train=train, train_uint8=train_u8, targets=list(targets), evals=evals,
+                   rotation_weight=config.schedule.rotation_weight)
 
     def references(self, cameras: list[Camera]) -> np.ndarray:
-        """The nearest training image to each camera: uint8 ``[B, H, W, 3]``."""
+        """The nearest training image to each camera (the schedule's pose distance): uint8 ``[B, H, W, 3]``."""
         train_cams = [v.camera for v in self.train]
-        return np.stack([self.train_uint8[nearest_index(c, train_cams)] for c in cameras])
+        return np.stack([self.train_uint8[nearest_index(c, train_cams, self.rotation_weight)] for c in cameras])
 
 
 class _StepBatches:
@@ -530,7 +553,50 @@ def _new_representation(scene, config: ProgressiveConfig, device):
     from difix3d.recon.factory import make_representation
 
     backend_config = config.nerf if config.representation == "nerfacto" else config.gaussian
-    return make_representation(config.representation, scene, backend_config, device, seed=_seed(config))
+    rep = make_representation(config.representation, scene, backend_config, device, seed=_seed(config))
+    if config.init_ply:
+        if config.representation != "3dgs":
+            raise ValueError(f"init_ply starts a 3dgs run; representation is {config.representation!r}")
+        from difix3d.recon.gaussians import GaussianSplat
+
+        rep = GaussianSplat.from_ply(config.init_ply, config.gaussian, device, scene_scale=rep.scene_scale)
+    return rep
+
+
+# settings whose change makes saved round state or the cached baseline wrong for a resumed run
+_TRAINING_KEYS = ("representation", "gaussian", "nerf", "trainer", "schedule", "sampling", "init_ply",
+                  "target_splits", "eval_splits", "baseline", "targets")
+
+
+def _check_resumable(out: SceneOutputs, config: ProgressiveConfig, targets: list[Camera] | None) -> None:
+    """Refuse to resume saved state under a config that trains differently (it would mix two runs silently)."""
+    has_state = storage.exists(out.state(ProgressiveLoop.STATE_FILE)) or storage.exists(out.state("baseline.json"))
+    if not has_state or not storage.exists(out.config):
+        return
+    saved = storage.read_json(out.config)
+    now = json.loads(json.dumps(_config_record(config, targets), default=storage._json_default))
+    changed = [k for k in _TRAINING_KEYS if saved.get(k) != now.get(k)]
+    if changed:
+        raise ValueError(f"{out.config}: this output folder holds a run with other {', '.join(changed)}; resume it "
+                         "with the same config, or write to a new output folder")
+
+
+def _config_record(config: ProgressiveConfig, targets: list[Camera] | None) -> dict:
+    """``config.json``: the config, and the targets when a trajectory was passed."""
+    return config.to_dict() | ({"targets": [c.to_dict() for c in targets]} if targets else {})
+
+
+def _torch_rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_torch_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _training_view_class():

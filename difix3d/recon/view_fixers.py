@@ -82,12 +82,16 @@ class IdentityViewFixer(ViewFixer):
 def as_view_fixer(fixer: Any) -> ViewFixer:
     """A ViewFixer from what callers hand the loop: a ViewFixer, a FixerClient, or None.
 
-    None loads the small fixer bundled with difix3d in this process (``difix3d.fixer.bundled``): it runs the
-    real code path, not a trained Difix.
+    None: the default fixer pool when one is running on the connected Ray cluster (``difix3d.pool``), else the
+    small fixer bundled with difix3d, in this process (``difix3d.fixer.bundled``: the real code path, not a trained
+    Difix).
     """
     if isinstance(fixer, ViewFixer):
         return fixer
     if fixer is None:
+        pool = _running_pool()
+        if pool is not None:
+            return ClientViewFixer(pool, name="pool")
         from difix3d.fixer.bundled import default_checkpoint
         from difix3d.fixer.client import LocalFixerClient
         from difix3d.fixer.runner import FixerRunner
@@ -102,3 +106,20 @@ def _done(value: Any) -> Future:
     f: Future = Future()
     f.set_result(value)
     return f
+
+
+def _running_pool():
+    """The default pool's client when Ray is initialised here and the pool runs, else None (never starts Ray)."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    if not ray.is_initialized():
+        return None
+    from difix3d.pool.client import get_pool
+    from difix3d.pool.errors import PoolUnavailableError
+
+    try:
+        return get_pool()
+    except PoolUnavailableError:
+        return None
