@@ -43,6 +43,26 @@ def test_runner_is_the_model_on_images(runner):
     torch.testing.assert_close(runner.fix(t), expected, atol=1e-5, rtol=0)
 
 
+def test_runner_on_an_odd_size_is_the_model_on_the_padded_image_cropped(runner):
+    t = torch.rand(1, 3, 61, 90, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        padded = runner.model(pad_to_multiple(t * 2 - 1, 8))  # [1, 3, 64, 96]
+    torch.testing.assert_close(runner.fix(t), ((padded + 1) / 2)[..., :61, :90], atol=1e-5, rtol=0)
+
+
+def test_posterior_sampling_is_optional_and_random():
+    from difix3d.fixer.model import build_model
+
+    model = build_model("tiny", seed=0).eval()
+    x = torch.rand(1, 3, 32, 48) * 2 - 1
+    with torch.no_grad():
+        mean_a, mean_b = model(x), model(x)
+        model.config.sample_posterior = True
+        sampled_a, sampled_b = model(x), model(x)
+    assert torch.equal(mean_a, mean_b)  # the posterior mean: deterministic
+    assert not torch.equal(sampled_a, sampled_b) and not torch.equal(sampled_a, mean_a)
+
+
 def test_padding_reflects_and_crops_back():
     x = torch.arange(5 * 6, dtype=torch.float32).reshape(1, 1, 5, 6)
     p = pad_to_multiple(x, 8)

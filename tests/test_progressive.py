@@ -381,3 +381,54 @@ def test_no_fixer_means_the_running_pool_else_the_bundled_one(monkeypatch):
 
     monkeypatch.setattr(pool_client, "get_pool", no_pool)
     assert as_view_fixer(None).name == "bundled"
+
+
+def test_training_goes_on_while_a_round_is_being_fixed(street, tmp_path, monkeypatch):
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import difix3d.recon.progressive as progressive
+
+    steps = {"n": 0}
+    real_step = GaussianSplat.train_step
+
+    def counting_step(self, *args, **kwargs):
+        steps["n"] += 1
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(GaussianSplat, "train_step", counting_step)
+    submitted, joined = [], []
+    real_join = progressive.ProgressiveLoop._join
+
+    def recording_join(self, pending, fixed):
+        joined.append(steps["n"])
+        return real_join(self, pending, fixed)
+
+    monkeypatch.setattr(progressive.ProgressiveLoop, "_join", recording_join)
+
+    class SlowFixer(ViewFixer):  # answers on a worker thread after 3 training steps
+        def __init__(self):
+            self.pool, self.inner = ThreadPoolExecutor(1), OracleViewFixer(street.render_gt)
+
+        def submit(self, renders, refs, cameras):
+            submitted.append(steps["n"])
+            start = steps["n"]
+
+            def work():  # a loop that waited for its fixes would stall here: give up after 5 s, failing below
+                deadline = time.monotonic() + 5.0
+                while steps["n"] < start + 3 and time.monotonic() < deadline and not stop.is_set():
+                    stop.wait(0.001)
+                return self.inner.fix(renders, refs, cameras)
+
+            return self.pool.submit(work)
+
+    stop = threading.Event()
+    try:
+        result = reconstruct_scene(street, str(tmp_path), tiny_config(iterations=48, baseline=False,
+                                                                      post_render=False), SlowFixer(),
+                                   progress=False, device="cpu")
+    finally:
+        stop.set()
+    assert result.frames_fixed > 0 and len(joined) == len(submitted) == result.num_rounds
+    assert all(j >= s + 3 for s, j in zip(submitted, joined))  # the views joined after training went on

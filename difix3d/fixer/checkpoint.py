@@ -57,7 +57,8 @@ def save_checkpoint(model: DifixModel, uri: str) -> str:
 
 
 def load_checkpoint(uri: str, device: str | torch.device | None = None, base: str | None = None) -> DifixModel:
-    """Any supported checkpoint -> a :class:`DifixModel` in eval mode, fp32, on ``device`` (CPU if None).
+    """Any supported checkpoint -> a :class:`DifixModel` in eval mode on ``device`` (CPU if None), in the dtype its
+    weights were saved in (fp32 for the diffusers and .pkl layouts).
 
     ``base``: an SD-Turbo folder, needed only by the official ``.pkl`` format (default: ``$DIFIX3D_SD_TURBO``).
     Raises :class:`CheckpointError` (corrupt or mismatched, naming the file and keys) or :class:`MissingWeightsError`.

@@ -213,7 +213,7 @@ def _attach_skip_convs(vae: AutoencoderKL, init: float) -> None:
 
 
 def _alphas_cumprod(config: FixerConfig) -> torch.Tensor:
-    """DDPM scaled_linear schedule of SD 2.1 (what DDPMScheduler computes), in float64 then to float32 as diffusers."""
+    """DDPM scaled_linear schedule of SD 2.1 in float32, as diffusers' DDPMScheduler computes it."""
     betas = torch.linspace(config.beta_start ** 0.5, config.beta_end ** 0.5, config.num_train_timesteps,
                            dtype=torch.float32, device="cpu") ** 2
     return torch.cumprod(1.0 - betas, dim=0)
