@@ -73,6 +73,18 @@ def test_corrupt_row_fails_naming_it_or_is_skipped(tmp_path):
     assert _ids(read_rows(index, 3, skip_corrupt=True)) == [("0", "0"), ("0", "2")]
 
 
+def test_a_bad_shard_does_not_stop_workers_that_other_epochs_deal_good_ones(tmp_path):
+    index = _shards(tmp_path, n_shards=2, rows=2)
+    uri = index.shards[1]
+    table = pq.read_table(uri)
+    col = [b"garbage"] * table.num_rows
+    pq.write_table(table.set_column(0, table.schema.field("degraded"), pa.array(col, pa.binary())), uri)
+    for rank in (0, 1):  # each epoch deals one shard per worker; whichever got the bad one reads good rows later
+        stream = PairStream(index, rank=rank, world_size=2, seed=0, shuffle_window=1, skip_corrupt=True)
+        got = [r for r, _ in zip(stream, range(3))]
+        assert len(got) == 3 and all(r["scene"] == "0" for r in got)
+
+
 def test_input_errors_survive_pickling_between_processes():
     import pickle
 
@@ -142,6 +154,8 @@ def test_gram_loss_sees_texture_and_shared_crop_is_aligned():
         2.0 * 2.6 * float(gram_loss({"relu1_2": feats["relu1_2"]}, {"relu1_2": other["relu1_2"]}, {"relu1_2": 1 / 2.6})))
     with pytest.raises(ValueError, match="relu9_9"):
         LossWeights(gram_layers={"relu9_9": 1.0})
+    with pytest.raises(ValueError, match="empty"):
+        LossWeights(gram_layers={})
 
 
 def test_reference_view_is_decoded_and_supervised():

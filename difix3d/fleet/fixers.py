@@ -23,8 +23,8 @@ def resolve_checkpoint(checkpoint: str | None) -> tuple[str, str | None]:
 
     uri = str(bundled.default_checkpoint(warn=False))  # the notice below says it once
     notice = ("using the small fixer bundled with difix3d (tiny preset, 1.9 M parameters, trained on synthetic pairs: "
-              "about +2 dB PSNR on held-out synthetic renders): a demo of the whole pipeline, no substitute for a real "
-              "Difix. Pass --checkpoint with a trained Difix for real results.")
+              "+1.5 to +2 dB PSNR on held-out synthetic renders): a demo of the whole pipeline, no substitute for a "
+              "real Difix. Pass --checkpoint with a trained Difix for real results.")
     return uri, notice
 
 

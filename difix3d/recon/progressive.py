@@ -573,12 +573,26 @@ def _check_resumable(out: SceneOutputs, config: ProgressiveConfig, targets: list
     has_state = storage.exists(out.state(ProgressiveLoop.STATE_FILE)) or storage.exists(out.state("baseline.json"))
     if not has_state or not storage.exists(out.config):
         return
+    from difix3d.errors import InputError
+
     saved = storage.read_json(out.config)
     now = json.loads(json.dumps(_config_record(config, targets), default=storage._json_default))
-    changed = [k for k in _TRAINING_KEYS if saved.get(k) != now.get(k)]
-    if changed:
-        raise ValueError(f"{out.config}: this output folder holds a run with other {', '.join(changed)}; resume it "
-                         "with the same config, or write to a new output folder")
+    changed = [k for k in _TRAINING_KEYS if _differs(saved.get(k), now.get(k))]
+    if changed:  # an InputError: the fleet records it and does not retry what would fail the same way
+        raise InputError(out.config, f"this output folder holds a run with other {', '.join(changed)}; resume it "
+                                     "with the same config, or write to a new output folder")
+
+
+# fields of the nested configs that do not change what is trained (rendering chunks, logging cadence)
+_NOT_TRAINING = frozenset({"render_chunk", "eval_every", "checkpoint_every", "log_every"})
+
+
+def _differs(saved: Any, now: Any) -> bool:
+    """Saved vs new config value; in mappings only keys both have count (a field added later keeps old runs
+    resumable) and fields that do not change training are ignored."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return any(_differs(saved[k], now[k]) for k in saved.keys() & now.keys() if k not in _NOT_TRAINING)
+    return saved != now
 
 
 def _config_record(config: ProgressiveConfig, targets: list[Camera] | None) -> dict:

@@ -34,9 +34,12 @@ class LossWeights:
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.gram_layers) - set(GRAM_LAYER_WEIGHTS))
-        if unknown:
-            raise ValueError(f"loss.gram_layers: unknown VGG16 layers {unknown}; expected some of "
-                             f"{', '.join(GRAM_LAYER_WEIGHTS)}")
+        if unknown or not self.gram_layers:
+            raise ValueError(f"loss.gram_layers: {'unknown VGG16 layers ' + str(unknown) if unknown else 'empty'}; "
+                             f"expected some of {', '.join(GRAM_LAYER_WEIGHTS)} (loss.gram 0 turns the term off)")
+        negative = {k: v for k, v in self.gram_layers.items() if v < 0}
+        if negative:
+            raise ValueError(f"loss.gram_layers: negative weights {negative}")
 
 
 @dataclass

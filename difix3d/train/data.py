@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
@@ -43,8 +44,12 @@ class ShardIndex:
         for uri in shards:
             try:
                 rows.append(pq.read_metadata(storage.bytes_io(uri)).num_rows)
-            except Exception as e:  # noqa: BLE001 - any footer problem means an unreadable shard
+            except FileNotFoundError:
+                raise InputError(uri, "pair shard not found") from None
+            except (pa.ArrowInvalid, ValueError, TypeError) as e:  # a footer that is not Parquet's
                 raise InputError(uri, f"not a readable Parquet pair shard ({e})") from e
+            except OSError as e:  # storage I/O: may pass, so not recorded as bad input (see train.loop)
+                raise OSError(f"{uri}: cannot read the pair shard's footer ({e})") from e
         return cls(tuple(shards), tuple(rows))
 
     @property
@@ -90,6 +95,7 @@ class PairStream:
         self.shuffle_window, self.skip_corrupt = shuffle_window, skip_corrupt
         self.epoch, self.offset = start
         self.skipped: list[str] = []
+        self._bad: set[tuple[int, int]] = set()  # (shard, row) positions found corrupt
         self._tables: OrderedDict[int, object] = OrderedDict()
         self._cache_shards = cache_shards
 
@@ -115,10 +121,14 @@ class PairStream:
                         raise
                     log.warning("skipping corrupt training row: %s", e)
                     self.skipped.append(str(e))
+                    self._bad.add((shard, row))
                     bad += 1
                     continue
                 yield record
-            if positions and bad == len(positions):  # a whole epoch of corrupt rows: the next ones would spin forever
+            # a whole epoch of corrupt rows spins forever when the next epochs read the same rows (one worker, or one
+            # shard), or when every row of the data is known corrupt; otherwise later epochs deal other shards here
+            same_rows_each_epoch = self.world_size == 1 or len(self.index.shards) == 1
+            if positions and bad == len(positions) and (same_rows_each_epoch or len(self._bad) >= self.index.total):
                 raise InputError(self.index.shards[positions[0][0]],
                                  f"all {len(positions)} rows worker {self.rank} of {self.world_size} reads in epoch "
                                  f"{self.epoch} are corrupt ({self.skipped[-1]})")

@@ -9,6 +9,7 @@ rank's data-stream position), so a restarted worker group or a re-run job contin
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -64,7 +65,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     try:
         return _train(cfg)
     except InputError as e:
-        storage.write_json(record, {"type": type(e).__name__, "source": e.source, "problem": e.problem})
+        try:
+            storage.write_json(record, {"type": type(e).__name__, "source": e.source, "problem": e.problem})
+        except Exception as write_error:  # noqa: BLE001 - the input error is the one to raise
+            log.warning("could not record the input error in %s: %s", record, write_error)
         raise
 
 
@@ -170,7 +174,7 @@ def _train(cfg: FinetuneConfig) -> dict[str, Any]:
         if is_val and cfg.val_rows > 0:  # every rank joins the all-reduce, also one that got no validation rows
             metrics.update(_validate(model, val_batches, device, lpips_for_val, autocast, logger, step, cfg))
         if logger:
-            logger.metrics(step, metrics)
+            logger.metrics(step, metrics, sync=is_val or is_ckpt)
         _report(metrics, model, opt, step, stream, cfg, save=is_ckpt, rank=rank)
         t0, samples = time.perf_counter(), 0  # throughput windows exclude validation and checkpointing
 
@@ -338,12 +342,13 @@ class _RankZeroLogger:
     def step_loss(self, step: int, loss: float) -> None:
         self.history["loss"][str(step)] = loss
 
-    def metrics(self, step: int, metrics: dict) -> None:
+    def metrics(self, step: int, metrics: dict, sync: bool = False) -> None:
         for k, v in metrics.items():
             if k != "step" and isinstance(v, (int, float)):
                 self.writer.add_scalar(k, v, step)
         self.writer.flush()
-        self._sync_tensorboard()
+        if sync:  # at validation and checkpoint steps (and close): event files are re-uploaded whole
+            self._sync_tensorboard()
         self.history["metrics"].append(metrics)
         storage.write_json(self.history_uri, self.history)
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "step")
@@ -375,7 +380,8 @@ def _tensorboard_dir(cfg: FinetuneConfig) -> str:
     """TensorBoard writes local files: under the run folder when storage is local, else a local folder by name."""
     if storage.is_local(cfg.run_uri()):
         return storage.resolve(storage.join(cfg.run_uri(), "tensorboard"))[1]
-    return os.path.join(tempfile.gettempdir(), "difix3d-tensorboard", cfg.name)
+    run_key = hashlib.sha1(cfg.run_uri().encode()).hexdigest()[:12]  # not another run's files of the same name
+    return os.path.join(tempfile.gettempdir(), "difix3d-tensorboard", f"{cfg.name}-{run_key}")
 
 
 def load_history(cfg: FinetuneConfig) -> dict:

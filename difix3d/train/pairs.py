@@ -87,8 +87,10 @@ def read_pair_table(uri: str, columns: list[str] | None = None) -> pa.Table:
         table = pq.read_table(storage.bytes_io(uri), columns=columns)
     except FileNotFoundError:
         raise InputError(uri, "pair shard not found") from None
-    except (pa.ArrowInvalid, OSError) as e:
+    except pa.ArrowInvalid as e:
         raise InputError(uri, f"not a readable Parquet pair shard ({e})") from e
+    except OSError as e:  # storage I/O (a network error can pass): not bad input, so a restart may read it again
+        raise OSError(f"{uri}: cannot read the pair shard ({e})") from e
     missing = [n for n in (columns or PAIR_SCHEMA.names) if n not in table.schema.names]
     if missing:
         raise InputError(uri, f"not a pair shard: missing columns {missing}")
