@@ -15,3 +15,17 @@ def default_device(prefer: str | torch.device | None = None) -> torch.device:
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on CUDA (fast, no loss scaling needed), fp32 on CPU (bf16 matmuls are slow there)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def global_rng_state() -> dict:
+    """torch's global generators (CPU, and every CUDA device's), as checkpoints save them: ``torch_rng``,
+    ``cuda_rng`` (None without CUDA). Densification and other library code draw from these."""
+    return {"torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_global_rng_state(state: dict) -> None:
+    """Restore :func:`global_rng_state` (CUDA generators only when saved and CUDA is present)."""
+    torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from difix3d import imageio, storage
-from difix3d.device import default_device
+from difix3d.device import default_device, global_rng_state, set_global_rng_state
 from difix3d.recon.background_writes import BackgroundWriter, DeviceSnapshot, cuda_nbytes, snapshot
 from difix3d.recon.outputs import METHODS, SceneOutputs
 from difix3d.recon.schedule import ProgressiveSchedule, PseudoViewSampling, nearest_index
@@ -320,7 +320,7 @@ class ProgressiveLoop:
         self.writer.wait_state()
         state = {
             "iteration": self.iteration, "num_rounds": self.num_rounds, "frames_fixed": self.frames_fixed,
-            "rng": self.rng.getstate(), "torch_rng": _torch_rng_state(self.device),
+            "rng": self.rng.getstate(), "torch_rng": global_rng_state(),
             "timings": dict(self.timings), "representation": rep.state_dict(),
             "known": [c.to_dict() for c in self.known],
             "pseudo": self.pseudo_records,
@@ -349,7 +349,7 @@ class ProgressiveLoop:
         self.frames_fixed = state["frames_fixed"]
         self.rng.setstate(state["rng"])
         if "torch_rng" in state:  # densification draws from torch's generators: resume them where they were
-            _set_torch_rng_state(state["torch_rng"], self.device)
+            set_global_rng_state(state["torch_rng"])
         self.timings.update(state["timings"])
         self.known = [Camera.from_dict(d) for d in state["known"]]
         TrainingView = _training_view_class()
@@ -598,19 +598,6 @@ def _differs(saved: Any, now: Any) -> bool:
 def _config_record(config: ProgressiveConfig, targets: list[Camera] | None) -> dict:
     """``config.json``: the config, and the targets when a trajectory was passed."""
     return config.to_dict() | ({"targets": [c.to_dict() for c in targets]} if targets else {})
-
-
-def _torch_rng_state(device: torch.device) -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_torch_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _training_view_class():

@@ -20,6 +20,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from tqdm.auto import tqdm
 
 from difix3d import storage
+from difix3d.device import global_rng_state, set_global_rng_state
 from difix3d.errors import CheckpointError
 from difix3d.imageio import to_tensor
 from difix3d.recon.background_writes import snapshot
@@ -184,9 +185,7 @@ def save_checkpoint(uri: str, representation: Representation, generator: torch.G
     are written from host copies, so the file loads on machines without the training device."""
     storage.write_torch(uri, {
         "format": "difix3d.recon.trainer/1", "representation": snapshot(representation.state_dict()),
-        "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "history": history or []})
+        "generator": generator.get_state(), **global_rng_state(), "history": history or []})
 
 
 def load_checkpoint(uri: str, representation: Representation, generator: torch.Generator | None = None) -> list[dict]:
@@ -202,9 +201,7 @@ def load_checkpoint(uri: str, representation: Representation, generator: torch.G
         raise CheckpointError(uri, f"cannot resume from it: {e}") from e
     if generator is not None:
         generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
-    if state.get("cuda_rng") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    set_global_rng_state(state)
     return list(state.get("history", []))
 
 
