@@ -118,6 +118,16 @@ def test_tensorboard_files_reach_remote_run_storage(tmp_path, monkeypatch):
     assert written["s3://bucket/runs/tb/history.json"]["metrics"][0]["train_total"] == 0.5
 
 
+def test_workers_use_expandable_segments_unless_the_user_chose_an_allocator(monkeypatch):
+    from difix3d.train.trainer import worker_env
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    env = worker_env(FinetuneConfig(cpus_per_worker=3))
+    assert env == {"OMP_NUM_THREADS": "3", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    assert worker_env(FinetuneConfig())["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
+
+
 def test_missing_vgg_weights_stop_the_job_before_workers_start(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     cfg = _config(tmp_path, _shard(tmp_path), perceptual_weights="pretrained")

@@ -30,6 +30,17 @@ class FinetuneResult:
     run_uri: str
 
 
+def worker_env(config: FinetuneConfig) -> dict[str, str]:
+    """Environment of each training worker.
+
+    The CUDA allocator uses expandable segments unless the user set ``PYTORCH_CUDA_ALLOC_CONF``: a 576x1024 step
+    frees and reallocates full-resolution activations of many sizes, and fixed segments leave gigabytes reserved but
+    unusable (sd-turbo with the reference view fits a 23 GiB cap only this way; benchmarks/RESULTS.md).
+    """
+    return {"OMP_NUM_THREADS": str(max(1, int(config.cpus_per_worker))),
+            "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")}
+
+
 def finetune(config: FinetuneConfig) -> FinetuneResult:
     """Run (or resume) a fine-tuning job on the Ray cluster this process is connected to."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -57,7 +68,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
             name=config.name, storage_path=storage_root, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.num_to_keep),
-            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(config.cpus_per_worker)))}},
+            worker_runtime_env={"env_vars": worker_env(config)},
         ),
     )
     try:
