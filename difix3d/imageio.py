@@ -23,9 +23,23 @@ def decode_image(data: bytes, source: str = "<bytes>") -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
+            if im.mode.startswith("I;16") or im.mode == "I":
+                return _gray16_to_rgb8(np.asarray(im), source)
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise InputError(source, f"cannot decode image ({e})") from e
+
+
+def _gray16_to_rgb8(gray: np.ndarray, source: str) -> np.ndarray:
+    """16-bit grayscale (PIL modes ``I;16*``, and ``I`` as 16-bit PNGs open) → uint8 RGB, scaled by 1/257.
+
+    PIL's own ``convert("RGB")`` clips these values to 255 instead of scaling them: a mid-gray image became white.
+    """
+    g = np.asarray(gray, dtype=np.int64)
+    if g.size and (g.min() < 0 or g.max() > 65535):
+        raise InputError(source, f"grayscale values outside the 16-bit range ({g.min()}..{g.max()})")
+    g8 = np.round(g / 257.0).astype(np.uint8)
+    return np.repeat(g8[..., None], 3, axis=-1)
 
 
 def encode_image(image: np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
