@@ -1,6 +1,7 @@
 """The fixing pool on the session's local Ray with the bundled tiny fixer: concurrent callers get the runner's own
 outputs, a bad request fails alone, a killed replica loses nothing, backpressure holds, the pool scales."""
 
+import math
 import sys
 import threading
 import time
@@ -175,3 +176,63 @@ def test_pool_errors_name_the_problem(ray_local, tmp_path):
     assert "corrupt-ckpt" in str(err.value)
     with pytest.raises(pool.PoolUnavailableError, match="no fixing pool"):  # the failed pool was cleaned up
         pool.get_pool("test-pool-bad")
+
+
+@ray.remote(max_retries=0)
+def _scene_like(client, fixes):
+    """A scene task holding CPUs while it fixes a frame now and then."""
+    for s in range(fixes):
+        client.fix(_frames(s, 1))
+        time.sleep(0.2)
+    return fixes
+
+
+def test_a_dead_replicas_share_stays_reserved_for_its_replacement(ray_local):
+    """Tasks take every free CPU and one more waits. When the replica dies, the waiting task must not take its
+    CPU (the replacement would wait forever, and with it every caller): the pool holds it in a placement group."""
+    client = pool.start_pool(default_checkpoint(), name="test-pool-reserved", min_replicas=1, max_replicas=1,
+                             num_cpus_per_replica=1, health_check_s=0.2)
+    try:
+        free = ray.available_resources().get("CPU", 0.0)
+        assert free > 0
+        running = math.ceil(free)  # tasks of at most 1 CPU fill what is free; one more waits, and would fit the
+        share = free / running     # replica's CPU the moment it is freed
+        tasks = [_scene_like.options(num_cpus=share).remote(client, 10) for _ in range(running + 1)]
+        deadline = time.monotonic() + 60
+        while client.stats()["frames_ok"] < 2:  # the first task is fixing
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        ray.kill(client.replica_handles()[0], no_restart=True)
+        ready, _ = ray.wait(tasks, num_returns=len(tasks), timeout=90)
+        stats = client.stats()
+        assert len(ready) == len(tasks), stats
+        assert set(ray.get(ready)) == {10} and stats["replica_deaths"] == 1 and stats["replicas"] == 1
+        groups = [g for g in ray.util.placement_group_table().values()
+                  if g["name"].startswith("test-pool-reserved-") and g["state"] == "CREATED"]
+        assert len(groups) == 1 and list(groups[0]["bundles"].values()) == [{"CPU": 1.0}]  # held across the death
+    finally:
+        pool.shutdown_pool("test-pool-reserved")
+
+
+def test_requests_fail_when_no_replica_can_be_ready(ray_local):
+    """A pool whose replicas can never be placed answers its callers with PoolUnavailableError, not silence."""
+    client = pool.start_pool(default_checkpoint(), name="test-pool-unplaceable", min_replicas=0, max_replicas=1,
+                             num_cpus_per_replica=64, unavailable_timeout_s=1.0)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(pool.PoolUnavailableError, match="no replica ready"):
+            client.fix(_frames(0, 1))
+        assert time.monotonic() - t0 < 30
+    finally:
+        pool.shutdown_pool("test-pool-unplaceable")
+
+
+def test_starting_a_running_pool_again_joins_it(ray_local):
+    first = pool.start_pool(default_checkpoint(), name="test-pool-join", num_cpus_per_replica=0.5)
+    try:
+        again = pool.start_pool(default_checkpoint(), name="test-pool-join", num_cpus_per_replica=0.5)
+        for client in (again, first):  # the creator's handle was kept: the router lives on
+            assert client.fix(_frames(0, 1)).shape == (1, H, W, 3)
+        assert first.stats()["replicas_started"] == 1
+    finally:
+        assert pool.shutdown_pool("test-pool-join")

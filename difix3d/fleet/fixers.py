@@ -3,8 +3,11 @@ picklable spec from which each scene task loads its own in-process fixer (the se
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,9 +50,17 @@ def open_fixer(config, checkpoint: str, cluster_gpus: float) -> tuple[Any, Calla
     from difix3d import pool
 
     lo, hi, gpus = pool_size(config, cluster_gpus)
+    try:
+        pool.get_pool(config.pool_name)
+        joined = True  # another job's pool: it is theirs to shut down (and it ends with that job unless detached)
+    except pool.PoolUnavailableError:
+        joined = False
     # an autoscaling pool may ask for replicas the cluster does not have yet: the cluster autoscaler adds nodes
     client = pool.start_pool(checkpoint, name=config.pool_name, min_replicas=lo, max_replicas=hi,
                              num_gpus_per_replica=gpus, scale_beyond_free_resources=hi > lo)
+    if joined:
+        log.warning("joined the running fixing pool %r: it is left running at the end of this job", config.pool_name)
+        return client, lambda: None
     return client, lambda: pool.shutdown_pool(config.pool_name)
 
 

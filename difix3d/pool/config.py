@@ -54,6 +54,10 @@ class PoolConfig:
     max_attempts: int = 3
     """Replica deaths a request survives (re-queued on another replica each time) before it fails."""
 
+    unavailable_timeout_s: float = 600.0
+    """Queued requests fail with PoolUnavailableError once no replica has been ready for this long (replicas that
+    keep failing to start, a lost node never replaced), rather than leaving their callers blocked forever."""
+
     health_check_s: float = 5.0
     """An idle replica is pinged this often, so one that died between batches is replaced before work needs it."""
 
@@ -64,6 +68,10 @@ class PoolConfig:
     """...once the queue has stayed that deep this long."""
     scale_down_idle_s: float = 60.0
     """A replica above ``min_replicas`` that fixed nothing this long is stopped."""
+    reserve_min_replicas: bool = True
+    """Hold the resources of ``min_replicas`` replicas in a placement group for the pool's whole life, so a replica
+    that dies is replaced at once: without it, a task queued for the same CPU/GPU can take the freed share and the
+    replacement (and every caller waiting on the pool) waits forever."""
     scale_beyond_free_resources: bool = False
     """Start replicas even when the cluster has no free CPU/GPU for them (an autoscaling cluster then adds
     nodes); off, the pool only grows into resources that are free now."""

@@ -16,6 +16,7 @@ from typing import Any
 
 import ray
 from ray.exceptions import RayActorError
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .batching import BatchQueues, PendingRequest
 from .config import PoolConfig
@@ -37,6 +38,7 @@ class _Replica:
     idle_since: float = field(default_factory=time.monotonic)
     info: dict = field(default_factory=dict)
     checked_at: float = field(default_factory=time.monotonic)
+    bundle: int | None = None  # index in the router's placement group, for the replicas it reserves
 
 
 class PoolRouter:
@@ -63,6 +65,8 @@ class PoolRouter:
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
         self._closed = False
+        self._no_replica_since: float | None = None  # when the last ready replica went away (None: one is ready)
+        self._placement_group = None  # reserves min_replicas replicas' resources (PoolConfig.reserve_min_replicas)
 
     # ------------------------------------------------------------------ public methods (called through Ray)
     async def fix(self, request_id: str, key: tuple, frames: int, inputs: list) -> list:
@@ -78,9 +82,10 @@ class PoolRouter:
             req.answer = asyncio.get_running_loop().create_future()
             self.requests[request_id] = req
             await self._admit(req)
-            req.enqueued_at = time.monotonic()
-            self.queues.push(req)
-            self._wake.set()
+            if not req.done:  # answered while it waited for admission (shutdown, pool unavailable)
+                req.enqueued_at = time.monotonic()
+                self.queues.push(req)
+                self._wake.set()
         return [await asyncio.shield(req.answer)]
 
     async def admitted(self, request_id: str) -> None:
@@ -137,6 +142,9 @@ class PoolRouter:
         for r in list(self.replicas.values()):
             ray.kill(r.actor, no_restart=True)
         self.replicas.clear()
+        if self._placement_group is not None:
+            ray.util.remove_placement_group(self._placement_group)
+            self._placement_group = None
         for req in list(self.requests.values()):
             self._answer(req, error=PoolUnavailableError(f"pool {self.config.name!r} was shut down"))
 
@@ -178,7 +186,10 @@ class PoolRouter:
             return
         req.done = True
         self.requests.pop(req.request_id, None)
-        if not req.admitted:  # answered while waiting for admission (shutdown)
+        if not req.admitted:  # answered while waiting for admission (shutdown, pool unavailable)
+            for r, waiter in self._admission:
+                if r is req and not waiter.done():
+                    waiter.set_result(None)  # its fix() coroutine goes on to return the answer
             self._admission = collections.deque((r, w) for r, w in self._admission if r is not req)
             self._wake_admitted(req.request_id)  # do not leave its caller blocked
         if error is not None:
@@ -294,7 +305,28 @@ class PoolRouter:
             if r.inflight_batches == 0 and now - r.checked_at >= self.config.health_check_s:
                 r.checked_at = now
                 asyncio.ensure_future(self._health_check(r))
+        self._fail_if_unavailable(now, bool(live))
         self.stats.gauges(self.queues.frames, len(live))
+
+    def _fail_if_unavailable(self, now: float, any_ready: bool) -> None:
+        """Answer every open request with PoolUnavailableError once no replica has been ready for
+        ``unavailable_timeout_s``; callers (a fleet scene task) then fail and retry instead of waiting forever."""
+        if any_ready:
+            self._no_replica_since = None
+            return
+        if self._no_replica_since is None:
+            self._no_replica_since = now
+            return
+        waited = now - self._no_replica_since
+        if waited < self.config.unavailable_timeout_s or not self.requests:
+            return
+        error = PoolUnavailableError(
+            f"pool {self.config.name!r}: no replica ready for {waited:.0f} s (last replica error: "
+            f"{self.last_replica_error or 'none'}; cluster resources free: {ray.available_resources()})")
+        log.error("%s; failing %d open request(s)", error, len(self.requests))
+        self.queues = BatchQueues()
+        for req in list(self.requests.values()):
+            self._answer(req, error=error)
 
     async def _health_check(self, replica: _Replica) -> None:
         try:
@@ -309,17 +341,36 @@ class PoolRouter:
         return (free.get("CPU", 0.0) >= self.config.num_cpus_per_replica
                 and free.get("GPU", 0.0) >= (self.config.num_gpus_per_replica or 0.0))
 
+    def _reserved_bundle(self) -> int | None:
+        """A free bundle of the pool's placement group (created on first use), or None: not reserving, or every
+        reserved share is taken and this replica is one the pool scales up into free resources."""
+        c = self.config
+        bundle = {k: v for k, v in (("CPU", c.num_cpus_per_replica), ("GPU", c.num_gpus_per_replica or 0.0)) if v}
+        if not c.reserve_min_replicas or c.min_replicas < 1 or not bundle:
+            return None
+        if self._placement_group is None:
+            from ray.util import placement_group
+
+            # PACK: replicas fill a node's GPUs before spreading; pending until the (autoscaling) cluster fits it
+            self._placement_group = placement_group([bundle] * c.min_replicas, strategy="PACK",
+                                                    name=f"{c.name}-{self._incarnation}-replicas")
+        taken = {r.bundle for r in self.replicas.values()}
+        return next((i for i in range(c.min_replicas) if i not in taken), None)
+
     def _start_replica(self) -> None:
         c = self.config
         rid = self._next_rid
         self._next_rid += 1
         name = f"{c.name}-replica-{self._incarnation}-{rid}"
+        bundle = self._reserved_bundle()
+        placement = {} if bundle is None else {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+            placement_group=self._placement_group, placement_group_bundle_index=bundle)}
         actor = ray.remote(FixerReplica).options(
             name=name, namespace=c.namespace, num_cpus=c.num_cpus_per_replica, num_gpus=c.num_gpus_per_replica or 0,
             max_restarts=0,  # the router replaces dead replicas itself and re-queues their batches at once
-            max_concurrency=1,
+            max_concurrency=1, **placement,
         ).remote(c.checkpoint, c.device, c.dtype, c.compile)
-        replica = _Replica(rid, name, actor)
+        replica = _Replica(rid, name, actor, bundle=bundle)
         self.replicas[rid] = replica
         self.stats.counts["replicas_started"] += 1
         asyncio.ensure_future(self._await_ready(replica))
