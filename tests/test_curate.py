@@ -3,6 +3,8 @@ PSNR filter and its counts, contact sheets and ``difix3d pairs show``."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -10,8 +12,9 @@ from difix3d import imageio
 from difix3d.cli import main as cli_main
 from difix3d.curate.contact import PAD, contact_sheet
 from difix3d.curate.filters import FilterCounts, PsnrFilter
-from difix3d.curate.strategies import (CrossCamera, NotApplicable, ReconstructionSettings,
+from difix3d.curate.strategies import (CrossCamera, CurationStrategy, NotApplicable, ReconstructionSettings,
                                        SparseReconstruction, UnderFitted, pairs_from_renders, shift_laterally)
+from difix3d.errors import InputError
 from difix3d.recon.gaussians import GaussianConfig
 from difix3d.scene.scene import Scene
 from difix3d.scene.synthetic import make_segment
@@ -146,3 +149,86 @@ def test_a_unit_whose_strategy_does_not_apply_is_reported_not_failed(segment, tm
     assert result["status"] == "not_applicable" and "rear" in result["error"] and result["shards"] == []
     missing = curate_unit(SceneRef("gone", str(tmp_path / "gone")), "sparse", config)
     assert missing["status"] == "failed" and "gone" in missing["error"] and "not found" in missing["error"]
+
+
+def test_a_changed_pair_setting_is_refused_but_worker_settings_and_old_records_are_not(tmp_path):
+    from difix3d import storage
+    from difix3d.curate.job import CurateConfig, check_settings
+    from difix3d.errors import InputError
+
+    first = CurateConfig(output=str(tmp_path), sparse=SparseReconstruction(every_nth=2), filter=PsnrFilter(0.0, 35.0))
+    check_settings(first)  # a new output: nothing to compare
+    uri = str(tmp_path / "config.json")
+    storage.write_json(uri, first.to_dict())
+    other = dataclasses.replace(first, sparse=SparseReconstruction(every_nth=3), filter=PsnrFilter(50.0, 60.0))
+    with pytest.raises(InputError, match=r"config\.json: .*sparse\.every_nth 2 -> 3.*filter\.min_psnr 0\.0 -> 50\.0"):
+        check_settings(other)
+    # how the work runs is not what it makes: workers, resources, attempts, shard size, render batches, device
+    check_settings(dataclasses.replace(
+        first, max_in_flight=7, cpus_per_task=2, gpus_per_task=1, max_attempts=5, shard_size=3, strategies=("cycle",),
+        recon=dataclasses.replace(first.recon, device="cpu", render_batch=2)))
+    saved = storage.read_json(uri)
+    del saved["cycle"], saved["filter"]["max_psnr"]  # written before those fields existed
+    storage.write_json(uri, saved)
+    check_settings(dataclasses.replace(first, filter=PsnrFilter(0.0, 30.0)))
+
+
+def test_units_given_up_on_are_counted_apart_from_done_ones(segment, tmp_path, capsys):
+    from difix3d import storage
+    from difix3d.curate.cli import print_report
+    from difix3d.curate.job import CurateConfig, plan, summarize
+    from difix3d.fleet.inputs import SceneRef
+
+    config = CurateConfig(output=str(tmp_path), strategies=("sparse", "cycle", "underfit"), max_attempts=2)
+    manifest = storage.Manifest(config.output)
+    manifest.mark("seg-a/sparse", "done", 1, counts={"sparse": {"kept": 3}})
+    manifest.mark("seg-a/cycle", "failed", 2, error="InputError: x.txt: NaN")
+    scenes = [SceneRef("seg-a", segment.root)]
+    todo, skipped, given_up = plan(scenes, config, manifest)
+    assert ([u for u, _, _ in todo], skipped, given_up) == (["seg-a/underfit"], ["seg-a/sparse"], ["seg-a/cycle"])
+    assert print_report(summarize(scenes, config, manifest, skipped, given_up), config) == 1
+    out = capsys.readouterr().out
+    assert "1 units already done, 0 failed" in out
+    assert "given up after 2 attempts (not run again): 1 units" in out and "--max-attempts" in out
+    assert "GAVE UP seg-a/cycle: InputError: x.txt: NaN" in out
+
+
+@dataclasses.dataclass
+class _FixedPairs(CurationStrategy):
+    """A stand-in strategy: ``n`` pairs at once, then ``fail`` raises (a scene that breaks half-way)."""
+
+    n: int = 2
+    fail: bool = False
+
+    def make_pairs(self, scene, recon):
+        rng = np.random.default_rng(self.n)
+        for i in range(self.n):
+            target = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+            yield {"degraded": 255 - target, "target": target, "scene": scene.name, "camera": f"{i:03d}_front",
+                   "strategy": "sparse", "psnr": 20.0}
+        if self.fail:
+            raise InputError("x.txt", "broken")
+
+
+def test_a_retry_leaves_no_shard_of_an_earlier_killed_attempt(segment, tmp_path):
+    from difix3d.curate.job import CurateConfig, curate_unit
+    from difix3d.fleet.inputs import SceneRef
+    from difix3d.train.pairs import list_shards
+
+    shards = tmp_path / "shards"
+    killed = _FixedPairs(n=3)  # an attempt killed after writing 3 one-pair shards: no manifest entry names them
+    for k, rows in enumerate(killed.make_pairs(segment, None)):
+        write_pair_shard(str(shards / f"seg-a-sparse-{k:05d}.parquet"), [rows])
+    other_unit = str(shards / "seg-a-cycle-00000.parquet")
+    write_pair_shard(other_unit, [next(killed.make_pairs(segment, None))])
+    ref = SceneRef("seg-a", segment.root)
+
+    retry = curate_unit(ref, "sparse", CurateConfig(output=str(tmp_path), sparse=_FixedPairs(n=2), shard_size=4))
+    assert retry["status"] == "done" and len(retry["shards"]) == 1
+    assert list_shards(str(shards)) == sorted(retry["shards"] + [other_unit])  # the killed attempt's are gone
+    assert [r["camera"] for r in read_pair_shard(retry["shards"][0])] == ["000_front", "001_front"]
+
+    broken = curate_unit(ref, "sparse", CurateConfig(output=str(tmp_path), sparse=_FixedPairs(n=2, fail=True),
+                                                     shard_size=1))
+    assert broken["status"] == "failed" and broken["shards"] == []
+    assert list_shards(str(shards)) == [other_unit]  # a failed unit leaves none of its shards, old or new

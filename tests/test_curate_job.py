@@ -5,6 +5,7 @@ with the fine-tuning reader, a re-run must skip finished units, and the corrupt 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 
@@ -16,6 +17,7 @@ from difix3d.curate.cli import build_job_parser, config_from_args
 from difix3d.curate.filters import PsnrFilter
 from difix3d.curate.job import CurateConfig, run_curation, unit_name
 from difix3d.curate.strategies import CrossCamera, CycleReconstruction, ReconstructionSettings, SparseReconstruction
+from difix3d.errors import InputError
 from difix3d.fleet.inputs import SceneRef
 from difix3d.recon.gaussians import GaussianConfig
 from difix3d.scene.synthetic import make_segment
@@ -59,7 +61,7 @@ def first_run(ray_local, scenes, tmp_path_factory):
 def test_every_strategy_yields_clearly_degraded_pairs_that_read_back(first_run):
     report, config = first_run
     rows = [r for uri in list_shards(storage.join(config.output, "shards")) for r in read_pair_shard(uri)]
-    assert sorted(report.shards) == list_shards(storage.join(config.output, "shards"))
+    assert sorted(report.shards) == list_shards(storage.join(config.output, "shards")) == list_shards(config.output)
     for scene in ("seg-a", "seg-b"):
         for strategy in STRATEGIES:
             mine = [r for r in rows if r["scene"] == scene and r["strategy"] == strategy]
@@ -104,7 +106,20 @@ def test_rerun_skips_finished_units_and_retries_failed_ones_up_to_max_attempts(f
     manifest = storage.Manifest(config.output)
     assert manifest.get(unit_name("seg-bad", "sparse")).attempts == 2
     third = run_curation(config, scenes, progress=False)  # max_attempts reached: nothing runs
-    assert set(third.skipped) == done | set(report.failed)
+    assert set(third.skipped) == done and set(third.given_up) == set(report.failed)  # given up: not "done"
+    assert set(storage.read_json(storage.join(config.output, "summary.json"))["given_up"]) == set(report.failed)
+
+
+def test_a_rerun_with_other_pair_settings_is_refused_and_keeps_config_json(first_run, scenes):
+    _, config = first_run
+    uri = storage.join(config.output, "config.json")
+    before = storage.read_text(uri)
+    other = dataclasses.replace(config, sparse=SparseReconstruction(every_nth=3), filter=PsnrFilter(50.0, 60.0))
+    with pytest.raises(InputError, match="config.json") as e:
+        run_curation(other, scenes, progress=False)
+    assert "sparse.every_nth 2 -> 3" in str(e.value) and "filter.min_psnr 5.0 -> 50.0" in str(e.value)
+    assert "new output folder" in str(e.value)
+    assert storage.read_text(uri) == before  # still describes the shards that are there
 
 
 def test_job_command_line_builds_the_config():

@@ -68,3 +68,16 @@ def test_list_shards_folder_glob_and_missing(tmp_path):
     assert list_shards(expect[1]) == [expect[1]]
     with pytest.raises(InputError, match="no pair shards"):
         list_shards(str(tmp_path / "empty"))
+
+
+def test_list_shards_of_a_curation_output_reads_its_shards_folder(tmp_path):
+    out = tmp_path / "curated"
+    expect = [str(out / "shards" / f"seg-sparse-{i:05d}.parquet") for i in range(2)]
+    for uri in expect:
+        write_pair_shard(uri, _rows(1))
+    (out / "shards" / ".tmp-seg-sparse-00002.parquet-x").write_bytes(b"partial")
+    (out / "config.json").write_text("{}")
+    assert list_shards(str(out)) == expect  # what curation's --output names is what fine-tuning can take
+    (tmp_path / "none" / "shards").mkdir(parents=True)
+    with pytest.raises(InputError, match=r"none: no pair shards .* in this folder or in its shards/ subfolder"):
+        list_shards(str(tmp_path / "none"))

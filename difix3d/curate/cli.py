@@ -77,9 +77,13 @@ def config_from_args(args: argparse.Namespace):
 
 def print_report(report, config) -> int:
     """Print the per-strategy counts, totals and failures → the job's exit code (1 if any unit failed)."""
+    given_up = set(report.given_up)
     print(report.counts.table())
     print(f"{len(report.shards)} shards, {report.counts.total('kept')} pairs, {len(report.skipped)} units already "
-          f"done, {len(report.failed)} failed, {report.seconds:.1f} s -> {config.output}")
+          f"done, {len(set(report.failed) - given_up)} failed, {report.seconds:.1f} s -> {config.output}")
+    if given_up:
+        print(f"given up after {config.max_attempts} attempts (not run again): {len(given_up)} units; their errors "
+              f"are below and in summary.json and _manifest/; a higher --max-attempts retries them")
     for unit, error in sorted(report.failed.items()):
-        print(f"FAILED {unit}: {error}")
+        print(f"{'GAVE UP' if unit in given_up else 'FAILED'} {unit}: {error}")
     return 1 if report.failed else 0

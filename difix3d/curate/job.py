@@ -7,12 +7,14 @@ Output layout under ``CurateConfig.output`` (any storage URI)::
     config.json, summary.json                       the run's settings; kept/dropped counts and failures
 
 Re-running the same command skips units the manifest marks done, retries failed ones up to ``max_attempts``;
-a bad scene fails its own units only (the error names the file) and the job goes on.
+a bad scene fails its own units only (the error names the file) and the job goes on. A re-run whose pair settings
+differ from ``config.json`` is refused: the output would mix two curations under one record.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 import traceback
@@ -23,12 +25,15 @@ from difix3d import storage
 from difix3d.curate.filters import FilterCounts, PsnrFilter
 from difix3d.curate.strategies import (STRATEGIES, CrossCamera, CurationStrategy, CycleReconstruction, NotApplicable,
                                        ReconstructionSettings, SparseReconstruction, UnderFitted)
+from difix3d.errors import InputError
 from difix3d.fleet.inputs import SceneRef, resolve_scenes
-from difix3d.train.pairs import SHARD_SUFFIX, write_pair_shard
+from difix3d.train.pairs import SHARD_SUFFIX, SHARDS_DIR, write_pair_shard
 
 log = logging.getLogger(__name__)
 
-SHARDS_DIR = "shards"
+# config fields that decide which pairs a unit makes; inside them, _NOT_PAIRS only change how they are computed
+PAIR_SETTINGS = ("sparse", "cross_camera", "underfit", "cycle", "recon", "filter")
+_NOT_PAIRS = frozenset({"device", "render_batch", "render_chunk", "backend"})
 
 
 @dataclass
@@ -62,6 +67,7 @@ class CurationReport:
     units: dict[str, dict[str, Any]]  # unit -> {"status", "shards", "pairs", "counts", "error", ...}
     counts: FilterCounts  # kept / dropped per strategy over every done unit (this run's and earlier ones)
     skipped: list[str]  # units already done before this run
+    given_up: list[str] = field(default_factory=list)  # failed max_attempts times before this run: not run again
     seconds: float = 0.0
 
     @property
@@ -94,8 +100,9 @@ def run_curation(config: CurateConfig, scenes: list[SceneRef] | None = None, pro
     for name in config.strategies:
         config.strategy(name)  # unknown names fail before any work starts
     manifest = storage.Manifest(config.output)
+    check_settings(config)
     storage.write_json(storage.join(config.output, "config.json"), config.to_dict())
-    todo, skipped = plan(scenes, config, manifest)
+    todo, skipped, given_up = plan(scenes, config, manifest)
     if not ray.is_initialized():
         ray.init()
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
@@ -109,19 +116,49 @@ def run_curation(config: CurateConfig, scenes: list[SceneRef] | None = None, pro
         manifest.mark(unit, "done" if result["status"] in ("done", "not_applicable") else "failed", attempts, **info)
         if result["status"] == "failed":
             log.warning("curation unit %s failed: %s", unit, result.get("error"))
-    report = summarize(scenes, config, manifest, skipped)
+    report = summarize(scenes, config, manifest, skipped, given_up)
     report.seconds = time.perf_counter() - t0
     storage.write_json(storage.join(config.output, "summary.json"), {
         "counts": report.counts.to_dict(), "failed": report.failed, "skipped": report.skipped,
+        "given_up": report.given_up,
         "shards": len(report.shards), "pairs": report.counts.total("kept"), "seconds": report.seconds,
         "unit_seconds_by_strategy": report.unit_seconds_by_strategy()})
     return report
 
 
+def check_settings(config: CurateConfig) -> None:
+    """Refuse to curate into an output whose ``config.json`` records other pair settings (:data:`PAIR_SETTINGS`):
+    its shards were made with those, and the new record would misdescribe them. Fields the old record lacks count
+    as unchanged; worker counts, resources and other fields that do not change the pairs are not compared."""
+    uri = storage.join(config.output, "config.json")
+    if not storage.exists(uri):
+        return
+    saved = storage.read_json(uri)
+    if not isinstance(saved, dict):
+        raise InputError(uri, "not a curation config (expected a JSON object)")
+    now = json.loads(json.dumps(config.to_dict(), default=storage._json_default))  # tuples -> lists, as saved
+    changes = [f"{key} {old!r} -> {new!r}" for key, old, new in _changes(saved, now, PAIR_SETTINGS)]
+    if changes:
+        raise InputError(uri, f"this output holds pairs curated with other settings ({'; '.join(changes)}); "
+                              "re-run with the earlier settings, or write to a new output folder")
+
+
+def _changes(saved: dict, now: dict, keys: Iterable[str], prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """(dotted key, saved value, new value) for each differing field among ``keys`` that both records have."""
+    for key in keys:
+        if key not in saved or key not in now or key in _NOT_PAIRS:
+            continue
+        old, new = saved[key], now[key]
+        if isinstance(old, dict) and isinstance(new, dict):
+            yield from _changes(old, new, sorted(old.keys() & new.keys()), f"{prefix}{key}.")
+        elif old != new:
+            yield f"{prefix}{key}", old, new
+
+
 def plan(scenes: list[SceneRef], config: CurateConfig, manifest: storage.Manifest
-         ) -> tuple[list[tuple[str, SceneRef, str]], list[str]]:
-    """(units to run as (unit, scene, strategy), units already done)."""
-    todo, skipped = [], []
+         ) -> tuple[list[tuple[str, SceneRef, str]], list[str], list[str]]:
+    """(units to run as (unit, scene, strategy), units already done, units given up on after max_attempts)."""
+    todo, skipped, given_up = [], [], []
     for ref in scenes:
         for name in config.strategies:
             unit = unit_name(ref.scene_id, name)
@@ -129,10 +166,10 @@ def plan(scenes: list[SceneRef], config: CurateConfig, manifest: storage.Manifes
             if entry is not None and entry.status == "done":
                 skipped.append(unit)
             elif entry is not None and entry.status == "failed" and entry.attempts >= config.max_attempts:
-                skipped.append(unit)  # gave up on it; its failure stays in the manifest
+                given_up.append(unit)  # its failure stays in the manifest
             else:
                 todo.append((unit, ref, name))
-    return todo, skipped
+    return todo, skipped, given_up
 
 
 def unit_task_options(config: CurateConfig, use_gpu: bool) -> dict[str, Any]:
@@ -150,18 +187,18 @@ def curate_unit(scene: SceneRef, strategy_name: str, config: CurateConfig) -> di
     counts = FilterCounts()
     written: list[str] = []
     try:
+        _delete_unit_shards(config, scene.scene_id, strategy_name)  # an earlier attempt killed mid-way left them
         loaded = load_scene(scene.uri)
         pairs = config.strategy(strategy_name).make_pairs(loaded, config.recon)
         for k, rows in enumerate(_chunks(config.filter.apply(pairs, counts), config.shard_size)):
-            uri = storage.join(config.output, SHARDS_DIR, f"{scene.scene_id}-{strategy_name}-{k:05d}{SHARD_SUFFIX}")
+            uri = _shard_uri(config, scene.scene_id, strategy_name, k)
             write_pair_shard(uri, rows)
             written.append(uri)
         status, error = "done", ""
     except NotApplicable as e:
         status, error = "not_applicable", str(e)
     except Exception as e:  # noqa: BLE001 — any failure is this unit's alone; recorded, the job goes on
-        for uri in written:  # no half-finished unit's shards for the fine-tuning reader to find
-            storage.delete(uri)
+        _delete_unit_shards(config, scene.scene_id, strategy_name)  # none of a failed unit's for the reader to find
         written = []
         log.debug("unit %s/%s failed:\n%s", scene.scene_id, strategy_name, traceback.format_exc())
         status, error = "failed", f"{type(e).__name__}: {e}"
@@ -170,8 +207,21 @@ def curate_unit(scene: SceneRef, strategy_name: str, config: CurateConfig) -> di
             "seconds": time.perf_counter() - t0, "error": error}
 
 
+def _shard_uri(config: CurateConfig, scene_id: str, strategy: str, k: int) -> str:
+    return storage.join(config.output, SHARDS_DIR, f"{scene_id}-{strategy}-{k:05d}{SHARD_SUFFIX}")
+
+
+def _delete_unit_shards(config: CurateConfig, scene_id: str, strategy: str) -> None:
+    """Delete the unit's shard files. A unit writes them numbered from 0, in order, and each write is atomic, so
+    what any earlier attempts left is shards 0..m-1: deleting up to the first missing number gets them all."""
+    k = 0
+    while storage.exists(uri := _shard_uri(config, scene_id, strategy, k)):
+        storage.delete(uri)
+        k += 1
+
+
 def summarize(scenes: list[SceneRef], config: CurateConfig, manifest: storage.Manifest,
-              skipped: list[str]) -> CurationReport:
+              skipped: list[str], given_up: list[str] | None = None) -> CurationReport:
     """Every unit of this run's scenes × strategies as the manifest now records it."""
     units, counts = {}, FilterCounts()
     for ref in scenes:
@@ -183,7 +233,7 @@ def summarize(scenes: list[SceneRef], config: CurateConfig, manifest: storage.Ma
             units[unit] = {**entry.info, "status": entry.status, "attempts": entry.attempts}
             if entry.status == "done":
                 counts.merge(entry.info.get("counts", {}))
-    return CurationReport(units=units, counts=counts, skipped=skipped)
+    return CurationReport(units=units, counts=counts, skipped=skipped, given_up=list(given_up or []))
 
 
 def _stream(task, todo: list[tuple[str, SceneRef, str]], config: CurateConfig, limit: int,

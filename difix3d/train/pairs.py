@@ -32,6 +32,7 @@ PAIR_SCHEMA = pa.schema([
 
 IMAGE_COLUMNS = ("degraded", "target", "reference")
 SHARD_SUFFIX = ".parquet"
+SHARDS_DIR = "shards"  # where a curation output (difix3d.curate.job) keeps its shards
 
 
 def write_pair_shard(uri: str, rows: Iterable[dict[str, Any]]) -> int:
@@ -106,18 +107,30 @@ def decode_pair_row(row: dict[str, Any], source: str) -> dict[str, Any]:
 
 
 def list_shards(uri_or_glob: str) -> list[str]:
-    """Sorted shard URIs: a glob (``s3://b/pairs/*.parquet``), a folder (its ``*.parquet``), or one file."""
+    """Sorted shard URIs: a glob (``s3://b/pairs/*.parquet``), a folder (its ``*.parquet``, else those of its
+    ``shards/`` subfolder: a curation output), or one file."""
     uri = str(uri_or_glob)
     if any(c in uri for c in "*?["):
         found = storage.glob(uri)
     elif storage.is_dir(uri):
-        found = [u for u in storage.list_dir(uri) if u.endswith(SHARD_SUFFIX)]
+        found = _shards_in(uri) or _shards_in(storage.join(uri, SHARDS_DIR))
+        if not found:
+            raise InputError(uri, f"no pair shards (*.parquet) found in this folder or in its {SHARDS_DIR}/ subfolder")
     else:
         found = [uri] if storage.exists(uri) else []
-    found = [u for u in found if not posixpath.basename(u.replace("\\", "/")).startswith((".", "_"))]
+    found = [u for u in found if not _hidden(u)]
     if not found:
         raise InputError(uri, "no pair shards (*.parquet) found")
     return sorted(found)
+
+
+def _shards_in(folder: str) -> list[str]:
+    return [u for u in storage.list_dir(folder) if u.endswith(SHARD_SUFFIX) and not _hidden(u)]
+
+
+def _hidden(uri: str) -> bool:
+    """Temporary (``.tmp-…``) and private (``_…``) files are never shards."""
+    return posixpath.basename(uri.replace("\\", "/")).startswith((".", "_"))
 
 
 def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
