@@ -11,6 +11,7 @@ import pytest
 from difix3d import storage
 from difix3d.fleet import FleetConfig, run_fleet
 from difix3d.fleet.driver import in_flight_limit, plan, scene_task_options
+from difix3d.errors import InputError
 from difix3d.fleet.inputs import SceneRef
 
 
@@ -156,6 +157,47 @@ def test_plan_skips_done_and_exhausted_and_resumes_interrupted(tmp_path):
         ("one-failure", 1, 1), ("interrupted", 3, 0), ("new", 0, 0)]  # an interruption is not a failure
     todo, _ = plan(refs, m, FleetConfig(max_attempts=2, retry_failed=True))
     assert [w.scene.scene_id for w in todo] == ["exhausted", "one-failure", "interrupted", "new", "bad-input"]
+
+
+def test_a_scene_recorded_done_stays_done_when_its_worker_is_lost_after(ray_local, tmp_path):
+    def finishes_then_dies(scene, out, config, fixer):
+        from difix3d import storage as _st
+
+        _st.Manifest(config.output).mark(scene.scene_id, "done", attempts=1, scene_uri=scene.uri, frames_fixed=3)
+        raise RuntimeError("node lost after the scene's done record")  # what the driver sees of a lost worker
+
+    scenes = make_fake_scenes(tmp_path, {"a": {}})
+    report = run_fleet(FleetConfig(scenes=scenes, output=str(tmp_path / "out"), progress=False),
+                       scene_fn=finishes_then_dies, fixer="fake-fixer")
+    assert report.counts == {"done": 1} and report.ran == ["a"]
+
+
+def test_plan_refuses_an_id_whose_outputs_belong_to_another_scene(tmp_path):
+    m = storage.Manifest(str(tmp_path))
+    m.mark("seg1", "done", attempts=1, scene_uri="/data/cityB/seg1")
+    with pytest.raises(InputError, match="holds scene /data/cityB/seg1, not /data/cityA/seg1"):
+        plan([SceneRef("seg1", "/data/cityA/seg1")], m, FleetConfig(output=str(tmp_path)))
+    todo, done = plan([SceneRef("seg1", "/data/cityB/seg1")], m, FleetConfig(output=str(tmp_path)))
+    assert not todo and [s.scene_id for s in done] == ["seg1"]
+
+
+def test_a_set_typo_fails_on_the_driver_before_any_scene(tmp_path):
+    cfg = FleetConfig(output=str(tmp_path / "out"), synthetic_scenes=1, extra={"trainer.iteratons": 5})
+    with pytest.raises(ValueError, match="iteratons"):
+        run_fleet(cfg)
+    assert not (tmp_path / "out").exists()  # nothing recorded against any scene, no config.json
+
+
+def test_report_compares_methods_over_the_same_scenes():
+    from difix3d.fleet.summary import format_report
+
+    rows = [{"scene_id": "a", "status": "done", "test.baseline.psnr": 20.0, "test.difix3d.psnr": 21.0},
+            {"scene_id": "b", "status": "done", "test.baseline.psnr": 30.0, "test.difix3d.psnr": 32.0},
+            {"scene_id": "c", "status": "done", "test.baseline.psnr": 10.0, "test.difix3d.psnr": float("nan")}]
+    text = format_report(rows)
+    assert "test (mean of 2 of 3 with every method)" in text
+    lines = {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines() if ln.startswith(("baseline", "difix3d"))}
+    assert lines == {"baseline": 25.0, "difix3d": 26.5}  # not 20.0 (three scenes) vs 26.5 (two)
 
 
 def test_scene_resources_and_in_flight_bound():

@@ -29,6 +29,9 @@ def test_folder_of_scenes_and_single_scene_folder(segments):
 
 def test_glob_and_comma_list(segments):
     assert [r.scene_id for r in resolve_scenes(str(segments / "seg-*"))] == ["seg-a", "seg-b"]
+    (segments / "README.txt").write_text("notes")  # files and hidden entries beside the scenes are not scenes
+    (segments / ".cache").mkdir()
+    assert [r.scene_id for r in resolve_scenes(str(segments / "*"))] == ["other", "seg-a", "seg-b"]
     refs = resolve_scenes(f"{segments / 'seg-b'}, {segments / 'other'}")
     assert [r.scene_id for r in refs] == ["seg-b", "other"]  # manifest order is kept
 
@@ -48,7 +51,10 @@ def test_parquet_manifest(tmp_path):
     p = tmp_path / "m.parquet"
     pq.write_table(pa.table({"uri": ["s3://b/a/seg", "gs://c/d/seg", "rel/seg2"]}), p)
     refs = resolve_scenes(str(p))
-    assert [r.scene_id for r in refs] == ["seg", "seg-1", "seg2"]  # same basename: ids made unique
+    ids = [r.scene_id for r in refs]
+    assert ids[0].startswith("seg-") and ids[1].startswith("seg-") and ids[0] != ids[1] and ids[2] == "seg2"
+    pq.write_table(pa.table({"uri": ["gs://c/d/seg", "rel/seg2", "s3://b/a/seg"]}), p)  # another order, same ids
+    assert {r.uri: r.scene_id for r in resolve_scenes(str(p))} == {r.uri: r.scene_id for r in refs}
     assert refs[2].uri == os.path.join(str(tmp_path), "rel/seg2")
     pq.write_table(pa.table({"scene_uri": ["s3://b/x"], "scene_id": ["custom"]}), p)
     assert resolve_scenes(str(p)) == [SceneRef("custom", "s3://b/x")]
@@ -71,6 +77,12 @@ def test_bad_manifests_name_the_file_and_problem(tmp_path):
     j.write_text(json.dumps(["s3://b/a", "s3://b/a"]))
     with pytest.raises(InputError, match="s3://b/a.*twice"):
         resolve_scenes(str(j))
+    j.write_text(json.dumps([{"uri": "s3://b/a", "scene_id": "x"}, {"uri": "s3://b/b", "scene_id": "x"}]))
+    with pytest.raises(InputError, match="x: .*scene_id to two scenes"):
+        resolve_scenes(str(j))
+    for missing in ("gone.json", "gone.parquet"):  # named, as an InputError (the CLI's clean exit), not a traceback
+        with pytest.raises(InputError, match=f"{missing}: scene manifest not found"):
+            resolve_scenes(str(tmp_path / missing))
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no scenes"):
         resolve_scenes(str(tmp_path / "empty"))

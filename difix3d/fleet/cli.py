@@ -55,10 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     from difix3d.errors import Difix3DError
 
     from .driver import run_fleet
+    from .scene_task import check_scene_settings
 
     config = config_from_args(build_parser().parse_args(argv))
     try:
         config.validate()
+        check_scene_settings(config)
     except ValueError as e:
         print(f"reconstruct_fleet: error: {e}", file=sys.stderr)
         return 2

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from difix3d import storage
+from difix3d.errors import InputError
 
 from .config import FleetConfig
 from .fixers import open_fixer, pool_frames, pool_size, resolve_checkpoint
 from .inputs import SceneRef, resolve_scenes
 from .progress import FleetProgress
-from .scene_task import SceneFn, run_scene_task
+from .scene_task import SceneFn, check_scene_settings, run_scene_task
 from .summary import format_report, summary_rows, write_summary
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ def run_fleet(config: FleetConfig, *, scene_fn: SceneFn | None = None, fixer: An
     import ray
 
     config.validate()
+    if scene_fn is None:
+        check_scene_settings(config)
     if not ray.is_initialized():
         ray.init()
     out = config.output
@@ -107,6 +110,11 @@ def plan(scenes: list[SceneRef], manifest: storage.Manifest, config: FleetConfig
     todo, done = [], []
     for s in scenes:
         e = manifest.get(s.scene_id)
+        earlier = e.info.get("scene_uri") if e is not None else None
+        if earlier and earlier != s.uri:  # another scene under the same id: its outputs must not pass for this one's
+            raise InputError(storage.join(config.output, "scenes", s.scene_id),
+                             f"holds scene {earlier}, not {s.uri} (both have the id {s.scene_id!r}); give the "
+                             f"scenes distinct scene_id values in the manifest, or write to another --output")
         if e is not None and e.status == "done":
             done.append(s)
             continue
@@ -172,6 +180,12 @@ def _stream(todo: list[_Work], manifest: storage.Manifest, config: FleetConfig, 
                     ran.append(w.scene.scene_id)
                     progress.finished(w.scene.scene_id, True, res.get("frames_fixed", 0), len(running),
                                       f"in {res.get('seconds', 0):.1f}s")
+                    continue
+                recorded = manifest.get(w.scene.scene_id)
+                if recorded is not None and recorded.status == "done":  # it finished, then its worker was lost
+                    ran.append(w.scene.scene_id)
+                    progress.finished(w.scene.scene_id, True, int(recorded.info.get("frames_fixed", 0)),
+                                      len(running), "(recorded done before its worker was lost)")
                     continue
                 w.failures += 1
                 retry = res.get("retryable", True) and w.failures < config.max_attempts

@@ -3,6 +3,7 @@ the embedded demo's synthetic driving segments."""
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
 from dataclasses import dataclass
 
@@ -31,18 +32,19 @@ def resolve_scenes(spec: str) -> list[SceneRef]:
     spec = str(spec).strip()
     if "," in spec and not storage.exists(spec):
         pairs = [(None, s.strip()) for s in spec.split(",") if s.strip()]
+    elif spec.endswith((".parquet", ".json")) and not storage.exists(spec):
+        raise InputError(spec, "scene manifest not found")
     elif spec.endswith(".parquet"):
         pairs = _from_parquet(spec)
     elif spec.endswith(".json"):
         pairs = _from_json(spec)
     elif any(c in spec for c in "*?["):
-        pairs = [(None, u) for u in storage.glob(spec)]
+        pairs = [(None, u) for u in storage.glob(spec) if _scene_folder(u)]
     elif storage.is_dir(spec):
         if _is_scene(spec):
             pairs = [(None, spec)]
         else:
-            pairs = [(None, u) for u in storage.list_dir(spec)
-                     if storage.is_dir(u) and not posixpath.basename(u.rstrip("/")).startswith((".", "_"))]
+            pairs = [(None, u) for u in storage.list_dir(spec) if _scene_folder(u)]
     else:
         raise InputError(spec, "scene manifest not found (expected a .parquet/.json list, a glob or a folder)")
     if not pairs:
@@ -53,6 +55,11 @@ def resolve_scenes(spec: str) -> list[SceneRef]:
 def scene_id_of(uri: str) -> str:
     name = posixpath.basename(str(uri).rstrip("/").replace("\\", "/"))
     return name or "scene"
+
+
+def _scene_folder(uri: str) -> bool:
+    """Folders only, and not hidden or private ones (``.DS_Store``, ``_manifest``, a README beside the scenes)."""
+    return storage.is_dir(uri) and not posixpath.basename(uri.rstrip("/")).startswith((".", "_"))
 
 
 def _is_scene(uri: str) -> bool:
@@ -104,17 +111,19 @@ def _relative_to(manifest_uri: str, scene_uri: str) -> str:
 
 
 def _unique_ids(pairs: list[tuple[str | None, str]]) -> list[SceneRef]:
+    """Ids from the given ``scene_id`` or the folder name; folder names shared by several scenes (``cityA/seg1``,
+    ``cityB/seg1``) get a short hash of their URI, the same in every run whatever the manifest's order."""
     uris = [u for _, u in pairs]
     if len(set(uris)) != len(uris):
         dup = next(u for u in uris if uris.count(u) > 1)
         raise InputError(dup, "the scene manifest lists this scene twice")
-    refs, taken = [], set()
-    for given, uri in pairs:
-        base = str(given) if given else scene_id_of(uri)
-        sid, n = base, 0
-        while sid in taken:  # two segments named alike in different folders
-            n += 1
-            sid = f"{base}-{n}"
-        taken.add(sid)
-        refs.append(SceneRef(sid, uri))
+    given = [str(g) for g, _ in pairs if g]
+    if len(set(given)) != len(given):
+        dup = next(g for g in given if given.count(g) > 1)
+        raise InputError(dup, "the scene manifest gives this scene_id to two scenes")
+    bases = [str(g) if g else scene_id_of(u) for g, u in pairs]
+    refs = []
+    for (g, uri), base in zip(pairs, bases):
+        clash = not g and bases.count(base) > 1
+        refs.append(SceneRef(f"{base}-{hashlib.sha1(uri.encode()).hexdigest()[:8]}" if clash else base, uri))
     return refs

@@ -48,9 +48,20 @@ def run_scene_task(scene_fn: SceneFn | None, scene: SceneRef, config: FleetConfi
 
 def reconstruct_with_progressive(scene: SceneRef, out: str, config: FleetConfig, fixer: Any) -> dict:
     """The real per-scene work: the progressive Difix3D/Difix3D+ loop, resumable from its last round under ``out``."""
-    from difix3d.recon.progressive import ProgressiveConfig, reconstruct_scene
+    from difix3d.recon.progressive import reconstruct_scene
 
     from .fixers import materialize_fixer
+
+    recon_config = progressive_config(config)
+    device = None if config.device == "auto" else config.device
+    result = reconstruct_scene(scene.uri, out, recon_config, materialize_fixer(fixer), progress=False, device=device)
+    return result.to_dict() if hasattr(result, "to_dict") else dict(result)
+
+
+def progressive_config(config: FleetConfig) -> Any:
+    """Each scene's ``ProgressiveConfig``: the preset, the representation and the ``--set`` overrides (ValueError
+    naming a field that does not exist)."""
+    from difix3d.recon.progressive import ProgressiveConfig
 
     tiny = config.recon_preset == "tiny"
     base = ProgressiveConfig.tiny() if tiny else ProgressiveConfig()
@@ -61,10 +72,20 @@ def reconstruct_with_progressive(scene: SceneRef, out: str, config: FleetConfig,
 
         nerf = default_config(config.representation, iterations=base.trainer.iterations, tiny=tiny)
         base = dataclasses.replace(base, representation=config.representation, nerf=nerf)
-    recon_config = _with_overrides(base, config.extra)
-    device = None if config.device == "auto" else config.device
-    result = reconstruct_scene(scene.uri, out, recon_config, materialize_fixer(fixer), progress=False, device=device)
-    return result.to_dict() if hasattr(result, "to_dict") else dict(result)
+    return _with_overrides(base, config.extra)
+
+
+def check_scene_settings(config: FleetConfig) -> None:
+    """On the driver, before any scene runs: a ``--set`` typo or a missing backend is a ValueError here, not the
+    same failure recorded against every scene (failures that stick: a corrected re-run would skip them)."""
+    progressive_config(config)
+    if config.representation == "nerfacto":
+        from difix3d.recon.nerf import _nerfstudio
+
+        try:
+            _nerfstudio()
+        except ImportError as e:
+            raise ValueError(str(e)) from None
 
 
 def _with_overrides(cfg: Any, extra: dict) -> Any:

@@ -82,16 +82,25 @@ def format_report(rows: list[dict[str, Any]]) -> str:
     for split in splits:
         methods = _ordered({k.split(".", 2)[1] for k in keys if k.startswith(split + ".")}, _METHOD_ORDER)
         metrics = _ordered({k.split(".", 2)[2] for k in keys if k.startswith(split + ".")}, _METRIC_ORDER)
-        header = f"{split + ' (mean of ' + str(len(done)) + ')':<24}" + "".join(f"{m.upper():>10}" for m in metrics)
+        cols = [f"{split}.{method}.{m}" for method in methods for m in metrics]
+        cols = [c for c in cols if any(_finite(r.get(c)) for r in done)]  # a metric measured nowhere (no LPIPS)
+        # methods are compared over the same scenes: those with every method's value, or the means would mix sets
+        paired = [r for r in done if all(_finite(r.get(c)) for c in cols)]
+        title = f"{split} (mean of {len(paired)}" + (f" of {len(done)} with every method)" if len(paired) < len(done)
+                                                     else ")")
+        header = f"{title:<24}" + "".join(f"{m.upper():>10}" for m in metrics)
         lines += ["", header, "-" * len(header)]
         for method in methods:
             cells = []
             for m in metrics:
-                vals = [r[f"{split}.{method}.{m}"] for r in done
-                        if isinstance(r.get(f"{split}.{method}.{m}"), float) and math.isfinite(r[f"{split}.{method}.{m}"])]
+                vals = [r[f"{split}.{method}.{m}"] for r in paired if _finite(r.get(f"{split}.{method}.{m}"))]
                 cells.append(f"{sum(vals) / len(vals):>10.4f}" if vals else f"{'-':>10}")
             lines.append(f"{method:<24}" + "".join(cells))
     return "\n".join(lines)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _ordered(names: set[str], preferred: tuple[str, ...]) -> list[str]:

@@ -213,7 +213,10 @@ class PoolRouter:
             while self._dispatch_one():
                 pass
             deadline = self.queues.next_deadline(c.max_wait_ms / 1e3)
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic()) + 1e-4
+            now = time.monotonic()
+            # a head already overdue that could not go out waits for an event (a batch done, a replica ready, a new
+            # request: each sets _wake), not a deadline, or this loop would spin
+            timeout = None if deadline is None or deadline <= now else deadline - now + 1e-4
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
             except asyncio.TimeoutError:
