@@ -212,6 +212,23 @@ def test_scene_resources_and_in_flight_bound():
     assert in_flight_limit(FleetConfig(max_in_flight=7), {"CPU": 2}, use_gpu=False) == 7
 
 
+def test_in_flight_bound_follows_the_cluster_as_it_grows():
+    from difix3d.fleet.driver import InFlightBound
+
+    now, cluster = [0.0], {"CPU": 4, "GPU": 1}
+    cfg = FleetConfig(scene_num_cpus=1, scene_num_gpus=0.25, replica_num_gpus=0.5)
+    bound = InFlightBound(cfg, True, lambda: dict(cluster), dict(cluster), every_s=10, clock=lambda: now[0])
+    first = bound.current()
+    assert first == in_flight_limit(cfg, {"CPU": 4, "GPU": 1}, use_gpu=True)
+    cluster.update(CPU=68, GPU=9)  # the autoscaler added an 8-GPU node
+    now[0] = 5.0
+    assert bound.current() == first  # not re-read before every_s
+    now[0] = 11.0
+    assert bound.current() == in_flight_limit(cfg, {"CPU": 68, "GPU": 9}, use_gpu=True) > first
+    fixed = InFlightBound(FleetConfig(max_in_flight=3), True, lambda: dict(cluster), {"CPU": 1}, every_s=0)
+    assert fixed.current() == 3
+
+
 def test_config_roundtrip_and_validation():
     cfg = FleetConfig(scenes="s3://b/segs/*", extra={"rounds": 2})
     assert FleetConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

@@ -149,6 +149,31 @@ def in_flight_limit(config: FleetConfig, cluster: dict[str, float], use_gpu: boo
     return slots + max(1, slots // 4)
 
 
+class InFlightBound:
+    """:func:`in_flight_limit`, re-read from the cluster's resources every ``every_s``: as an autoscaling cluster
+    adds GPU nodes for the queued scene tasks, more scenes run (sized once at submit, a fleet started on one node
+    would never grow past it)."""
+
+    def __init__(self, config: FleetConfig, use_gpu: bool, resources: Callable[[], dict[str, float]],
+                 initial: dict[str, float], every_s: float = 15.0, clock: Callable[[], float] = time.monotonic):
+        self.config, self.use_gpu, self.resources, self.every_s, self.clock = config, use_gpu, resources, every_s, clock
+        self.limit = in_flight_limit(config, initial, use_gpu)
+        self.checked_at = clock()
+
+    def current(self) -> int:
+        if self.config.max_in_flight > 0 or self.clock() - self.checked_at < self.every_s:
+            return self.limit
+        self.checked_at = self.clock()
+        try:
+            limit = in_flight_limit(self.config, self.resources(), self.use_gpu)
+        except Exception:  # noqa: BLE001 - a GCS hiccup keeps the last bound
+            return self.limit
+        if limit != self.limit:
+            log.info("fleet: cluster resources changed; scenes in flight %d -> %d", self.limit, limit)
+            self.limit = limit
+        return self.limit
+
+
 def _stream(todo: list[_Work], manifest: storage.Manifest, config: FleetConfig, scene_fn, fixer, use_gpu: bool,
             cluster: dict[str, float], stop_after: int | None, already_done: int) -> tuple[list[str], bool]:
     """Submit scene tasks up to the in-flight bound, collect them with ray.wait, retry or record failures."""
@@ -156,13 +181,14 @@ def _stream(todo: list[_Work], manifest: storage.Manifest, config: FleetConfig, 
 
     task = ray.remote(run_scene_task)
     opts = scene_task_options(config, use_gpu)
-    limit = in_flight_limit(config, cluster, use_gpu)
+    bound = InFlightBound(config, use_gpu, ray.cluster_resources, cluster)
     queue = collections.deque(todo)
     running: dict[Any, _Work] = {}
     ran: list[str] = []
     progress = FleetProgress(len(todo), enabled=config.progress, already_done=already_done)
     try:
         while queue or running:
+            limit = bound.current()
             while queue and len(running) < limit:
                 w = queue.popleft()
                 w.attempts += 1
