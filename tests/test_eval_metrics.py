@@ -3,7 +3,10 @@
 import json
 import math
 
+import logging
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -12,7 +15,7 @@ from difix3d.eval import metrics as M
 from difix3d.eval.perceptual import (RandomFeatureNet, build_feature_net, build_lpips, feature_availability,
                                      lpips_availability)
 from difix3d.eval.report import describe
-from difix3d.eval.rows import load_rows, rows_from_fleet_output
+from difix3d.eval.rows import ParquetRows, load_rows, rows_from_fleet_output
 from difix3d.eval.set_metrics import SetMetrics
 from difix3d.imageio import write_image
 
@@ -121,10 +124,13 @@ def test_load_rows_json_jsonl_parquet_and_column_check(tmp_path):
     row = {"segment": 7, "view": "test/000", "method": "m", "render_uri": "r.png", "gt_uri": "g.png", "extra": 1}
     (tmp_path / "rows.json").write_text(json.dumps([row]))
     (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n\n" + json.dumps(row) + "\n")
-    expected = {**{k: str(v) for k, v in row.items() if k != "extra"}}
+    expected = {**{k: str(v) for k, v in row.items() if k != "extra"}, "split": "all"}
     assert load_rows(str(tmp_path / "rows.json")) == [expected]
     assert load_rows(str(tmp_path / "rows.jsonl")) == [expected, expected]
-    assert load_rows(str(tmp_path / "rows.parquet")) == str(tmp_path / "rows.parquet")  # Ray Data streams it
+    pd.DataFrame([row]).to_parquet(tmp_path / "rows.parquet")
+    parquet = load_rows(str(tmp_path / "rows.parquet"))  # checked here, streamed by Ray Data
+    assert isinstance(parquet, ParquetRows) and parquet.uri == str(tmp_path / "rows.parquet")
+    assert len(parquet.files) == 1 and parquet.files[0][1] > 0 and not parquet.has_split
     (tmp_path / "bad.json").write_text('[{"segment": "s", "view": "v", "method": "m", "render_uri": "a.png"}]')
     with pytest.raises(InputError, match="gt_uri"):
         load_rows(str(tmp_path / "bad.json"))
@@ -143,6 +149,106 @@ def test_job_arguments_build_the_config():
     assert cfg.min_workers == 1 and not cfg.overwrite
     with pytest.raises(ValueError, match="unknown metrics"):
         config_from_args(p.parse_args(["--input", "a", "--output", "b", "--metrics", "psnr,mse"]))
+
+
+def test_rows_carry_the_split_from_the_fleet_layout_or_the_rows_file(tmp_path):
+    img = np.zeros((4, 4, 3), np.uint8)
+    for method in ("gt", "difix3d"):
+        for view in ("test/000", "shift_1m/000"):
+            write_image(str(tmp_path / "fleet" / "scenes" / "s" / "renders" / method / f"{view}.png"), img)
+    rows = rows_from_fleet_output(str(tmp_path / "fleet"))
+    assert sorted((r["split"], r["view"]) for r in rows) == [("shift_1m", "shift_1m/000"), ("test", "test/000")]
+    row = {"segment": "s", "view": "shift_2m/000", "method": "m", "render_uri": "r.png", "gt_uri": "g.png"}
+    (tmp_path / "rows.json").write_text(json.dumps([row, {**row, "split": "shift_3m"}]))
+    # no split field: "all", never guessed from the view name
+    assert [r["split"] for r in load_rows(str(tmp_path / "rows.json"))] == ["all", "shift_3m"]
+    pd.DataFrame([{**row, "split": "test"}]).to_parquet(tmp_path / "rows.parquet")
+    assert load_rows(str(tmp_path / "rows.parquet")).has_split
+
+
+def test_parquet_rows_missing_columns_named_on_the_driver(tmp_path):
+    row = {"segment": "s", "view": "v", "method": "m", "render_uri": "r.png", "gt_uri": "g.png"}
+    pd.DataFrame([{k: v for k, v in row.items() if k not in ("gt_uri", "method")}]).to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(InputError, match=r"bad\.parquet.*\['method', 'gt_uri'\]"):
+        load_rows(str(tmp_path / "bad.parquet"))
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    pd.DataFrame([row]).to_parquet(folder / "part-0.parquet")
+    pd.DataFrame([{k: v for k, v in row.items() if k != "view"}]).to_parquet(folder / "part-1.parquet")
+    with pytest.raises(InputError, match=r"part-1\.parquet.*\['view'\]"):
+        load_rows(str(folder))
+    (folder / "part-1.parquet").unlink()
+    assert [path.endswith("part-0.parquet") for path, _ in load_rows(str(folder)).files] == [True]
+    with pytest.raises(InputError, match="not found"):
+        load_rows(str(tmp_path / "nope.parquet"))
+
+
+def test_input_without_rows_is_an_error(tmp_path):
+    (tmp_path / "fleet" / "scenes" / "seg-0" / "renders" / "gt").mkdir(parents=True)
+    with pytest.raises(InputError, match="no renders found") as e:
+        load_rows(str(tmp_path / "fleet"))
+    assert e.value.source == str(tmp_path / "fleet")
+    (tmp_path / "rows.json").write_text("[]")
+    with pytest.raises(InputError, match="no renders found"):
+        load_rows(str(tmp_path / "rows.json"))
+    pd.DataFrame({c: pd.Series([], dtype=str) for c in ("segment", "view", "method", "render_uri", "gt_uri")}) \
+        .to_parquet(tmp_path / "rows.parquet")
+    with pytest.raises(InputError, match="no renders found"):
+        load_rows(str(tmp_path / "rows.parquet"))
+
+
+def test_set_metrics_notes_for_sets_smaller_than_the_features_or_the_kid_subset(caplog):
+    rng = np.random.default_rng(0)
+    sets = SetMetrics(("fid", "kid"), kid_subset_size=10, kid_subsets=5)
+    sets.update("tiny", rng.normal(size=(6, 16)), rng.normal(size=(6, 16)))  # 6 views, 16-d features
+    sets.update(("shift_1m", "big"), rng.normal(size=(40, 16)), rng.normal(size=(40, 16)))
+    with caplog.at_level(logging.WARNING):
+        res = sets.compute()
+    assert res["tiny"]["n"] == 6 and "rank-deficient" in res["tiny"]["fid_note"]
+    assert "meaningless" in res["tiny"]["kid_note"] and res["tiny"]["kid_std"] == pytest.approx(0.0, abs=1e-12)
+    assert "fid_note" not in res[("shift_1m", "big")] and "kid_note" not in res[("shift_1m", "big")]
+    assert "tiny: FID over 6 views" in caplog.text and "tiny: KID subsets of 6 views" in caplog.text
+    assert "shift_1m/big" not in caplog.text
+
+
+def test_fingerprint_follows_metric_settings_and_rows_not_worker_counts(tmp_path, caplog):
+    from dataclasses import replace
+
+    from difix3d.eval.config import EvalConfig
+    from difix3d.eval.fingerprint import check_reusable, fingerprint
+
+    rows = [{"segment": "s", "split": "test", "view": "test/000", "method": "m", "render_uri": "r.png",
+             "gt_uri": "g.png"}]
+    cfg = EvalConfig(input="in", output=str(tmp_path), metrics="psnr,fid", fid_features="random")
+    saved = json.loads(json.dumps(fingerprint(cfg, rows)))  # as read back from set_metrics.json
+    check_reusable(cfg.output, saved, fingerprint(replace(cfg, workers=8, min_workers=2, batch_size=4), rows))
+    with pytest.raises(InputError, match=r"kid_subsets: 100 -> 7.*--overwrite") as e:
+        check_reusable(cfg.output, saved, fingerprint(replace(cfg, kid_subsets=7), rows))
+    assert e.value.source == str(tmp_path)
+    with pytest.raises(InputError, match=r"metrics: \['psnr', 'fid'\] -> \['psnr'\]"):
+        check_reusable(cfg.output, saved, fingerprint(replace(cfg, metrics=("psnr",)), rows))
+    with pytest.raises(InputError, match=r"input rows changed \(1 -> 1"):
+        check_reusable(cfg.output, saved, fingerprint(cfg, [{**rows[0], "split": "shift_1m"}]))
+    with caplog.at_level(logging.WARNING):
+        check_reusable(cfg.output, None, fingerprint(cfg, rows))  # written before fingerprints: reused, warned
+    assert "no fingerprint" in caplog.text
+
+
+def test_summary_markdown_one_table_per_split_and_pooled():
+    from difix3d.eval.report import summary_markdown
+
+    def entry(psnr, fid, n):
+        return {"n_views": n, "n_errors": 0, "fid": fid, "fid_kid_n": n,
+                "psnr": {"n": n, "n_inf": 0, "mean": psnr, "median": psnr, "ci_low": psnr, "ci_high": psnr}}
+
+    splits = {"shift_1m": {"difix3d": entry(17.0, 30.0, 4)}, "test": {"difix3d": entry(25.0, 10.0, 4)}}
+    md = summary_markdown({"difix3d": entry(21.0, 20.0, 8)}, ["psnr"], ["fid"], {}, 0.95, splits)
+    sections = md.split("## ")[1:]
+    assert [s.splitlines()[0] for s in sections] == ["Split `shift_1m`", "Split `test`", "All splits (pooled)"]
+    assert "17.00" in sections[0] and "25.00" in sections[1] and "21.00" in sections[2]
+    assert "FID/KID views" in sections[0] and "| 30.00 | 4 |" in sections[0] and "| 20.00 | 8 |" in sections[2]
+    one = summary_markdown(splits["test"], ["psnr"], ["fid"], {}, 0.95, {"test": splits["test"]})
+    assert "Split `test`" in one and "All splits" not in one
 
 
 @pytest.mark.gpu

@@ -1,7 +1,11 @@
 """The Ray Data evaluation pipeline end to end on a tiny fleet output folder (32×32 images)."""
 
 import json
+import logging
 import math
+import os
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +13,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from difix3d.errors import InputError
 from difix3d.eval.config import EvalConfig
+from difix3d.eval.perceptual import hub_checkpoint
 from difix3d.eval.pipeline import evaluate
 from difix3d.imageio import write_image
 
@@ -128,3 +134,104 @@ def test_parquet_rows_input_with_stand_in_lpips(fleet_out, tmp_path, ray_local):
     assert (ok[ok["method"] == "difix3d_plus"]["lpips"].abs() < 1e-6).all()
     assert (ok[ok["method"] == "baseline"]["lpips"] > 0).all() and ok["ssim"].isna().all()
     assert (tmp_path / "out/plots/examples_baseline.png").exists()
+    assert set(df["split"]) == {"all"}  # no split column in the rows file
+    pd.DataFrame(rows + [{**rows[1], "view": "v9"}]).to_parquet(tmp_path / "rows.parquet")  # one more row
+    with pytest.raises(InputError, match=r"input rows changed.*--overwrite") as e:
+        evaluate(cfg)
+    assert e.value.source == str(tmp_path / "out")
+
+
+def test_rerun_with_other_metric_settings_is_refused(evaluated):
+    cfg, _ = evaluated
+    with pytest.raises(InputError, match=r"kid_subset_size: 4 -> 8.*--overwrite") as e:
+        evaluate(replace(cfg, kid_subset_size=8))
+    assert e.value.source == cfg.output
+    assert evaluate(replace(cfg, workers=1, batch_size=2)).skipped  # worker settings do not change the numbers
+
+
+def test_outputs_without_fingerprint_are_reused_with_a_warning(evaluated, tmp_path, caplog):
+    cfg, first = evaluated
+    old = tmp_path / "old"
+    shutil.copytree(cfg.output, old)
+    saved = json.loads((old / "set_metrics.json").read_text())  # as an older version wrote it
+    (old / "set_metrics.json").write_text(json.dumps({k: saved[k] for k in ("methods", "unavailable")}))
+    pq.write_table(pq.read_table(old / "per_view.parquet").drop(["split"]), old / "per_view.parquet")
+    with caplog.at_level(logging.WARNING):
+        again = evaluate(replace(cfg, output=str(old)))
+    assert again.skipped and again.n_views == first.n_views and "no fingerprint" in caplog.text
+    assert list(json.loads((old / "summary.json").read_text())["splits"]) == ["all"]
+
+
+@pytest.fixture(scope="module")
+def split_fleet(tmp_path_factory):
+    """Two segments, splits test and shift_1m, two views each: difix3d beats the baseline on test and loses to it
+    on shift_1m (the lane-shift regression that pooling hides)."""
+    root = tmp_path_factory.mktemp("split_fleet")
+    rng = np.random.default_rng(1)
+    noise = {("test", "baseline"): 0.12, ("test", "difix3d"): 0.02,
+             ("shift_1m", "baseline"): 0.05, ("shift_1m", "difix3d"): 0.10}
+    for seg in ("seg-0", "seg-1"):
+        for split in ("test", "shift_1m"):
+            for view in ("000", "001"):
+                gt = rng.uniform(0.2, 0.8, (32, 32, 3))
+                base = root / "scenes" / seg / "renders"
+                write_image(str(base / "gt" / split / f"{view}.png"), (gt * 255).round().astype(np.uint8))
+                for method in ("baseline", "difix3d"):
+                    noisy = np.clip(gt + rng.normal(0, noise[split, method], gt.shape), 0, 1)
+                    write_image(str(base / method / split / f"{view}.png"), (noisy * 255).round().astype(np.uint8))
+    return root
+
+
+def test_splits_reported_separately_with_set_sizes(split_fleet, tmp_path, ray_local):
+    cfg = EvalConfig(input=str(split_fleet), output=str(tmp_path), metrics="psnr,fid,kid", fid_features="random",
+                     random_feature_dim=16, kid_subsets=5, workers=1, batch_size=8, bootstrap_resamples=100)
+    result = evaluate(cfg)
+    df = pq.read_table(tmp_path / "per_view.parquet").to_pandas()
+    assert sorted(df["split"].unique()) == ["shift_1m", "test"] and result.n_views == 16
+    seg = pd.read_parquet(tmp_path / "per_segment.parquet")
+    assert len(seg) == 8 and (seg["n_views"] == 2).all()  # (segment, split, method)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    psnr = {s: {m: e["psnr"]["mean"] for m, e in methods.items()} for s, methods in summary["splits"].items()}
+    assert psnr["test"]["difix3d"] > psnr["test"]["baseline"] and \
+        psnr["shift_1m"]["difix3d"] < psnr["shift_1m"]["baseline"]
+    assert summary["methods"]["difix3d"]["n_views"] == 8  # pooled, kept for compatibility
+    assert summary["splits"]["test"]["difix3d"]["fid_kid_n"] == 4 and summary["methods"]["difix3d"]["fid_kid_n"] == 8
+    assert summary["splits"]["test"]["difix3d"]["fid"] == result.split_set_metrics["test"]["difix3d"]["fid"]
+    assert result.split_set_metrics["test"]["difix3d"]["fid"] != result.set_metrics["difix3d"]["fid"]
+    assert "rank-deficient" in summary["splits"]["test"]["difix3d"]["fid_note"]  # 4 views < 16 features
+    assert "meaningless" in summary["methods"]["baseline"]["kid_note"]  # subset 1000 -> the whole set of 8
+    md = (tmp_path / "summary.md").read_text()
+    assert md.index("## Split `shift_1m`") < md.index("## Split `test`") < md.index("## All splits")
+    assert "FID/KID views" in md and "rank-deficient" in md and "meaningless" in md
+    for name in ("distributions", "distributions_test", "distributions_shift_1m", "segment_improvement_shift_1m"):
+        assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 0, name
+
+
+def test_pretrained_weights_checked_where_the_workers_run(fleet_out, tmp_path, monkeypatch, ray_local):
+    """The driver sees LPIPS weights its workers lack (a CPU head unlike its GPU workers): the workers' view wins."""
+    url = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
+    if os.path.isfile(hub_checkpoint(url)):
+        pytest.skip("the workers' torch hub has the AlexNet weights")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "driver_torch"))  # the driver only: workers are running
+    Path(hub_checkpoint(url)).parent.mkdir(parents=True)
+    Path(hub_checkpoint(url)).write_bytes(b"driver-only weights")
+    rows = [{"segment": "s", "view": "test/000", "method": "baseline",
+             "render_uri": str(fleet_out / "scenes/seg-2/renders/baseline/test/000.png"),
+             "gt_uri": str(fleet_out / "scenes/seg-2/renders/gt/test/000.png")}]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    result = evaluate(EvalConfig(input=str(tmp_path / "rows.json"), output=str(tmp_path / "out"),
+                                 metrics="psnr,lpips", workers=1, bootstrap_resamples=10))
+    assert set(result.unavailable) == {"lpips"} and "driver_torch" not in result.unavailable["lpips"]
+    assert result.n_errors == 0
+
+
+def test_input_problems_raised_before_any_ray_work(tmp_path):
+    (tmp_path / "fleet" / "scenes").mkdir(parents=True)
+    with pytest.raises(InputError, match="no renders found") as e:
+        evaluate(EvalConfig(input=str(tmp_path / "fleet"), output=str(tmp_path / "out")))
+    assert e.value.source == str(tmp_path / "fleet")
+    pd.DataFrame([{"segment": "s", "view": "v", "method": "m", "render_uri": "r.png"}]).to_parquet(
+        tmp_path / "rows.parquet")
+    with pytest.raises(InputError, match=r"rows\.parquet.*\['gt_uri'\]"):
+        evaluate(EvalConfig(input=str(tmp_path / "rows.parquet"), output=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()

@@ -13,9 +13,11 @@ from difix3d.eval.metrics import ALL_METRICS
 class EvalConfig:
     """What to evaluate, with which metrics, on how many workers.
 
-    ``input`` is a rows file (Parquet, JSON list or JSON lines with ``segment, view, method, render_uri, gt_uri``)
-    or a fleet output folder (``<out>/scenes/<scene>/renders/<method>/<split>/<view>.png``, ground truth under
-    ``renders/gt``). Everything is written under ``output`` (see :func:`difix3d.eval.pipeline.evaluate`).
+    ``input`` is a rows file (Parquet, JSON list or JSON lines with ``segment, view, method, render_uri, gt_uri`` and
+    an optional ``split``) or a fleet output folder (``<out>/scenes/<scene>/renders/<method>/<split>/<view>.png``,
+    ground truth under ``renders/gt``). Everything is written under ``output`` (see
+    :func:`difix3d.eval.pipeline.evaluate`); :data:`difix3d.eval.fingerprint.METRIC_FIELDS` are the fields that a
+    re-run must keep to reuse it.
     """
 
     input: str

@@ -3,10 +3,11 @@
 ``rows (from_items | read_parquet) -> map_batches(MetricsUDF, ActorPoolStrategy) -> driver``: the driver streams
 the result batches, appends the per-view rows to one Parquet file (``<out>/per_view.parquet``, written through a
 ``pyarrow.parquet.ParquetWriter`` to a temporary name and moved into place, so it is whole or absent) and folds the
-feature columns into per-method FID/KID statistics. Images are only ever decoded inside the actors, so driver memory
-does not grow with the number of segments. Each row carries ``status`` ("ok" | "error") and ``error``: a corrupt,
-missing or size-mismatched image is recorded on its row and the job goes on (Ray's ``max_errored_blocks`` would
-drop whole blocks).
+feature columns into FID/KID statistics per method and per (split, method). Images are only ever decoded inside the
+actors, so driver memory does not grow with the number of segments. Each row carries ``status`` ("ok" | "error")
+and ``error``: a corrupt, missing or size-mismatched image is recorded on its row and the job goes on (Ray's
+``max_errored_blocks`` would drop whole blocks). A re-run reuses the outputs only when their fingerprint
+(:mod:`difix3d.eval.fingerprint`) matches.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from difix3d.device import default_device
 from difix3d.eval import metrics as M
 from difix3d.eval.config import EvalConfig
 from difix3d.eval.perceptual import build_feature_net, build_lpips, metric_availability
-from difix3d.eval.rows import ROW_COLUMNS, load_rows
+from difix3d.eval.fingerprint import check_reusable, fingerprint
+from difix3d.eval.rows import DEFAULT_SPLIT, ROW_COLUMNS, SPLIT_COLUMN, ParquetRows, load_rows
 from difix3d.eval.set_metrics import SetMetrics
 from difix3d.imageio import read_image, to_tensor
 
@@ -34,7 +36,7 @@ log = logging.getLogger(__name__)
 PER_VIEW_FILE = "per_view.parquet"
 SET_METRICS_FILE = "set_metrics.json"
 PER_VIEW_SCHEMA = pa.schema([
-    ("segment", pa.string()), ("view", pa.string()), ("method", pa.string()),
+    ("segment", pa.string()), ("split", pa.string()), ("view", pa.string()), ("method", pa.string()),
     ("render_uri", pa.string()), ("gt_uri", pa.string()),
     ("status", pa.string()), ("error", pa.string()),
     ("height", pa.int32()), ("width", pa.int32()),
@@ -49,55 +51,67 @@ class EvalResult:
     output: str
     n_views: int
     n_errors: int
-    set_metrics: dict  # {method: {"fid", "kid", "kid_std", "n"}}
+    set_metrics: dict  # {method: {"fid", "kid", "kid_std", "n"}}, all splits pooled
     unavailable: dict[str, str]  # metric -> reason
     seconds: float
     skipped: bool = False  # outputs existed and were kept (no --overwrite)
     files: dict[str, str] = field(default_factory=dict)
+    split_set_metrics: dict = field(default_factory=dict)  # {split: {method: {"fid", "kid", "kid_std", "n"}}}
 
 
 def evaluate(config: EvalConfig) -> EvalResult:
-    """Run the whole evaluation: per-view metrics and FID/KID (skipped when their outputs exist, unless
-    ``config.overwrite``), then the reports and plots (:mod:`difix3d.eval.report`, :mod:`difix3d.eval.plots`)."""
+    """Run the whole evaluation: per-view metrics and FID/KID (reused when their outputs exist with the same
+    fingerprint, unless ``config.overwrite``), then the reports and plots (:mod:`difix3d.eval.report`,
+    :mod:`difix3d.eval.plots`). Raises :class:`InputError` on an input without rows and on outputs computed from
+    other settings or inputs."""
     from difix3d.eval import plots, report
 
     t0 = time.perf_counter()
     out = config.output
     per_view_uri, set_uri = storage.join(out, PER_VIEW_FILE), storage.join(out, SET_METRICS_FILE)
+    rows = load_rows(config.input)  # bad or empty input fails here, before any Ray work
+    current = fingerprint(config, rows)
     skipped = not config.overwrite and storage.exists(per_view_uri) and storage.exists(set_uri)
     if skipped:
-        log.info("evaluate: %s and %s exist, reusing them (pass overwrite to recompute)", per_view_uri, set_uri)
         saved = storage.read_json(set_uri)
-        set_results, unavailable = saved["methods"], saved["unavailable"]
+        check_reusable(out, saved.get("fingerprint"), current)
+        log.info("evaluate: %s and %s exist, reusing them (pass overwrite to recompute)", per_view_uri, set_uri)
+        # outputs from before splits existed: one split, DEFAULT_SPLIT, as _read_per_view labels their rows
+        splits = saved.get("splits") or {DEFAULT_SPLIT: saved["methods"]}
+        set_results = {"methods": saved["methods"], "splits": splits}
+        unavailable = saved["unavailable"]
     else:
         storage.write_json(storage.join(out, "config.json"), config.to_json())
-        set_results, unavailable = compute_per_view(config, per_view_uri)
-        storage.write_json(set_uri, {"methods": set_results, "unavailable": unavailable})
-    table = pq.read_table(storage.resolve(per_view_uri)[1], filesystem=storage.resolve(per_view_uri)[0])
+        set_results, unavailable = compute_per_view(config, rows, per_view_uri)
+        storage.write_json(set_uri, {**set_results, "unavailable": unavailable, "fingerprint": current})
+    table = _read_per_view(per_view_uri)
     files = report.write_reports(table, set_results, unavailable, config)
     files.update(plots.write_plots(table, config))
     files.update({"per_view": per_view_uri, "set_metrics": set_uri})
     statuses = table.column("status").to_pylist()
-    return EvalResult(out, len(statuses), sum(s != "ok" for s in statuses), set_results, unavailable,
-                      time.perf_counter() - t0, skipped, files)
+    return EvalResult(out, len(statuses), sum(s != "ok" for s in statuses), set_results["methods"], unavailable,
+                      time.perf_counter() - t0, skipped, files, set_results["splits"])
 
 
-def compute_per_view(config: EvalConfig, per_view_uri: str) -> tuple[dict, dict[str, str]]:
-    """Stream the rows through the actor pool; write per-view rows; return (FID/KID per method, unavailable)."""
+def compute_per_view(config: EvalConfig, rows: list[dict] | ParquetRows,
+                     per_view_uri: str) -> tuple[dict, dict[str, str]]:
+    """Stream the rows through the actor pool; write per-view rows; return (FID/KID as ``{"methods": {method: ..},
+    "splits": {split: {method: ..}}}``, unavailable metrics)."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    avail = metric_availability(config.metrics, config.lpips_net, config.lpips_weights, config.fid_features,
-                                config.hub_dir)
+    avail = worker_metric_availability(config)
     unavailable = {m: a.reason for m, a in avail.items() if not a.available}
     for m, reason in unavailable.items():
         log.warning("evaluate: %s unavailable: %s", m, reason)
     enabled = tuple(m for m in config.metrics if avail[m].available)
     features_needed = any(m in enabled for m in M.SET_METRICS)
 
-    rows = load_rows(config.input)
-    ds = ray.data.read_parquet(rows, columns=list(ROW_COLUMNS)) if isinstance(rows, str) else \
-        ray.data.from_items(rows)
+    if isinstance(rows, ParquetRows):  # exactly the files whose schemas load_rows checked
+        columns = list(ROW_COLUMNS) + ([SPLIT_COLUMN] if rows.has_split else [])
+        ds = ray.data.read_parquet([path for path, _ in rows.files], filesystem=rows.filesystem, columns=columns)
+    else:
+        ds = ray.data.from_items(rows)
     ds = ds.map_batches(
         MetricsUDF,
         fn_constructor_kwargs={"metrics": enabled, "lpips_net": config.lpips_net,
@@ -107,6 +121,7 @@ def compute_per_view(config: EvalConfig, per_view_uri: str) -> tuple[dict, dict[
         num_gpus=config.num_gpus_per_worker, num_cpus=config.num_cpus_per_worker,
         batch_size=config.batch_size, batch_format="numpy",
     )
+    # one set per method (all splits pooled) and one per (split, method)
     sets = SetMetrics(enabled, config.kid_subset_size, config.kid_subsets, config.kid_max_samples,
                       config.seed)
     with _AtomicParquetWriter(per_view_uri, PER_VIEW_SCHEMA) as writer:
@@ -115,12 +130,34 @@ def compute_per_view(config: EvalConfig, per_view_uri: str) -> tuple[dict, dict[
                                    zip(PER_VIEW_SCHEMA.names, PER_VIEW_SCHEMA)}, schema=PER_VIEW_SCHEMA))
             if features_needed:
                 ok = batch["status"] == "ok"
-                methods = batch["method"]
-                for method in np.unique(methods[ok]):
+                splits, methods = batch["split"].astype(str), batch["method"].astype(str)
+                for split, method in sorted(set(zip(splits[ok], methods[ok]))):
+                    sel = ok & (splits == split) & (methods == method)
+                    sets.update((split, method), batch["render_features"][sel], batch["gt_features"][sel])
+                for method in sorted(set(methods[ok])):
                     sel = ok & (methods == method)
-                    sets.update(str(method), batch["render_features"][sel], batch["gt_features"][sel])
-    set_results = sets.compute() if features_needed else {}
-    return set_results, unavailable
+                    sets.update(method, batch["render_features"][sel], batch["gt_features"][sel])
+    results = sets.compute() if features_needed else {}
+    split_results: dict[str, dict] = {}
+    for key, res in results.items():
+        if isinstance(key, tuple):
+            split_results.setdefault(key[0], {})[key[1]] = res
+    return {"methods": {k: r for k, r in results.items() if isinstance(k, str)},
+            "splits": split_results}, unavailable
+
+
+def worker_metric_availability(config: EvalConfig) -> dict:
+    """:func:`metric_availability` where the metric workers run: a Ray task with their CPUs and GPUs (a CPU head
+    may lack the weights or packages its GPU workers have, or the other way round); on the driver only when Ray is
+    not initialized."""
+    import ray
+
+    args = (config.metrics, config.lpips_net, config.lpips_weights, config.fid_features, config.hub_dir)
+    if not ray.is_initialized():
+        return metric_availability(*args)
+    task = ray.remote(metric_availability).options(num_cpus=config.num_cpus_per_worker,
+                                                   num_gpus=config.num_gpus_per_worker)
+    return ray.get(task.remote(*args))
 
 
 class MetricsUDF:
@@ -139,6 +176,8 @@ class MetricsUDF:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["render_uri"])
         out = {c: np.asarray([str(v) for v in batch[c]], dtype=object) for c in ROW_COLUMNS}
+        out[SPLIT_COLUMN] = (np.asarray([str(v) for v in batch[SPLIT_COLUMN]], dtype=object)
+                             if SPLIT_COLUMN in batch else np.full(n, DEFAULT_SPLIT, dtype=object))
         out["status"] = np.full(n, "ok", dtype=object)
         out["error"] = np.full(n, "", dtype=object)
         out["height"] = np.zeros(n, np.int32)
@@ -196,6 +235,15 @@ class MetricsUDF:
             out["gt_features"][idx] = self.features(target).float().cpu().numpy()
         for name, values in results.items():
             out[name][idx] = values.double().cpu().numpy()
+
+
+def _read_per_view(uri: str) -> pa.Table:
+    """The per-view table; one written before splits existed gets ``split = DEFAULT_SPLIT``."""
+    fs, path = storage.resolve(uri)
+    table = pq.read_table(path, filesystem=fs)
+    if SPLIT_COLUMN not in table.column_names:
+        table = table.add_column(1, SPLIT_COLUMN, pa.array([DEFAULT_SPLIT] * table.num_rows, pa.string()))
+    return table
 
 
 def _column(values: np.ndarray, typ: pa.DataType) -> pa.Array:

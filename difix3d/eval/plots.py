@@ -1,5 +1,6 @@
-"""Figures under ``<out>/plots/``: metric distributions per method, per-segment improvement over the baseline, and
-a grid of the best and worst views per method. matplotlib with the Agg backend (no display on cluster nodes)."""
+"""Figures under ``<out>/plots/``: metric distributions per method, per-segment improvement over the baseline (both
+over all splits, and per split when there are several), and a grid of the best and worst views per method.
+matplotlib with the Agg backend (no display on cluster nodes)."""
 
 from __future__ import annotations
 
@@ -27,10 +28,12 @@ def write_plots(per_view: pa.Table, config: EvalConfig) -> dict[str, str]:
     if not metrics:
         return out
     root = storage.join(config.output, "plots")
-    out["distributions"] = _save(plot_distributions(df, metrics), storage.join(root, "distributions.png"))
-    fig = plot_segment_improvement(per_segment_table(per_view, metrics), metrics, config.baseline_method)
-    if fig is not None:
-        out["segment_improvement"] = _save(fig, storage.join(root, "segment_improvement.png"))
+    seg = per_segment_table(per_view, metrics)
+    out.update(_overview(df, seg, metrics, config.baseline_method, root))
+    splits = sorted(df["split"].unique())
+    for split in splits if len(splits) > 1 else []:
+        out.update(_overview(df[df["split"] == split], seg[seg["split"] == split], metrics, config.baseline_method,
+                             root, split))
     rank = config.rank_metric if config.rank_metric in metrics else metrics[0]
     for method in sorted(df["method"].unique()):
         fig = plot_examples(df[df["method"] == method], rank, config.examples_per_end, method)
@@ -53,17 +56,17 @@ def plot_distributions(df, metrics: list[str]):
 
 
 def plot_segment_improvement(seg, metrics: list[str], baseline: str):
-    """Per-segment mean of each method (y) against the baseline (x); points above the diagonal improve (below,
-    for lower-is-better metrics). None when there is no baseline or no other method."""
+    """Per-(segment, split) mean of each method (y) against the baseline (x); points above the diagonal improve
+    (below, for lower-is-better metrics). None when there is no baseline or no other method."""
     methods = [m for m in sorted(seg["method"].unique()) if m != baseline]
     if baseline not in set(seg["method"]) or not methods:
         return None
-    base = seg[seg["method"] == baseline].set_index("segment")
+    base = seg[seg["method"] == baseline].set_index(["segment", "split"])
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 4.2), squeeze=False)
     for ax, m in zip(axes[0], metrics):
         lo, hi = np.inf, -np.inf
         for method in methods:
-            other = seg[seg["method"] == method].set_index("segment")
+            other = seg[seg["method"] == method].set_index(["segment", "split"])
             joined = base[[m]].join(other[[m]], lsuffix="_base", rsuffix="_method", how="inner").dropna()
             if joined.empty:
                 continue
@@ -102,6 +105,22 @@ def plot_examples(df, metric: str, k: int, method: str):
                          f"{kind}: {r.segment} {r.view}\n{metric.upper()} {getattr(r, metric):.3f}", fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def _overview(df, seg, metrics: list[str], baseline: str, root: str, split: str | None = None) -> dict[str, str]:
+    """Distributions and per-segment improvement of one split (None: all splits), saved as
+    ``<name>[_<split>].png``."""
+    suffix = f"_{split}" if split is not None else ""
+    out = {}
+    fig = plot_distributions(df, metrics)
+    if split is not None:
+        fig.suptitle(f"split {split}")
+        fig.tight_layout()
+    out[f"distributions{suffix}"] = _save(fig, storage.join(root, f"distributions{_safe(suffix)}.png"))
+    fig = plot_segment_improvement(seg, metrics, baseline)
+    if fig is not None:
+        out[f"segment_improvement{suffix}"] = _save(fig, storage.join(root, f"segment_improvement{_safe(suffix)}.png"))
+    return out
 
 
 def _save(fig, uri: str) -> str:

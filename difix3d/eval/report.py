@@ -1,5 +1,7 @@
-"""Tables people read: per-segment means (Parquet) and the per-method summary (mean, median, bootstrap 95% interval)
-printed and written as Markdown (``summary.md``) and JSON (``summary.json``).
+"""Tables people read: per-(segment, split, method) means (Parquet) and the per-method summary (mean, median,
+bootstrap 95% interval, FID/KID), one per split and one over all splits, printed and written as Markdown
+(``summary.md``) and JSON (``summary.json``). Splits stay apart because pooling them hides a lane-shift regression
+behind a test-split gain.
 
 Statistics use the finite values of a metric: NaN (metric unavailable or row failed) and the ``+inf`` PSNR of an
 exact match are left out; ``n`` says how many values each statistic is over.
@@ -13,6 +15,7 @@ import math
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 from scipy import stats
 
 from difix3d import storage
@@ -25,7 +28,8 @@ SUMMARY_MD, SUMMARY_JSON = "summary.md", "summary.json"
 
 def write_reports(per_view: pa.Table, set_results: dict, unavailable: dict[str, str], config: EvalConfig,
                   echo: bool = True) -> dict[str, str]:
-    """Write ``per_segment.parquet``, ``summary.md`` and ``summary.json`` under ``config.output``; print the table."""
+    """Write ``per_segment.parquet``, ``summary.md`` and ``summary.json`` under ``config.output``; print the summary.
+    ``set_results``: FID/KID as ``{"methods": {method: ..}, "splits": {split: {method: ..}}}``."""
     metrics = [m for m in PER_VIEW_METRICS if m in config.metrics and m not in unavailable]
     seg = per_segment_table(per_view, metrics)
     seg_uri = storage.join(config.output, PER_SEGMENT_FILE)
@@ -33,26 +37,31 @@ def write_reports(per_view: pa.Table, set_results: dict, unavailable: dict[str, 
     seg.to_parquet(buf, index=False)
     storage.write_bytes(seg_uri, buf.getvalue())
 
-    summary = summarize(per_view, set_results, metrics, config)
+    summary = summarize(per_view, set_results.get("methods", {}), metrics, config)
+    splits = {split: summarize(per_view.filter(pc.equal(per_view["split"], split)),
+                               set_results.get("splits", {}).get(split, {}), metrics, config)
+              for split in sorted(set(per_view.column("split").to_pylist()))}
     shown = [m for m in PER_VIEW_METRICS if m in config.metrics]  # unavailable ones get a column saying so
     set_metrics = [m for m in ("fid", "kid") if m in config.metrics]
-    md = summary_markdown(summary, shown, set_metrics, unavailable, config.confidence)
+    md = summary_markdown(summary, shown, set_metrics, unavailable, config.confidence, splits)
     md_uri, json_uri = storage.join(config.output, SUMMARY_MD), storage.join(config.output, SUMMARY_JSON)
     storage.write_text(md_uri, md)
-    storage.write_json(json_uri, {"methods": summary, "unavailable": unavailable, "confidence": config.confidence,
-                                  "bootstrap_resamples": config.bootstrap_resamples})
+    storage.write_json(json_uri, {"methods": summary, "splits": splits, "unavailable": unavailable,
+                                  "confidence": config.confidence, "bootstrap_resamples": config.bootstrap_resamples})
     if echo:
         print(md, flush=True)
     return {"per_segment": seg_uri, "summary_md": md_uri, "summary_json": json_uri}
 
 
 def per_segment_table(per_view: pa.Table, metrics: list[str]) -> pd.DataFrame:
-    """One row per (segment, method): ``n_views``, ``n_errors`` and the mean of each metric over its ok views."""
-    df = per_view.select(["segment", "method", "status", *metrics]).to_pandas()
+    """One row per (segment, split, method): ``n_views``, ``n_errors`` and the mean of each metric over its ok
+    views."""
+    keys = ["segment", "split", "method"]
+    df = per_view.select([*keys, "status", *metrics]).to_pandas()
     ok = df["status"] == "ok"
     for m in metrics:
         df[m] = df[m].where(ok & np.isfinite(df[m]))
-    grouped = df.groupby(["segment", "method"], sort=True)
+    grouped = df.groupby(keys, sort=True)
     out = grouped[metrics].mean() if metrics else grouped.size().to_frame("_").drop(columns="_")
     out.insert(0, "n_views", grouped.size())
     out.insert(1, "n_errors", grouped["status"].apply(lambda s: int((s != "ok").sum())))
@@ -60,7 +69,8 @@ def per_segment_table(per_view: pa.Table, metrics: list[str]) -> pd.DataFrame:
 
 
 def summarize(per_view: pa.Table, set_results: dict, metrics: list[str], config: EvalConfig) -> dict[str, dict]:
-    """Per method: ``n_views``, ``n_errors``, per metric ``{n, mean, median, ci_low, ci_high}``, plus FID/KID."""
+    """Per method: ``n_views``, ``n_errors``, per metric ``{n, mean, median, ci_low, ci_high}``, plus FID/KID with
+    ``fid_kid_n`` (the views they are over) and their ``*_error`` / ``*_note`` entries."""
     methods = per_view.column("method").to_numpy(zero_copy_only=False).astype(str)
     status = per_view.column("status").to_numpy(zero_copy_only=False).astype(str)
     out = {}
@@ -71,8 +81,7 @@ def summarize(per_view: pa.Table, set_results: dict, metrics: list[str], config:
             values = per_view.column(m).to_numpy(zero_copy_only=False)[sel & (status == "ok")]
             entry[m] = describe(values, config.confidence, config.bootstrap_resamples, config.seed)
         for k, v in set_results.get(method, {}).items():
-            if k != "n":
-                entry[k] = v
+            entry["fid_kid_n" if k == "n" else k] = v
         out[method] = entry
     return out
 
@@ -100,12 +109,33 @@ def describe(values, confidence: float = 0.95, resamples: int = 1000, seed: int 
 
 
 def summary_markdown(summary: dict, metrics: list[str], set_metrics: list[str], unavailable: dict[str, str],
-                     confidence: float = 0.95) -> str:
+                     confidence: float = 0.95, splits: dict[str, dict] | None = None) -> str:
+    """One table per split, then the pooled ``summary`` labelled "all splits" when there is more than one split
+    (only the pooled table when ``splits`` is not given)."""
+    sections = [(f"Split `{split}`", entries) for split, entries in (splits or {}).items()]
+    if len(sections) != 1:
+        sections.append(("All splits (pooled)", summary))
+    lines = ["# Evaluation summary", ""]
+    for title, entries in sections:
+        lines += [f"## {title}", "", *_table(entries, metrics, set_metrics, unavailable, confidence)]
+        notes = [f"- {method}: {e[k]}" for method, e in entries.items()
+                 for k in ("fid_error", "kid_error", "fid_note", "kid_note") if k in e]
+        lines += ["", *notes, ""] if notes else [""]
+    if unavailable:
+        lines += [f"- **{m}** unavailable: {reason}" for m, reason in unavailable.items()] + [""]
+    lines += ["Statistics over finite per-view values (exact matches, PSNR = +inf, are left out); intervals are a "
+              "percentile bootstrap of the mean.", ""]
+    return "\n".join(lines)
+
+
+def _table(summary: dict, metrics: list[str], set_metrics: list[str], unavailable: dict[str, str],
+           confidence: float) -> list[str]:
     pct = f"{confidence * 100:g}%"
     head = ["method", "views", "errors"]
     head += [f"{m.upper()} {'↑' if HIGHER_IS_BETTER[m] else '↓'} mean (median) [{pct} CI]" for m in metrics]
     head += [f"{m.upper()} {'↑' if HIGHER_IS_BETTER[m] else '↓'}" for m in set_metrics]
-    lines = ["# Evaluation summary", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head += ["FID/KID views"] if set_metrics else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, e in summary.items():
         cells = [method, str(e["n_views"]), str(e["n_errors"])]
         for m in metrics:
@@ -125,14 +155,10 @@ def summary_markdown(summary: dict, metrics: list[str], set_metrics: list[str], 
                 cells.append(f"{_fmt(e['kid'])} ± {_fmt(e.get('kid_std', math.nan))}")
             else:
                 cells.append(_fmt(e.get(m, math.nan)))
+        if set_metrics:
+            cells.append(str(e.get("fid_kid_n", "n/a")))
         lines.append("| " + " | ".join(cells) + " |")
-    notes = [f"- **{m}** unavailable: {reason}" for m, reason in unavailable.items()]
-    notes += [f"- {method}: {e[k]}" for method, e in summary.items() for k in ("fid_error", "kid_error") if k in e]
-    if notes:
-        lines += ["", *notes]
-    lines += ["", "Statistics over finite per-view values (exact matches, PSNR = +inf, are left out); intervals are a "
-                  "percentile bootstrap of the mean.", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def _fmt(v: float) -> str:

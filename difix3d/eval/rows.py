@@ -1,21 +1,42 @@
 """Evaluation rows (one render and its ground truth): from a rows file or from the fleet job's output folder.
 
-A row is ``{"segment", "view", "method", "render_uri", "gt_uri"}``; the fleet layout is
+A row is ``{"segment", "split", "view", "method", "render_uri", "gt_uri"}``; the fleet layout is
 ``<out>/scenes/<scene_id>/renders/<method>/<split>/<name>.png`` with ground truth under
-``<out>/scenes/<scene_id>/renders/gt/<split>/<name>.png``.
+``<out>/scenes/<scene_id>/renders/gt/<split>/<name>.png``. A rows file may leave ``split`` out: its rows then
+belong to the split ``"all"`` (the split is never guessed from a view name).
 """
 
 from __future__ import annotations
 
 import json
 import posixpath
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from difix3d import storage
 from difix3d.errors import InputError
 from difix3d.imageio import IMAGE_EXTENSIONS
 
-ROW_COLUMNS = ("segment", "view", "method", "render_uri", "gt_uri")
+ROW_COLUMNS = ("segment", "view", "method", "render_uri", "gt_uri")  # required in a rows file
+SPLIT_COLUMN, DEFAULT_SPLIT = "split", "all"  # optional in a rows file
+ROW_FIELDS = ("segment", SPLIT_COLUMN, "view", "method", "render_uri", "gt_uri")  # every row after loading
 GT_METHOD = "gt"
+
+
+@dataclass(frozen=True)
+class ParquetRows:
+    """A Parquet rows input, checked on the driver and left for Ray Data to stream: ``files`` are
+    ``(path inside filesystem, size in bytes)``; ``has_split`` says whether they carry a ``split`` column."""
+
+    uri: str
+    files: tuple[tuple[str, int], ...]
+    has_split: bool
+
+    @property
+    def filesystem(self) -> pafs.FileSystem:
+        return storage.resolve(self.uri)[0]
 
 
 def rows_from_fleet_output(out_uri: str) -> list[dict]:
@@ -39,19 +60,24 @@ def rows_from_fleet_output(out_uri: str) -> list[dict]:
             for view, (render_uri, filename) in sorted(_images_by_view(method_dir).items()):
                 split = view.split("/", 1)[0]
                 gt_uri = gt_files.get(view, (storage.join(renders, GT_METHOD, split, filename), ""))[0]
-                rows.append({"segment": scene_id, "view": view, "method": method, "render_uri": render_uri,
-                             "gt_uri": gt_uri})
+                rows.append({"segment": scene_id, "split": split, "view": view, "method": method,
+                             "render_uri": render_uri, "gt_uri": gt_uri})
     return rows
 
 
-def load_rows(input_uri: str) -> list[dict] | str:
-    """Rows from a JSON list / JSON lines file or a fleet output folder; a Parquet path is returned as is (Ray
-    Data reads it in a streaming way). Raises :class:`InputError` when columns are missing."""
+def load_rows(input_uri: str) -> list[dict] | ParquetRows:
+    """Rows from a JSON list / JSON lines file or a fleet output folder; a Parquet file or folder of ``*.parquet``
+    comes back as :class:`ParquetRows` (Ray Data streams it) after its schemas are checked here. Raises
+    :class:`InputError` when columns are missing or there are no rows."""
     if input_uri.endswith(".parquet") or (storage.is_dir(input_uri) and not storage.exists(
             storage.join(input_uri, "scenes")) and storage.glob(storage.join(input_uri, "*.parquet"))):
-        return input_uri
+        return parquet_rows(input_uri)
     if storage.is_dir(input_uri):
-        return rows_from_fleet_output(input_uri)
+        rows = rows_from_fleet_output(input_uri)
+        if not rows:
+            raise InputError(input_uri, "no renders found (expected scenes/<scene>/renders/<method>/<split>/"
+                                        "<name>.png beside renders/gt/)")
+        return rows
     text = storage.read_text(input_uri)
     try:
         if input_uri.endswith(".jsonl"):
@@ -64,11 +90,47 @@ def load_rows(input_uri: str) -> list[dict] | str:
         rows = rows["rows"]
     if not isinstance(rows, list):
         raise InputError(input_uri, "expected a JSON list of rows")
+    if not rows:
+        raise InputError(input_uri, "no renders found (the rows file is empty)")
     for i, row in enumerate(rows):
         missing = [c for c in ROW_COLUMNS if c not in row]
         if missing:
             raise InputError(input_uri, f"row {i} lacks columns {missing} (need {list(ROW_COLUMNS)})")
-    return [{c: str(row[c]) for c in ROW_COLUMNS} for row in rows]
+    return [{c: str(row.get(c, DEFAULT_SPLIT)) for c in ROW_FIELDS} for row in rows]
+
+
+def parquet_rows(uri: str) -> ParquetRows:
+    """Check the footer of every Parquet file behind ``uri`` (a file or a folder of ``*.parquet``) on the driver,
+    so a missing column is an error naming the file rather than a KeyError inside a Ray worker."""
+    fs, path = storage.resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise InputError(uri, "rows file not found")
+    if info.type == pafs.FileType.Directory:
+        infos = fs.get_file_info(pafs.FileSelector(path))
+        infos = sorted((i for i in infos if i.is_file and i.base_name.endswith(".parquet")), key=lambda i: i.path)
+    else:
+        infos = [info]
+    files, has_split, n_rows = [], [], 0
+    for i in infos:
+        where = storage.join(uri, i.base_name) if info.type == pafs.FileType.Directory else uri
+        try:
+            meta = pq.read_metadata(i.path, filesystem=fs)
+        except Exception as e:  # noqa: BLE001 - a corrupt footer: named, not a worker crash
+            raise InputError(where, f"not a readable Parquet file ({e})") from e
+        names = meta.schema.to_arrow_schema().names
+        missing = [c for c in ROW_COLUMNS if c not in names]
+        if missing:
+            raise InputError(where, f"lacks columns {missing} (need {list(ROW_COLUMNS)}, optional "
+                                    f"{SPLIT_COLUMN!r})")
+        files.append((i.path, int(i.size)))
+        has_split.append(SPLIT_COLUMN in names)
+        n_rows += meta.num_rows
+    if len(set(has_split)) > 1:
+        raise InputError(uri, f"some Parquet files have a {SPLIT_COLUMN!r} column and others do not")
+    if n_rows == 0:
+        raise InputError(uri, "no renders found (the rows file has no rows)")
+    return ParquetRows(uri, tuple(files), bool(has_split and has_split[0]))
 
 
 def _images_by_view(method_dir: str) -> dict[str, tuple[str, str]]:
