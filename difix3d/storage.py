@@ -36,6 +36,15 @@ def _local_path(uri: str) -> str:
     return uri[len("file://"):] if uri.startswith("file://") else uri
 
 
+def absolute(uri: str) -> str:
+    """A relative local path made absolute against this process's working folder; URIs and absolute paths as they
+    are. For paths handed to other Ray processes, whose working folder is not the driver's."""
+    uri = str(uri)
+    if not uri or not is_local(uri) or uri.startswith("file://"):
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a URI or a plain local path."""
     uri = str(uri)

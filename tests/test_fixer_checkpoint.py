@@ -241,3 +241,15 @@ def test_missing_files_and_bad_config(ours, tmp_path):
         load_checkpoint(str(tmp_path / "empty"))
     with pytest.raises(MissingWeightsError):
         load_checkpoint(str(tmp_path / "nowhere" / "ck"))
+
+
+def test_local_looking_paths_are_not_taken_for_hub_ids(tmp_path, monkeypatch):
+    from difix3d.fixer.checkpoint import looks_like_hub_id
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert looks_like_hub_id("stabilityai/sd-turbo") and looks_like_hub_id("nvidia/difix")
+    for local in ("ckpt/", "runs/missing", "./a/b", "/abs/x", "~/x", "s3://b/c"):
+        assert not looks_like_hub_id(local), local
+    with pytest.raises(MissingWeightsError, match="ckpt/: no such checkpoint"):  # not "fetch it from the hub"
+        load_checkpoint("ckpt/")

@@ -118,6 +118,20 @@ def test_tensorboard_files_reach_remote_run_storage(tmp_path, monkeypatch):
     assert written["s3://bucket/runs/tb/history.json"]["metrics"][0]["train_total"] == 0.5
 
 
+def test_relative_paths_are_made_absolute_for_the_workers(tmp_path, monkeypatch):
+    from difix3d.train.trainer import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt").mkdir()
+    cfg = with_absolute_paths(FinetuneConfig(train_shards="pairs/", val_shards="val/*.parquet", init="ckpt",
+                                             storage_path="outputs/finetune", base="stabilityai/sd-turbo"))
+    assert cfg.train_shards == str(tmp_path / "pairs") and cfg.val_shards == str(tmp_path / "val" / "*.parquet")
+    assert cfg.storage_path == str(tmp_path / "outputs" / "finetune") and cfg.init == str(tmp_path / "ckpt")
+    assert cfg.base == "stabilityai/sd-turbo" and cfg.export_uri == ""  # a hub id and "unset" stay as they are
+    remote = FinetuneConfig(train_shards="s3://b/pairs", storage_path="gs://b/runs", init="tiny")
+    assert with_absolute_paths(remote) == remote
+
+
 def test_workers_use_expandable_segments_unless_the_user_chose_an_allocator(monkeypatch):
     from difix3d.train.trainer import worker_env
 

@@ -98,7 +98,7 @@ def detect_format(uri: str) -> tuple[str, str]:
             return "sd-turbo", uri
         raise CheckpointError(uri, f"not a fixer checkpoint: expected {WEIGHTS_FILE} + {CONFIG_FILE}, an official "
                                    "Difix .pkl, or a diffusers folder with unet/ and vae/")
-    if _looks_like_hub_id(uri):
+    if looks_like_hub_id(uri):
         return detect_format(_hub_cache_path(uri))
     raise MissingWeightsError(f"{uri}: no such checkpoint")
 
@@ -356,8 +356,12 @@ def _same(a, b) -> bool:
     return norm(a) == norm(b)
 
 
-def _looks_like_hub_id(uri: str) -> bool:
-    return "://" not in uri and uri.count("/") == 1 and not uri.startswith((".", "/"))
+def looks_like_hub_id(uri: str) -> bool:
+    """``owner/name`` as Hugging Face spells repositories; ``ckpt/`` (a trailing slash) or ``runs/x`` where a local
+    ``runs/`` exists are local paths, so a missing one is reported as missing rather than looked up in the hub."""
+    owner, _, name = str(uri).partition("/")
+    return ("://" not in uri and uri.count("/") == 1 and bool(owner) and bool(name)
+            and not uri.startswith((".", "/", "~")) and not os.path.isdir(owner))
 
 
 def _hub_cache_path(repo_id: str) -> str:

@@ -203,7 +203,9 @@ def _check_checkpoint_exists(checkpoint: str) -> None:
     Hub ids (``stabilityai/sd-turbo``) are not paths and are left to the loader."""
     from difix3d import storage
 
-    looks_like_path = "://" in checkpoint or checkpoint.startswith((".", "/", "~")) or checkpoint.count("/") != 1
+    from difix3d.fixer.checkpoint import looks_like_hub_id
+
+    looks_like_path = not looks_like_hub_id(checkpoint)
     try:
         exists = storage.exists(checkpoint)
     except Exception:  # an unreachable store: the replicas will report it precisely

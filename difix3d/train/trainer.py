@@ -30,6 +30,19 @@ class FinetuneResult:
     run_uri: str
 
 
+def with_absolute_paths(config: FinetuneConfig) -> FinetuneConfig:
+    """Relative local paths in ``config`` made absolute: workers resolve paths from Ray's session folder, so a
+    relative ``pairs/`` was not found there and a relative storage path wrote the run into that folder."""
+    paths = {"train_shards": config.train_shards, "val_shards": config.val_shards,
+             "storage_path": config.storage_path, "export_uri": config.export_uri}
+    changes = {k: storage.absolute(v) for k, v in paths.items()}
+    for name in ("init", "base", "perceptual_weights"):  # presets, hub ids and keywords stay as they are
+        value = getattr(config, name)
+        if value and storage.is_local(value) and os.path.exists(os.path.expanduser(value)):
+            changes[name] = storage.absolute(value)
+    return dataclasses.replace(config, **changes)
+
+
 def worker_env(config: FinetuneConfig) -> dict[str, str]:
     """Environment of each training worker.
 
@@ -50,7 +63,10 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     from difix3d.train.loop import INPUT_ERROR_FILE, recorded_input_error, train_loop_per_worker
     from difix3d.train.pairs import list_shards
 
+    config = with_absolute_paths(config)  # Ray Train workers run in another working folder than the driver
     list_shards(config.train_shards)  # fail here, naming the URI, rather than inside every worker
+    if config.val_shards:
+        list_shards(config.val_shards)
     if config.base is None and os.environ.get(SD_TURBO_ENV):  # workers may run on machines without the variable
         config = dataclasses.replace(config, base=os.environ[SD_TURBO_ENV])
     storage.delete(storage.join(config.run_uri(), INPUT_ERROR_FILE))  # a re-run after fixing the data starts clean
