@@ -181,6 +181,17 @@ def test_plan_refuses_an_id_whose_outputs_belong_to_another_scene(tmp_path):
     assert not todo and [s.scene_id for s in done] == ["seg1"]
 
 
+def test_a_rerun_with_other_result_settings_is_refused(tmp_path):
+    from difix3d.fleet.driver import check_same_results_settings
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({**FleetConfig(output=str(out)).to_dict(), "max_in_flight": 3}))
+    check_same_results_settings(FleetConfig(output=str(out), max_in_flight=8, retry_failed=True))  # not results
+    with pytest.raises(InputError, match=r"config.json: .*checkpoint None -> 'ck'; recon_preset 'tiny' -> 'paper'"):
+        check_same_results_settings(FleetConfig(output=str(out), recon_preset="paper", checkpoint="ck"))
+
+
 def test_a_set_typo_fails_on_the_driver_before_any_scene(tmp_path):
     cfg = FleetConfig(output=str(tmp_path / "out"), synthetic_scenes=1, extra={"trainer.iteratons": 5})
     with pytest.raises(ValueError, match="iteratons"):

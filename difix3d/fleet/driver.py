@@ -71,6 +71,7 @@ def run_fleet(config: FleetConfig, *, scene_fn: SceneFn | None = None, fixer: An
     if not ray.is_initialized():
         ray.init()
     out = config.output
+    check_same_results_settings(config)
     storage.makedirs(out)
     storage.write_json(storage.join(out, "config.json"), config.to_dict())
 
@@ -103,6 +104,25 @@ def run_fleet(config: FleetConfig, *, scene_fn: SceneFn | None = None, fixer: An
         echo(format_report(report.rows))
         echo(f"[fleet] results: {out} (summary.parquet, scenes/<id>/, config.json)")
     return report
+
+
+# FleetConfig fields that change a scene's results (the synthetic ones: its input); the others (resources,
+# retries, the scene list, progress) may change between runs of one output folder
+RESULT_FIELDS = ("checkpoint", "recon_preset", "representation", "extra", "seed", "synthetic_frames",
+                 "synthetic_height", "synthetic_width", "synthetic_points")
+
+
+def check_same_results_settings(config: FleetConfig) -> None:
+    """Refuse a run whose result settings differ from the output's ``config.json``: finished scenes are skipped, so
+    the summary would mix scenes made under two settings while config.json named only the new ones."""
+    uri = storage.join(config.output, "config.json")
+    if not storage.exists(uri):
+        return
+    saved, now = storage.read_json(uri), config.to_dict()
+    changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in RESULT_FIELDS if k in saved and saved[k] != now[k]]
+    if changed:
+        raise InputError(uri, f"this output holds scenes made with other settings ({'; '.join(changed)}); run with "
+                              "the same settings, or write to another --output")
 
 
 def plan(scenes: list[SceneRef], manifest: storage.Manifest, config: FleetConfig) -> tuple[list[_Work], list[SceneRef]]:

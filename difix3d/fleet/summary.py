@@ -76,6 +76,8 @@ def format_report(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         if r["status"] == "failed":
             lines.append(f"  failed {r['scene_id']}: {r['error']}")
+    if counts.get("failed"):
+        lines.append("  (a re-run skips failed scenes; add --retry-failed to try them again once their cause is fixed)")
     done = [r for r in rows if r["status"] == "done"]
     keys = sorted({k for r in done for k in r if k.count(".") >= 2 and k not in _BASE_COLUMNS})
     splits = _ordered({k.split(".")[0] for k in keys}, ("test",))
