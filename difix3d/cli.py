@@ -38,13 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from difix3d.errors import Difix3DError
+    from difix3d.errors import exit_code_of_user_errors
 
-    try:
-        return int(args.func(args) or 0)
-    except Difix3DError as e:
-        print(f"difix3d {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return exit_code_of_user_errors(f"difix3d {args.command}", args.func, args)
 
 
 if __name__ == "__main__":

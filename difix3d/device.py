@@ -8,7 +8,13 @@ import torch
 def default_device(prefer: str | torch.device | None = None) -> torch.device:
     """``prefer`` if given ("cpu", "cuda", "cuda:1"), else CUDA when available, else CPU."""
     if prefer is not None:
-        return torch.device(prefer)
+        device = torch.device(prefer)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            from difix3d.errors import Difix3DError
+
+            raise Difix3DError(f"device {str(prefer)!r} was asked for, but torch sees no CUDA GPU here "
+                               "(torch.cuda.is_available() is False): use the CPU (--device cpu) or a GPU host")
+        return device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -25,3 +25,15 @@ class CheckpointError(InputError):
 
 class MissingWeightsError(Difix3DError, FileNotFoundError):
     """Pretrained weights that are not on this machine; the message says what to fetch and where to put it."""
+
+
+def exit_code_of_user_errors(prog: str, run, *args, **kwargs) -> int:
+    """``run(*args, **kwargs)`` as a command's exit code: a project error (bad input, missing weights) or a missing
+    file prints ``prog: error: <message>`` and returns 2 instead of a traceback; anything else propagates."""
+    import sys
+
+    try:
+        return int(run(*args, **kwargs) or 0)
+    except (Difix3DError, FileNotFoundError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2

@@ -26,8 +26,11 @@ def decode_image(data: bytes, source: str = "<bytes>") -> np.ndarray:
             if im.mode.startswith("I;16") or im.mode == "I":
                 return _gray16_to_rgb8(np.asarray(im), source)
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise InputError(source, f"cannot decode image ({e})") from e
+    except UnidentifiedImageError:  # PIL's message names only its BytesIO
+        raise InputError(source, "not a readable image (corrupt, empty, or a format PIL cannot read): remove or "
+                                 "replace the file") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise InputError(source, f"cannot decode image ({e}): remove or replace the file") from e
 
 
 def _gray16_to_rgb8(gray: np.ndarray, source: str) -> np.ndarray:

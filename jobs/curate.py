@@ -14,9 +14,16 @@ import ray
 
 from difix3d.curate.cli import build_job_parser, config_from_args, print_report
 from difix3d.curate.job import run_curation
+from difix3d.errors import exit_code_of_user_errors
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = config_from_args(build_job_parser().parse_args())
+    parser = build_job_parser()
+    config = config_from_args(parser.parse_args())
+    for name in config.strategies:
+        try:
+            config.strategy(name)
+        except ValueError as e:
+            parser.error(str(e))  # usage and exit 2, before Ray starts
     ray.init()  # under `ray job submit` joins the cluster (RAY_ADDRESS); on a laptop starts a local one
-    sys.exit(print_report(run_curation(config), config))
+    sys.exit(exit_code_of_user_errors("curate", lambda: print_report(run_curation(config), config)))

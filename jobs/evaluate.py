@@ -12,6 +12,7 @@ import sys
 
 import ray
 
+from difix3d.errors import exit_code_of_user_errors
 from difix3d.eval.cli import add_arguments, run
 
 
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ray.init()  # joins the cluster under `ray job submit`, starts a local one otherwise
-    return run(args)
+    return exit_code_of_user_errors("evaluate", run, args)
 
 
 if __name__ == "__main__":

@@ -81,3 +81,8 @@ def test_list_shards_of_a_curation_output_reads_its_shards_folder(tmp_path):
     (tmp_path / "none" / "shards").mkdir(parents=True)
     with pytest.raises(InputError, match=r"none: no pair shards .* in this folder or in its shards/ subfolder"):
         list_shards(str(tmp_path / "none"))
+
+
+def test_reading_a_folder_as_a_shard_says_which_file_to_name(tmp_path):
+    with pytest.raises(InputError, match=r"a folder, not a pair shard.*shards/<shard>\.parquet"):
+        list(read_pair_shard(str(tmp_path)))

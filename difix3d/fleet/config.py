@@ -69,7 +69,8 @@ class FleetConfig:
     progress: bool = True
 
     extra: dict[str, Any] = field(default_factory=dict)
-    """Overrides for the per-scene ProgressiveConfig fields, e.g. ``{"rounds": 2}``."""
+    """Overrides of the per-scene ProgressiveConfig (``--set``), dotted for nested fields, e.g.
+    ``{"trainer.iterations": 600, "schedule.round_every": 200}``."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -84,6 +84,9 @@ def read_pair_shard(uri: str, decode: bool = True) -> Iterator[dict[str, Any]]:
 
 def read_pair_table(uri: str, columns: list[str] | None = None) -> pa.Table:
     """The shard as an Arrow table (checked against :data:`PAIR_SCHEMA`)."""
+    if storage.is_dir(uri):
+        raise InputError(uri, f"a folder, not a pair shard: name one of its *{SHARD_SUFFIX} files (for a curation "
+                              f"output, {SHARDS_DIR}/<shard>{SHARD_SUFFIX})")
     try:
         table = pq.read_table(storage.bytes_io(uri), columns=columns)
     except FileNotFoundError:
