@@ -231,7 +231,8 @@ def test_resuming_under_a_config_that_trains_differently_is_an_error(street, tmp
         reconstruct_scene(street, str(tmp_path), cfg, RecordingFixer(OracleViewFixer(street.render_gt), fail_at=1),
                           progress=False, device="cpu")
     other = dataclasses.replace(cfg, schedule=dataclasses.replace(cfg.schedule, round_every=4))
-    with pytest.raises(ValueError, match=r"config\.json: this output folder holds a run with other schedule"):
+    with pytest.raises(ValueError, match=r"config\.json: this output folder holds a run with other schedule "
+                                         rf"\(schedule.round_every {cfg.schedule.round_every} -> 4\)"):
         reconstruct_scene(street, str(tmp_path), other, IdentityViewFixer(), progress=False, device="cpu")
     assert storage.read_json(str(tmp_path / "config.json"))["schedule"]["round_every"] == cfg.schedule.round_every
     # settings that do not change training may differ, and fields the saved config lacks (added later) are ignored

@@ -577,22 +577,25 @@ def _check_resumable(out: SceneOutputs, config: ProgressiveConfig, targets: list
 
     saved = storage.read_json(out.config)
     now = json.loads(json.dumps(_config_record(config, targets), default=storage._json_default))
-    changed = [k for k in _TRAINING_KEYS if _differs(saved.get(k), now.get(k))]
-    if changed:  # an InputError: the fleet records it and does not retry what would fail the same way
-        raise InputError(out.config, f"this output folder holds a run with other {', '.join(changed)}; resume it "
-                                     "with the same config, or write to a new output folder")
+    changes = [c for k in _TRAINING_KEYS for c in _changes(saved.get(k), now.get(k), k)]
+    if changes:  # an InputError: the fleet records it and does not retry what would fail the same way
+        sections = sorted({key.split(".")[0] for key, _, _ in changes}, key=_TRAINING_KEYS.index)
+        details = "; ".join(f"{key} {a!r} -> {b!r}" for key, a, b in changes)
+        raise InputError(out.config, f"this output folder holds a run with other {', '.join(sections)} ({details}); "
+                                     "resume it with the same config, or write to a new output folder")
 
 
 # fields of the nested configs that do not change what is trained (rendering chunks, logging cadence)
 _NOT_TRAINING = frozenset({"render_chunk", "eval_every", "checkpoint_every", "log_every"})
 
 
-def _differs(saved: Any, now: Any) -> bool:
-    """Saved vs new config value; in mappings only keys both have count (a field added later keeps old runs
-    resumable) and fields that do not change training are ignored."""
+def _changes(saved: Any, now: Any, key: str) -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, new value) of each difference; in mappings only keys both have count (a field
+    added later keeps old runs resumable) and fields that do not change training are ignored."""
     if isinstance(saved, dict) and isinstance(now, dict):
-        return any(_differs(saved[k], now[k]) for k in saved.keys() & now.keys() if k not in _NOT_TRAINING)
-    return saved != now
+        return [c for k in sorted(saved.keys() & now.keys()) if k not in _NOT_TRAINING
+                for c in _changes(saved[k], now[k], f"{key}.{k}")]
+    return [(key, saved, now)] if saved != now else []
 
 
 def _config_record(config: ProgressiveConfig, targets: list[Camera] | None) -> dict:
