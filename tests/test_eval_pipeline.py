@@ -60,7 +60,7 @@ def test_per_view_rows_with_errors_recorded_not_fatal(evaluated):
     df = pq.read_table(f"{cfg.output}/per_view.parquet").to_pandas()
     assert len(df) == result.n_views == 27 and result.n_errors == 2
     bad = df[df["status"] == "error"].set_index(["segment", "method", "view"])
-    assert "cannot decode" in bad.loc[("seg-0", "baseline", "test/000"), "error"]
+    assert "not a readable image" in bad.loc[("seg-0", "baseline", "test/000"), "error"]
     assert "size mismatch" in bad.loc[("seg-1", "difix3d", "test/001"), "error"]
     assert bad["psnr"].isna().all()
     ok = df[df["status"] == "ok"]
@@ -115,6 +115,46 @@ def test_rerun_reuses_outputs_unless_overwrite(evaluated):
     cfg, first = evaluated
     again = evaluate(cfg)  # per_view + set metrics exist: no Ray work
     assert again.skipped and again.n_views == first.n_views and again.set_metrics == first.set_metrics
+
+
+def test_an_interrupted_run_resumes_from_its_parts(evaluated, tmp_path, monkeypatch, caplog):
+    from difix3d.eval import parts as parts_mod
+
+    cfg, full = evaluated
+    cfg = replace(cfg, output=str(tmp_path / "out"))
+    monkeypatch.setattr(parts_mod, "PART_ROWS", 4)
+    original_add, calls = parts_mod.PartStore.add, []
+
+    def add_then_die(self, table):
+        calls.append(table.num_rows)
+        if sum(calls) > 9:
+            raise KeyboardInterrupt  # the driver is stopped mid-run
+        original_add(self, table)
+
+    monkeypatch.setattr(parts_mod.PartStore, "add", add_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(cfg)
+    kept = sorted((tmp_path / "out" / parts_mod.PARTS_DIR).glob("part-*.parquet"))
+    assert kept and not (tmp_path / "out" / "per_view.parquet").exists()
+    monkeypatch.setattr(parts_mod.PartStore, "add", original_add)
+    with caplog.at_level("INFO", logger="difix3d.eval.pipeline"):
+        resumed = evaluate(cfg)
+    assert f"resuming: {4 * len(kept)} views already scored" in caplog.text
+    assert not (tmp_path / "out" / parts_mod.PARTS_DIR).exists()  # merged and removed
+    key = ["segment", "split", "view", "method"]
+    a = pq.read_table(tmp_path / "out" / "per_view.parquet").to_pandas().sort_values(key).reset_index(drop=True)
+    b = pq.read_table(os.path.join(full.output, "per_view.parquet")).to_pandas().sort_values(key).reset_index(drop=True)
+    assert len(a) == len(b) == full.n_views
+    np.testing.assert_allclose(a["psnr"].to_numpy(), b["psnr"].to_numpy())
+    for method, r in full.set_metrics.items():
+        assert resumed.set_metrics[method]["fid"] == pytest.approx(r["fid"], rel=1e-4)  # summed in another order
+    with pytest.raises(InputError, match="kid_subsets: 5 -> 6"):  # parts of other settings are not mixed in
+        monkeypatch.setattr(parts_mod.PartStore, "add", add_then_die)
+        calls.clear()
+        other = replace(cfg, output=str(tmp_path / "out2"))
+        with pytest.raises(KeyboardInterrupt):
+            evaluate(other)
+        evaluate(replace(other, kid_subsets=6))
 
 
 def test_parquet_rows_input_with_stand_in_lpips(fleet_out, tmp_path, ray_local):

@@ -27,6 +27,7 @@ from difix3d.eval import metrics as M
 from difix3d.eval.config import EvalConfig
 from difix3d.eval.perceptual import build_feature_net, build_lpips, metric_availability
 from difix3d.eval.fingerprint import check_reusable, fingerprint
+from difix3d.eval.parts import PartStore, features_of, row_key, with_features
 from difix3d.eval.rows import DEFAULT_SPLIT, ROW_COLUMNS, SPLIT_COLUMN, ParquetRows, load_rows
 from difix3d.eval.set_metrics import SetMetrics
 from difix3d.imageio import read_image, to_tensor
@@ -82,8 +83,10 @@ def evaluate(config: EvalConfig) -> EvalResult:
         unavailable = saved["unavailable"]
     else:
         storage.write_json(storage.join(out, "config.json"), config.to_json())
-        set_results, unavailable = compute_per_view(config, rows, per_view_uri)
+        parts = PartStore(out, current, overwrite=config.overwrite)  # rows scored by an interrupted run are kept
+        set_results, unavailable = compute_per_view(config, rows, per_view_uri, parts)
         storage.write_json(set_uri, {**set_results, "unavailable": unavailable, "fingerprint": current})
+        parts.remove()
     table = _read_per_view(per_view_uri)
     files = report.write_reports(table, set_results, unavailable, config)
     files.update(plots.write_plots(table, config))
@@ -93,12 +96,12 @@ def evaluate(config: EvalConfig) -> EvalResult:
                       time.perf_counter() - t0, skipped, files, set_results["splits"])
 
 
-def compute_per_view(config: EvalConfig, rows: list[dict] | ParquetRows,
-                     per_view_uri: str) -> tuple[dict, dict[str, str]]:
-    """Stream the rows through the actor pool; write per-view rows; return (FID/KID as ``{"methods": {method: ..},
-    "splits": {split: {method: ..}}}``, unavailable metrics)."""
+def compute_per_view(config: EvalConfig, rows: list[dict] | ParquetRows, per_view_uri: str,
+                     parts: PartStore) -> tuple[dict, dict[str, str]]:
+    """Stream the rows not yet in ``parts`` through the actor pool into part files, then merge the parts into the
+    per-view file; return (FID/KID as ``{"methods": {method: ..}, "splits": {split: {method: ..}}}``, unavailable
+    metrics)."""
     import ray.data
-    from ray.data import ActorPoolStrategy
 
     avail = worker_metric_availability(config)
     unavailable = {m: a.reason for m, a in avail.items() if not a.available}
@@ -107,11 +110,41 @@ def compute_per_view(config: EvalConfig, rows: list[dict] | ParquetRows,
     enabled = tuple(m for m in config.metrics if avail[m].available)
     features_needed = any(m in enabled for m in M.SET_METRICS)
 
+    done = parts.done_keys()
+    if done:
+        log.info("evaluate: resuming: %d views already scored in %s", len(done), parts.root)
     if isinstance(rows, ParquetRows):  # exactly the files whose schemas load_rows checked
         columns = list(ROW_COLUMNS) + ([SPLIT_COLUMN] if rows.has_split else [])
         ds = ray.data.read_parquet([path for path, _ in rows.files], filesystem=rows.filesystem, columns=columns)
+        if done:
+            ds = ds.filter(lambda row: row_key(row) not in done)
     else:
-        ds = ray.data.from_items(rows)
+        rows = [r for r in rows if row_key(r) not in done]
+        ds = ray.data.from_items(rows) if rows else None
+    if ds is not None:
+        _score_into(parts, ds, config, enabled, features_needed)
+    parts.flush()
+    # one set per method (all splits pooled) and one per (split, method)
+    sets = SetMetrics(enabled, config.kid_subset_size, config.kid_subsets, config.kid_max_samples,
+                      config.seed)
+    with _AtomicParquetWriter(per_view_uri, PER_VIEW_SCHEMA) as writer:
+        for table in parts.tables():
+            writer.write(table.select(PER_VIEW_SCHEMA.names))
+            if features_needed:
+                _update_sets(sets, table)
+    results = sets.compute() if features_needed else {}
+    split_results: dict[str, dict] = {}
+    for key, res in results.items():
+        if isinstance(key, tuple):
+            split_results.setdefault(key[0], {})[key[1]] = res
+    return {"methods": {k: r for k, r in results.items() if isinstance(k, str)},
+            "splits": split_results}, unavailable
+
+
+def _score_into(parts: PartStore, ds, config: EvalConfig, enabled: tuple[str, ...], features_needed: bool) -> None:
+    """Score the dataset's rows on the actor pool; each result batch goes into the part files."""
+    from ray.data import ActorPoolStrategy
+
     ds = ds.map_batches(
         MetricsUDF,
         fn_constructor_kwargs={"metrics": enabled, "lpips_net": config.lpips_net,
@@ -121,29 +154,24 @@ def compute_per_view(config: EvalConfig, rows: list[dict] | ParquetRows,
         num_gpus=config.num_gpus_per_worker, num_cpus=config.num_cpus_per_worker,
         batch_size=config.batch_size, batch_format="numpy",
     )
-    # one set per method (all splits pooled) and one per (split, method)
-    sets = SetMetrics(enabled, config.kid_subset_size, config.kid_subsets, config.kid_max_samples,
-                      config.seed)
-    with _AtomicParquetWriter(per_view_uri, PER_VIEW_SCHEMA) as writer:
-        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-            writer.write(pa.table({name: _column(batch[name], f.type) for name, f in
-                                   zip(PER_VIEW_SCHEMA.names, PER_VIEW_SCHEMA)}, schema=PER_VIEW_SCHEMA))
-            if features_needed:
-                ok = batch["status"] == "ok"
-                splits, methods = batch["split"].astype(str), batch["method"].astype(str)
-                for split, method in sorted(set(zip(splits[ok], methods[ok]))):
-                    sel = ok & (splits == split) & (methods == method)
-                    sets.update((split, method), batch["render_features"][sel], batch["gt_features"][sel])
-                for method in sorted(set(methods[ok])):
-                    sel = ok & (methods == method)
-                    sets.update(method, batch["render_features"][sel], batch["gt_features"][sel])
-    results = sets.compute() if features_needed else {}
-    split_results: dict[str, dict] = {}
-    for key, res in results.items():
-        if isinstance(key, tuple):
-            split_results.setdefault(key[0], {})[key[1]] = res
-    return {"methods": {k: r for k, r in results.items() if isinstance(k, str)},
-            "splits": split_results}, unavailable
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        table = pa.table({name: _column(batch[name], f.type) for name, f in
+                          zip(PER_VIEW_SCHEMA.names, PER_VIEW_SCHEMA)}, schema=PER_VIEW_SCHEMA)
+        parts.add(with_features(table, batch) if features_needed else table)
+
+
+def _update_sets(sets: SetMetrics, table: pa.Table) -> None:
+    """Fold one part's ok rows into the FID/KID sets: per (split, method) and per method over all splits."""
+    ok = np.asarray(table.column("status").to_pylist()) == "ok"
+    splits = np.asarray(table.column(SPLIT_COLUMN).to_pylist(), dtype=object)
+    methods = np.asarray(table.column("method").to_pylist(), dtype=object)
+    render, gt = features_of(table, "render_features"), features_of(table, "gt_features")  # [N, D] each
+    for split, method in sorted(set(zip(splits[ok], methods[ok]))):
+        sel = ok & (splits == split) & (methods == method)
+        sets.update((split, method), render[sel], gt[sel])
+    for method in sorted(set(methods[ok])):
+        sel = ok & (methods == method)
+        sets.update(method, render[sel], gt[sel])
 
 
 def worker_metric_availability(config: EvalConfig) -> dict:
