@@ -62,6 +62,9 @@ def test_fix_errors_name_the_input(tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse: --batch must be a positive count
         main(["fix", str(tmp_path / "x.png"), "-o", str(tmp_path / "o"), "--batch", "0"])
     assert "--batch: must be at least 1" in capsys.readouterr().err
+    before = (tmp_path / "x.png").read_bytes()
+    assert main(["fix", str(tmp_path / "x.png"), "-o", str(tmp_path), "--device", "cpu"]) == 2
+    assert "x.png: -o" in capsys.readouterr().err and (tmp_path / "x.png").read_bytes() == before  # not replaced
 
 
 def test_convert_official_pkl(tmp_path):

@@ -176,3 +176,12 @@ def test_read_only_arrays_from_the_object_store_fix_without_warnings():
         warnings.simplefilter("error")
         out = runner.fix(imgs, imgs)
     assert out.shape == imgs.shape and out.dtype == np.uint8
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 5), (16, 16), (12, 40)])
+def test_tiny_images_are_padded_up_and_cropped_back(size):
+    runner = FixerRunner.from_checkpoint(default_checkpoint(), device="cpu")  # its narrow UNet failed at <= 16 px
+    out = runner.fix(_u8(1, *size, 3, seed=3))
+    assert out.shape == (1, *size, 3) and out.dtype == np.uint8
+    assert pad_to_multiple(torch.zeros(1, 3, *size), 8, 32).shape[-2:] == (max(32, -(-size[0] // 8) * 8),
+                                                                         max(32, -(-size[1] // 8) * 8))

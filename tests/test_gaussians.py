@@ -268,3 +268,29 @@ def test_cuda_training_with_gsplat_densifies_and_matches_the_torch_renderer(segm
     model.config.backend = "torch"
     ours = model.render(cams).rgb
     assert (ours - ref).abs().max() < 1e-2 and (ours - ref).abs().mean() < 1e-3
+
+
+def test_lens_distortion_is_reported_with_its_size_in_pixels(scene, caplog):
+    import copy
+
+    from difix3d.recon.gaussians import _corner_distortion_px
+
+    def with_dist(cam, k1):
+        c = copy.copy(cam)
+        c.dist = np.array([k1, 0, 0, 0, 0.0])
+        return c
+
+    cam = scene.cameras[0]
+    corner = np.hypot(cam.K[0, 2], cam.K[1, 2])  # pixels from the principal point to the (0, 0) corner
+    r2 = (cam.K[0, 2] / cam.K[0, 0]) ** 2 + (cam.K[1, 2] / cam.K[1, 1]) ** 2
+    assert _corner_distortion_px(with_dist(cam, -0.2)) >= 0.2 * r2 * corner * 0.99  # k1 r^2 of the radius, at least
+    assert _corner_distortion_px(with_dist(cam, 0.0)) == 0.0
+    distorted = copy.copy(scene)
+    distorted.cameras = [with_dist(c, -0.2) for c in scene.cameras]
+    with caplog.at_level("WARNING", logger="difix3d.recon.gaussians"):
+        GaussianSplat.from_scene(distorted, GaussianConfig.tiny(), "cpu")
+    assert "lens distortion moves the image corners by up to" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="difix3d.recon.gaussians"):
+        GaussianSplat.from_scene(scene, GaussianConfig.tiny(), "cpu")
+    assert "lens distortion" not in caplog.text

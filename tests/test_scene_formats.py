@@ -101,6 +101,20 @@ def test_nerfstudio_reads_intrinsics_distortion_split_and_points(tmp_path):
     assert sorted(per_frame.splits["train"] + per_frame.splits["test"]) == list(range(10))
 
 
+def test_nerfstudio_unsupported_camera_models_and_bad_numbers_are_named(tmp_path):
+    root = _nerfstudio(tmp_path)
+    meta = json.loads(open(os.path.join(root, "transforms.json")).read())
+    for model in ("OPENCV_FISHEYE", "EQUIRECTANGULAR"):
+        json.dump({**meta, "camera_model": model}, open(os.path.join(root, "transforms.json"), "w"))
+        with pytest.raises(InputError, match=f"camera_model '{model}' is not supported"):
+            load_scene(root)
+    json.dump({**meta, "fl_x": "abc"}, open(os.path.join(root, "transforms.json"), "w"))
+    with pytest.raises(InputError, match="fl_x is 'abc', not a number"):
+        load_scene(root)
+    json.dump({**meta, "camera_model": "PINHOLE"}, open(os.path.join(root, "transforms.json"), "w"))
+    assert len(load_scene(root).cameras) == 10
+
+
 def test_nerfstudio_round_trip_is_exact(tmp_path):
     a = load_scene(_nerfstudio(tmp_path))
     a.splits["shift_1m"] = [2, 5]  # a split nerfstudio has no key for survives too

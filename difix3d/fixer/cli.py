@@ -50,6 +50,10 @@ def run_fix(args: argparse.Namespace) -> int:
     jobs = list_inputs(args.inputs)  # (input uri, output name)
     if not jobs:
         raise InputError(" ".join(args.inputs), f"no images found (extensions {', '.join(IMAGE_EXTENSIONS)})")
+    overwritten = [src for src, name in jobs if _same_file(src, storage.join(args.output, name))]
+    if overwritten:  # the fixed image would replace its own input
+        raise InputError(overwritten[0], f"-o {args.output} would overwrite this input ({len(overwritten)} in all): "
+                                         "choose another output folder")
     runner = FixerRunner.from_checkpoint(args.checkpoint or default_checkpoint(), device=args.device,
                                          compile=args.compile, max_batch=args.batch, base=args.base)
     ref_for = _reference_lookup(args.ref)
@@ -76,6 +80,12 @@ def run_convert(args: argparse.Namespace) -> int:
     convert_checkpoint(args.source, args.dest, base=args.base)
     print(args.dest)
     return 0
+
+
+def _same_file(a: str, b: str) -> bool:
+    if storage.is_local(a) and storage.is_local(b):
+        return os.path.abspath(storage.resolve(a)[1]) == os.path.abspath(storage.resolve(b)[1])
+    return a.rstrip("/") == b.rstrip("/")
 
 
 def list_inputs(inputs: list[str]) -> list[tuple[str, str]]:

@@ -14,6 +14,7 @@ from difix3d.fixer.channels_last_norm import use_channels_last_group_norm
 from difix3d.fixer.model import DifixModel
 
 MULTIPLE = 8  # the VAE downsamples by 8; the UNet copes with any latent size itself (upsample_size)
+MIN_SIDE = 32  # smaller frames are padded up (and cropped back): a narrow model's innermost group norms need >1x1
 # compile=None compiles on CUDA from this size up: sd-turbo (949 M) runs ~3x faster compiled, while a small model
 # gains little and pays a compile per batch size and image size (minutes of stalls for the bundled 1.9 M demo fixer)
 COMPILE_MIN_PARAMS = 100_000_000
@@ -103,16 +104,18 @@ class FixerRunner:
         return torch.cat(outs).clamp_(0.0, 1.0)
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
-        x = pad_to_multiple(x.to(self.device, torch.float32).clamp(0.0, 1.0) * 2.0 - 1.0, MULTIPLE)
+        x = pad_to_multiple(x.to(self.device, torch.float32).clamp(0.0, 1.0) * 2.0 - 1.0, MULTIPLE, MIN_SIDE)
         x = x.to(self.dtype)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Pad [B, C, H, W] at the bottom/right to multiples of ``multiple``: reflection (no hard border for the
-    network to reproduce), replication where the image is too small to reflect."""
+def pad_to_multiple(x: torch.Tensor, multiple: int, min_size: int = 0) -> torch.Tensor:
+    """Pad [B, C, H, W] at the bottom/right to multiples of ``multiple``, and to at least ``min_size`` a side:
+    reflection (no hard border for the network to reproduce), replication where the image is too small to
+    reflect."""
     h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
+    ph, pw = max((-h) % multiple, min_size - h), max((-w) % multiple, min_size - w)
+    ph, pw = ph + (-(h + ph)) % multiple, pw + (-(w + pw)) % multiple
     if ph == 0 and pw == 0:
         return x
     mode = "reflect" if ph < h and pw < w else "replicate"

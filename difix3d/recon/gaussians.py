@@ -8,6 +8,7 @@ torch compositing on CPU, same API.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
 
@@ -24,6 +25,8 @@ from difix3d.recon.losses import photometric_loss
 from difix3d.recon.ply import read_ply, write_ply
 from difix3d.recon.rasterize import rasterize
 from difix3d.scene.camera import Camera
+
+log = logging.getLogger(__name__)
 
 SH_C0 = 0.28209479177387814  # degree-0 SH basis: rgb = SH_C0 · f_dc + 0.5
 PAPER_STEPS = 30_000  # the 3DGS paper's / gsplat simple_trainer's iteration budget the schedules are tuned for
@@ -142,6 +145,7 @@ class GaussianSplat(Representation):
         scene_scale = 1.1 × the largest distance of a training camera from their mean (gsplat's parser), or the
         points' median spread when the cameras barely move."""
         config = config or GaussianConfig()
+        _check_pinhole(scene)
         idx = scene.splits.get(split) or list(range(len(scene.cameras)))
         cams = [scene.cameras[i] for i in idx]
         centres = np.stack([c.position for c in cams])
@@ -321,3 +325,34 @@ def _mean_knn_distance(points: np.ndarray, k: int = 3) -> Tensor:
     d = np.sqrt((d[:, 1:] ** 2).mean(axis=1))
     return torch.from_numpy(np.maximum(d, 1e-7)).float()
 
+
+
+def _check_pinhole(scene) -> None:
+    """3DGS here renders pinhole cameras (gsplat's rasterizer takes no distortion coefficients), so distorted images
+    train as they are, as drivestudio does with its driving logs. Said once, with how far off the image corners are."""
+    worst, name = 0.0, ""
+    for cam in scene.cameras:
+        if cam.dist is not None and np.any(np.abs(cam.dist) > 1e-9):
+            shift = _corner_distortion_px(cam)
+            if shift > worst:
+                worst, name = shift, cam.name
+    if worst > 1.0:
+        log.warning("%s: lens distortion moves the image corners by up to %.1f px (camera %r); the 3DGS backend "
+                    "renders pinhole cameras and trains the images as they are: undistort them first (COLMAP "
+                    "image_undistorter) for exact registration, or use representation nerfacto",
+                    getattr(scene, "root", "") or getattr(scene, "name", "scene"), worst, name)
+
+
+def _corner_distortion_px(cam) -> float:
+    """Largest pixel displacement of the four image corners under the camera's OpenCV distortion (k1 k2 p1 p2 k3)."""
+    k1, k2, p1, p2, k3 = (list(cam.dist) + [0.0] * 5)[:5]
+    fx, fy, cx, cy = cam.K[0, 0], cam.K[1, 1], cam.K[0, 2], cam.K[1, 2]
+    worst = 0.0
+    for u, v in ((0, 0), (cam.width, 0), (0, cam.height), (cam.width, cam.height)):
+        x, y = (u - cx) / fx, (v - cy) / fy
+        r2 = x * x + y * y
+        radial = 1 + k1 * r2 + k2 * r2 ** 2 + k3 * r2 ** 3
+        xd = x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x)
+        yd = y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y
+        worst = max(worst, float(np.hypot((xd - x) * fx, (yd - y) * fy)))
+    return worst

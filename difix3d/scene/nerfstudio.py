@@ -1,6 +1,7 @@
 """nerfstudio ``transforms.json`` scenes: reader and writer.
 
-Honoured fields: shared or per-frame ``fl_x fl_y cx cy w h`` and distortion ``k1 k2 k3 p1 p2``; ``frames[i]``
+Honoured fields: shared or per-frame ``fl_x fl_y cx cy w h``, distortion ``k1 k2 k3 p1 p2`` and ``camera_model``
+(pinhole/OpenCV models; fisheye and equirectangular ones are refused); ``frames[i]``
 ``file_path`` (relative to the JSON's folder) and ``transform_matrix`` (camera→world, OpenGL/Blender axes: x right,
 y up, z back — converted once here to OpenCV by flipping y and z); ``ply_file_path`` (initial points);
 ``train_filenames``/``val_filenames``/``test_filenames`` (nerfstudio's explicit split). Without an explicit split
@@ -23,6 +24,7 @@ from difix3d.scene.scene import DEFAULT_TEST_EVERY, Scene, every_nth_split
 
 GL_TO_CV = np.diag([1.0, -1.0, -1.0, 1.0])  # flips y and z: OpenGL camera axes <-> OpenCV camera axes
 _DIST_KEYS = ("k1", "k2", "p1", "p2", "k3")  # OpenCV order, as Camera.dist
+PINHOLE_MODELS = ("OPENCV", "PINHOLE", "SIMPLE_PINHOLE", "SIMPLE_RADIAL", "RADIAL", "PERSPECTIVE")
 _SPLIT_KEYS = {"train": "train_filenames", "val": "val_filenames", "test": "test_filenames"}
 
 
@@ -177,8 +179,15 @@ def _c2w_gl(cam: Camera) -> np.ndarray:
 def _intrinsics(meta: dict, frame: dict, where: str, image_uri: str):
     def get(key):
         v = frame.get(key, meta.get(key))
-        return None if v is None else float(v)
+        try:
+            return None if v is None else float(v)
+        except (TypeError, ValueError):
+            raise InputError(where, f"{key} is {v!r}, not a number") from None
 
+    model = str(frame.get("camera_model", meta.get("camera_model", "OPENCV"))).upper()
+    if model not in PINHOLE_MODELS:  # fisheye k1..k4 read as OpenCV k1 k2 p1 p2 k3 would be silently wrong
+        raise InputError(where, f"camera_model {model!r} is not supported (supported: {', '.join(PINHOLE_MODELS)}); "
+                                "convert or undistort the images to a pinhole/OPENCV camera first")
     fx, fy, cx, cy = get("fl_x"), get("fl_y"), get("cx"), get("cy")
     if fx is None or fy is None:
         raise InputError(where, "no fl_x/fl_y (shared or per frame)")
