@@ -111,8 +111,23 @@ def test_nerfstudio_unsupported_camera_models_and_bad_numbers_are_named(tmp_path
     json.dump({**meta, "fl_x": "abc"}, open(os.path.join(root, "transforms.json"), "w"))
     with pytest.raises(InputError, match="fl_x is 'abc', not a number"):
         load_scene(root)
+    json.dump({**meta, "frames": {"a": 1}}, open(os.path.join(root, "transforms.json"), "w"))
+    with pytest.raises(InputError, match="'frames' must be a list"):
+        load_scene(root)
     json.dump({**meta, "camera_model": "PINHOLE"}, open(os.path.join(root, "transforms.json"), "w"))
     assert len(load_scene(root).cameras) == 10
+
+
+def test_blender_form_with_camera_angle_and_extensionless_paths(tmp_path):
+    root = tmp_path / "lego"
+    imageio.write_image(str(root / "train" / "r_0.png"), _image(0))
+    meta = {"camera_angle_x": 0.6911, "frames": [{"file_path": "./train/r_0", "transform_matrix": np.eye(4).tolist()}]}
+    (root / "transforms.json").write_text(json.dumps(meta))
+    scene = load_scene(str(root))
+    cam = scene.cameras[0]
+    assert cam.K[0, 0] == pytest.approx(0.5 * W / np.tan(0.5 * 0.6911)) and cam.K[1, 1] == cam.K[0, 0]
+    assert (cam.width, cam.height) == (W, H) and scene.image_uris[0].endswith("r_0.png")
+    assert scene.load_image(0).shape == (H, W, 3)
 
 
 def test_nerfstudio_round_trip_is_exact(tmp_path):

@@ -1,6 +1,6 @@
 """nerfstudio ``transforms.json`` scenes: reader and writer.
 
-Honoured fields: shared or per-frame ``fl_x fl_y cx cy w h``, distortion ``k1 k2 k3 p1 p2`` and ``camera_model``
+Honoured fields: shared or per-frame ``fl_x fl_y cx cy w h`` (or Blender's ``camera_angle_x``), distortion ``k1 k2 k3 p1 p2`` and ``camera_model``
 (pinhole/OpenCV models; fisheye and equirectangular ones are refused); ``frames[i]``
 ``file_path`` (relative to the JSON's folder) and ``transform_matrix`` (camera→world, OpenGL/Blender axes: x right,
 y up, z back — converted once here to OpenCV by flipping y and z); ``ply_file_path`` (initial points);
@@ -18,6 +18,7 @@ from PIL import Image
 
 from difix3d import storage
 from difix3d.errors import InputError
+from difix3d.imageio import IMAGE_EXTENSIONS
 from difix3d.scene.camera import Camera
 from difix3d.scene.poses import check_rigid, rigid_inverse
 from difix3d.scene.scene import DEFAULT_TEST_EVERY, Scene, every_nth_split
@@ -36,16 +37,18 @@ def load_nerfstudio(uri: str, test_every: int = DEFAULT_TEST_EVERY) -> Scene:
     frames = meta.get("frames") if isinstance(meta, dict) else None
     if not frames:
         raise InputError(uri, "no 'frames' in transforms.json")
+    if not isinstance(frames, list) or not all(isinstance(f, dict) for f in frames):
+        raise InputError(uri, "'frames' must be a list of objects")
 
     cameras, uris, paths = [], [], []
     stems = [posixpath.splitext(posixpath.basename(str(f.get("file_path", ""))))[0] for f in frames]
     unique_stems = len(set(stems)) == len(stems)
     for i, frame in enumerate(frames):
         fp = frame.get("file_path")
-        if not fp:
-            raise InputError(uri, f"frame {i} has no file_path")
+        if not fp or not isinstance(fp, str):
+            raise InputError(uri, f"frame {i} has no file_path string")
         where = f"{uri} (frame {i}, {fp})"
-        image_uri = storage.join(base, fp) if not fp.startswith(("/", "s3://", "gs://")) else fp
+        image_uri = _with_extension(storage.join(base, fp) if not fp.startswith(("/", "s3://", "gs://")) else fp)
         c2w_gl = check_rigid(frame.get("transform_matrix", np.full((4, 4), np.nan)), where, "transform_matrix")
         K, w, h, dist = _intrinsics(meta, frame, where, image_uri)
         name = stems[i] if unique_stems else fp.replace("/", "_")
@@ -189,8 +192,9 @@ def _intrinsics(meta: dict, frame: dict, where: str, image_uri: str):
         raise InputError(where, f"camera_model {model!r} is not supported (supported: {', '.join(PINHOLE_MODELS)}); "
                                 "convert or undistort the images to a pinhole/OPENCV camera first")
     fx, fy, cx, cy = get("fl_x"), get("fl_y"), get("cx"), get("cy")
-    if fx is None or fy is None:
-        raise InputError(where, "no fl_x/fl_y (shared or per frame)")
+    angle_x = get("camera_angle_x")  # the Blender/NeRF-synthetic form: a horizontal field of view
+    if (fx is None or fy is None) and angle_x is None:
+        raise InputError(where, "no fl_x/fl_y (shared or per frame) and no camera_angle_x")
     w, h = get("w"), get("h")
     if w is None or h is None:
         try:
@@ -199,6 +203,8 @@ def _intrinsics(meta: dict, frame: dict, where: str, image_uri: str):
         except FileNotFoundError as e:
             raise InputError(image_uri, f"image of {where} not found (and no w/h given)") from e
     w, h = int(w), int(h)
+    if fx is None or fy is None:
+        fx = fy = 0.5 * w / np.tan(0.5 * angle_x)
     cx = w / 2.0 if cx is None else cx
     cy = h / 2.0 if cy is None else cy
     values = np.array([fx, fy, cx, cy])
@@ -207,6 +213,14 @@ def _intrinsics(meta: dict, frame: dict, where: str, image_uri: str):
     K = np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
     dist = np.array([get(k) or 0.0 for k in _DIST_KEYS])
     return K, w, h, (dist if np.any(dist) else None)
+
+
+def _with_extension(image_uri: str) -> str:
+    """``file_path`` without an extension (the Blender/NeRF-synthetic form, ``./train/r_0``): the first image
+    extension that exists; otherwise the path as given (reported as missing where it is read)."""
+    if posixpath.splitext(image_uri)[1] or storage.exists(image_uri):
+        return image_uri
+    return next((image_uri + ext for ext in IMAGE_EXTENSIONS if storage.exists(image_uri + ext)), image_uri)
 
 
 def _splits(meta: dict, paths: list[str], uri: str, test_every: int) -> dict[str, list[int]]:
