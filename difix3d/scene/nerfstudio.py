@@ -1,7 +1,8 @@
 """nerfstudio ``transforms.json`` scenes: reader and writer.
 
-Honoured fields: shared or per-frame ``fl_x fl_y cx cy w h`` (or Blender's ``camera_angle_x``), distortion ``k1 k2 k3 p1 p2`` and ``camera_model``
-(pinhole/OpenCV models; fisheye and equirectangular ones are refused); ``frames[i]``
+Honoured fields: shared or per-frame ``fl_x fl_y cx cy w h`` (or Blender's ``camera_angle_x``), distortion
+``k1 k2 k3 p1 p2`` and ``camera_model`` (pinhole/OpenCV models; fisheye and equirectangular ones are refused);
+``frames[i]``
 ``file_path`` (relative to the JSON's folder) and ``transform_matrix`` (camera→world, OpenGL/Blender axes: x right,
 y up, z back — converted once here to OpenCV by flipping y and z); ``ply_file_path`` (initial points);
 ``train_filenames``/``val_filenames``/``test_filenames`` (nerfstudio's explicit split). Without an explicit split
