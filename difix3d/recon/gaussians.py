@@ -328,8 +328,9 @@ def _mean_knn_distance(points: np.ndarray, k: int = 3) -> Tensor:
 
 
 def _check_pinhole(scene) -> None:
-    """3DGS here renders pinhole cameras (gsplat's rasterizer takes no distortion coefficients), so distorted images
-    train as they are, as drivestudio does with its driving logs. Said once, with how far off the image corners are."""
+    """3DGS here renders pinhole cameras (gsplat's rasterizer takes no distortion coefficients): a scene that was not
+    undistorted (:func:`difix3d.scene.undistort.undistorted`) trains its images as they are. Said once, with how far
+    off the image corners are."""
     worst, name = 0.0, ""
     for cam in scene.cameras:
         if cam.dist is not None and np.any(np.abs(cam.dist) > 1e-9):
@@ -338,8 +339,8 @@ def _check_pinhole(scene) -> None:
                 worst, name = shift, cam.name
     if worst > 1.0:
         log.warning("%s: lens distortion moves the image corners by up to %.1f px (camera %r); the 3DGS backend "
-                    "renders pinhole cameras and trains the images as they are: undistort them first (COLMAP "
-                    "image_undistorter) for exact registration, or use representation nerfacto",
+                    "renders pinhole cameras and trains the images as they are: pass difix3d.scene.undistort."
+                    "undistorted(scene) (reconstruct_scene does) for exact registration",
                     getattr(scene, "root", "") or getattr(scene, "name", "scene"), worst, name)
 
 

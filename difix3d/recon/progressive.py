@@ -139,6 +139,10 @@ def reconstruct_scene(scene: Any, output_uri: str, config: ProgressiveConfig | N
         from difix3d.scene import load_scene
 
         scene = load_scene(str(scene))
+    if config.representation == "3dgs":  # gsplat renders pinhole cameras; Nerfacto models distortion itself
+        from difix3d.scene.undistort import undistorted
+
+        scene = undistorted(scene)
     out = SceneOutputs(str(output_uri))
     device = default_device(device)
     _check_resumable(out, config, targets)

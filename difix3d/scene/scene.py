@@ -51,15 +51,7 @@ class Scene:
     def load_image(self, i: int) -> np.ndarray:
         """uint8 [H, W, 3] of view ``i``; :class:`InputError` naming the file and frame when it is missing, corrupt
         or not the size its camera says."""
-        uri, cam = self.image_uris[i], self.cameras[i]
-        try:
-            image = imageio.read_image(uri)
-        except InputError as e:
-            raise InputError(uri, f"frame {cam.name!r}: {e.problem}") from e
-        if image.shape[:2] != (cam.height, cam.width):
-            raise InputError(uri, f"frame {cam.name!r}: image is {image.shape[1]}x{image.shape[0]} but its camera "
-                                  f"is {cam.width}x{cam.height} (inconsistent sizes)")
-        return image
+        return read_view_image(self.image_uris[i], self.cameras[i])
 
     def subset(self, split: str) -> tuple[list[Camera], list[str]]:
         """(cameras, image URIs) of a split; KeyError listing the splits there are."""
@@ -74,6 +66,18 @@ class Scene:
             if c.name == name:
                 return i
         raise KeyError(f"scene {self.name!r} has no camera {name!r}")
+
+
+def read_view_image(uri: str, cam: Camera) -> np.ndarray:
+    """uint8 [H, W, 3] at ``uri``, checked to be ``cam``'s size; errors name the file and the frame."""
+    try:
+        image = imageio.read_image(uri)
+    except InputError as e:
+        raise InputError(uri, f"frame {cam.name!r}: {e.problem}") from e
+    if image.shape[:2] != (cam.height, cam.width):
+        raise InputError(uri, f"frame {cam.name!r}: image is {image.shape[1]}x{image.shape[0]} but its camera "
+                              f"is {cam.width}x{cam.height} (inconsistent sizes)")
+    return image
 
 
 def every_nth_split(n_views: int, test_every: int = DEFAULT_TEST_EVERY) -> dict[str, list[int]]:
