@@ -259,3 +259,22 @@ def test_cuda_metrics_match_cpu():
     for fn in (M.psnr, M.ssim):
         assert torch.allclose(fn(x.cuda(), y.cuda()).cpu(), fn(x, y), rtol=1e-4, atol=1e-4)
     assert torch.allclose(M.lpips(model.cuda(), x.cuda(), y.cuda()).cpu(), M.lpips(model.cpu(), x, y), atol=1e-4)
+
+
+def test_parts_scored_with_other_available_metrics_start_over(tmp_path):
+    import pyarrow as pa
+
+    from difix3d.errors import InputError
+    from difix3d.eval.parts import PartStore
+
+    def fp(available, kid_subsets=5):
+        return {"config": {"kid_subsets": kid_subsets, "available_metrics": available}, "rows": "h", "n_rows": 1}
+
+    row = pa.table({"segment": ["s"], "split": ["test"], "view": ["v"], "method": ["m"], "render_uri": ["r.png"]})
+    first = PartStore(str(tmp_path), fp(["psnr"]), part_rows=1)
+    first.add(row)
+    assert PartStore(str(tmp_path), fp(["psnr"])).done_keys() == {("s", "test", "v", "m", "r.png")}  # resumed
+    with pytest.raises(InputError, match="kid_subsets: 5 -> 6"):  # other settings: refused, parts kept
+        PartStore(str(tmp_path), fp(["psnr"], kid_subsets=6))
+    assert PartStore(str(tmp_path), fp(["psnr"])).done_keys()
+    assert PartStore(str(tmp_path), fp(["psnr", "fid"])).done_keys() == set()  # FID weights fetched since: redone

@@ -177,8 +177,22 @@ def test_plan_refuses_an_id_whose_outputs_belong_to_another_scene(tmp_path):
     m.mark("seg1", "done", attempts=1, scene_uri="/data/cityB/seg1")
     with pytest.raises(InputError, match="holds scene /data/cityB/seg1, not /data/cityA/seg1"):
         plan([SceneRef("seg1", "/data/cityA/seg1")], m, FleetConfig(output=str(tmp_path)))
-    todo, done = plan([SceneRef("seg1", "/data/cityB/seg1")], m, FleetConfig(output=str(tmp_path)))
-    assert not todo and [s.scene_id for s in done] == ["seg1"]
+    todo, done = plan([SceneRef("seg1", "/data/cityB/./seg1/")], m, FleetConfig(output=str(tmp_path)))
+    assert not todo and [s.scene_id for s in done] == ["seg1"]  # the same folder, spelled differently
+
+
+def test_scenes_keep_the_ids_an_earlier_run_recorded_for_them(tmp_path, monkeypatch):
+    from difix3d.fleet.inputs import adopt_recorded_ids
+
+    monkeypatch.chdir(tmp_path)
+    m = storage.Manifest(str(tmp_path / "out"))
+    m.mark("seg1-1", "done", attempts=1, scene_uri="data/cityB/seg1")  # an older id scheme, a relative spelling
+    scenes = [SceneRef("seg1-aaaa", str(tmp_path / "data/cityA/seg1")),
+              SceneRef("seg1-bbbb", str(tmp_path / "data/cityB/seg1"))]
+    adopted = adopt_recorded_ids(scenes, m)
+    assert [s.scene_id for s in adopted] == ["seg1-aaaa", "seg1-1"]
+    todo, done = plan(adopted, m, FleetConfig(output=str(tmp_path / "out")))
+    assert [s.scene_id for s in done] == ["seg1-1"] and [w.scene.scene_id for w in todo] == ["seg1-aaaa"]
 
 
 def test_a_rerun_with_other_result_settings_is_refused(tmp_path):

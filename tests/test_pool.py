@@ -208,7 +208,7 @@ def test_a_dead_replicas_share_stays_reserved_for_its_replacement(ray_local):
         assert len(ready) == len(tasks), stats
         assert set(ray.get(ready)) == {10} and stats["replica_deaths"] == 1 and stats["replicas"] == 1
         groups = [g for g in ray.util.placement_group_table().values()
-                  if g["name"].startswith("test-pool-reserved-") and g["state"] == "CREATED"]
+                  if g["name"] == "test-pool-reserved-replicas" and g["state"] == "CREATED"]
         assert len(groups) == 1 and list(groups[0]["bundles"].values()) == [{"CPU": 1.0}]  # held across the death
     finally:
         pool.shutdown_pool("test-pool-reserved")

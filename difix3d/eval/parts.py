@@ -45,6 +45,11 @@ class PartStore:
         self.part_rows = part_rows or PART_ROWS
         fp_uri = storage.join(self.root, FINGERPRINT_FILE)
         saved = storage.read_json(fp_uri) if storage.exists(fp_uri) else None
+        metrics = fingerprint["config"].get("available_metrics")
+        if saved is not None and not overwrite and saved["config"].get("available_metrics") != metrics:
+            log.warning("evaluate: %s was scored with metrics %s available, now %s: scoring every row again",
+                        self.root, saved["config"].get("available_metrics"), metrics)
+            overwrite = True  # their columns differ (e.g. FID features missing): they cannot be merged
         if overwrite or (saved is None and storage.exists(self.root)):  # parts without a record cannot be trusted
             storage.delete(self.root)
             saved = None

@@ -27,7 +27,7 @@ from difix3d.eval import metrics as M
 from difix3d.eval.config import EvalConfig
 from difix3d.eval.perceptual import build_feature_net, build_lpips, metric_availability
 from difix3d.eval.fingerprint import check_reusable, fingerprint
-from difix3d.eval.parts import PartStore, features_of, row_key, with_features
+from difix3d.eval.parts import PARTS_DIR, PartStore, features_of, row_key, with_features
 from difix3d.eval.rows import DEFAULT_SPLIT, ROW_COLUMNS, SPLIT_COLUMN, ParquetRows, load_rows
 from difix3d.eval.set_metrics import SetMetrics
 from difix3d.imageio import read_image, to_tensor
@@ -83,10 +83,9 @@ def evaluate(config: EvalConfig) -> EvalResult:
         unavailable = saved["unavailable"]
     else:
         storage.write_json(storage.join(out, "config.json"), config.to_json())
-        parts = PartStore(out, current, overwrite=config.overwrite)  # rows scored by an interrupted run are kept
-        set_results, unavailable = compute_per_view(config, rows, per_view_uri, parts)
+        set_results, unavailable = compute_per_view(config, rows, per_view_uri, current)
         storage.write_json(set_uri, {**set_results, "unavailable": unavailable, "fingerprint": current})
-        parts.remove()
+        storage.delete(storage.join(out, PARTS_DIR))  # merged into per_view.parquet
     table = _read_per_view(per_view_uri)
     files = report.write_reports(table, set_results, unavailable, config)
     files.update(plots.write_plots(table, config))
@@ -97,9 +96,10 @@ def evaluate(config: EvalConfig) -> EvalResult:
 
 
 def compute_per_view(config: EvalConfig, rows: list[dict] | ParquetRows, per_view_uri: str,
-                     parts: PartStore) -> tuple[dict, dict[str, str]]:
-    """Stream the rows not yet in ``parts`` through the actor pool into part files, then merge the parts into the
-    per-view file; return (FID/KID as ``{"methods": {method: ..}, "splits": {split: {method: ..}}}``, unavailable
+                     current: dict) -> tuple[dict, dict[str, str]]:
+    """Stream the rows not yet in the part files of an interrupted run with the same ``current`` fingerprint and
+    the same available metrics through the actor pool into part files, then merge the parts into the per-view
+    file; return (FID/KID as ``{"methods": {method: ..}, "splits": {split: {method: ..}}}``, unavailable
     metrics)."""
     import ray.data
 
@@ -110,6 +110,9 @@ def compute_per_view(config: EvalConfig, rows: list[dict] | ParquetRows, per_vie
     enabled = tuple(m for m in config.metrics if avail[m].available)
     features_needed = any(m in enabled for m in M.SET_METRICS)
 
+    # parts hold the columns of the metrics that were available: another set (weights fetched since) starts over
+    parts = PartStore(config.output, {**current, "config": {**current["config"], "available_metrics": list(enabled)}},
+                      overwrite=config.overwrite)
     done = parts.done_keys()
     if done:
         log.info("evaluate: resuming: %d views already scored in %s", len(done), parts.root)

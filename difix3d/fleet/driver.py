@@ -19,9 +19,9 @@ from difix3d.errors import InputError
 
 from .config import FleetConfig
 from .fixers import open_fixer, pool_frames, pool_size, resolve_checkpoint
-from .inputs import SceneRef, resolve_scenes
+from .inputs import SceneRef, adopt_recorded_ids, resolve_scenes, same_scene_key
 from .progress import FleetProgress
-from .scene_task import SceneFn, check_scene_settings, run_scene_task
+from .scene_task import SceneFn, backend_problem, check_scene_settings, run_scene_task
 from .summary import format_report, summary_rows, write_summary
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ def run_fleet(config: FleetConfig, *, scene_fn: SceneFn | None = None, fixer: An
 
     scenes = resolve_scenes(config.scenes) if config.scenes else synthetic_scenes(config, echo)
     manifest = storage.Manifest(out)
+    scenes = adopt_recorded_ids(scenes, manifest)
     todo, skipped = plan(scenes, manifest, config)
     if skipped:
         echo(f"[fleet] {len(skipped)} scene(s) already finished in {out}: skipped")
@@ -84,6 +85,11 @@ def run_fleet(config: FleetConfig, *, scene_fn: SceneFn | None = None, fixer: An
     cluster = ray.cluster_resources()
     gpus = float(cluster.get("GPU", 0.0))
     use_gpu = gpus > 0 and config.device != "cpu" or config.device == "cuda"
+    if todo and scene_fn is None and config.representation != "3dgs":  # checked where scene tasks run, not here
+        problem = ray.get(ray.remote(backend_problem).options(**scene_task_options(config, use_gpu)).remote(
+            config.representation))
+        if problem:
+            raise ValueError(problem)
     close = lambda: None  # noqa: E731
     if todo and fixer is None:
         checkpoint, notice = resolve_checkpoint(config.checkpoint)
@@ -131,7 +137,7 @@ def plan(scenes: list[SceneRef], manifest: storage.Manifest, config: FleetConfig
     for s in scenes:
         e = manifest.get(s.scene_id)
         earlier = e.info.get("scene_uri") if e is not None else None
-        if earlier and earlier != s.uri:  # another scene under the same id: its outputs must not pass for this one's
+        if earlier and same_scene_key(earlier) != same_scene_key(s.uri):  # another scene under the same id: its outputs must not pass for this one's
             raise InputError(storage.join(config.output, "scenes", s.scene_id),
                              f"holds scene {earlier}, not {s.uri} (both have the id {s.scene_id!r}); give the "
                              f"scenes distinct scene_id values in the manifest, or write to another --output")

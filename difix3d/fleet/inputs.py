@@ -125,5 +125,33 @@ def _unique_ids(pairs: list[tuple[str | None, str]]) -> list[SceneRef]:
     refs = []
     for (g, uri), base in zip(pairs, bases):
         clash = not g and bases.count(base) > 1
-        refs.append(SceneRef(f"{base}-{hashlib.sha1(uri.encode()).hexdigest()[:8]}" if clash else base, uri))
+        digest = hashlib.sha1(same_scene_key(uri).encode()).hexdigest()[:8]
+        refs.append(SceneRef(f"{base}-{digest}" if clash else base, uri))
     return refs
+
+
+def same_scene_key(uri: str) -> str:
+    """One spelling per scene location: local paths absolute and normalized (``sc/a``, ``./sc/a/`` and its absolute
+    path agree), URIs without a trailing slash."""
+    uri = str(uri)
+    if storage.is_local(uri):
+        return posixpath.normpath(storage.absolute(uri.removeprefix("file://")).replace("\\", "/"))
+    return uri.rstrip("/")
+
+
+def adopt_recorded_ids(scenes: list[SceneRef], manifest: storage.Manifest) -> list[SceneRef]:
+    """Scenes whose location an earlier run recorded under another id (an older id scheme, or a basename that only
+    now clashes) keep that id, so their finished work is found instead of redone beside it."""
+    missing = {s.scene_id for s in scenes if manifest.get(s.scene_id) is None}
+    if not missing:
+        return scenes
+    recorded = {same_scene_key(e.info["scene_uri"]): e.unit for e in manifest.entries() if e.info.get("scene_uri")}
+    taken = {s.scene_id for s in scenes}
+    out = []
+    for s in scenes:
+        old = recorded.get(same_scene_key(s.uri)) if s.scene_id in missing else None
+        if old is not None and old != s.scene_id and old not in taken:
+            taken.add(old)
+            s = SceneRef(old, s.uri)
+        out.append(s)
+    return out

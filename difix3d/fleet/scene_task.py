@@ -76,16 +76,22 @@ def progressive_config(config: FleetConfig) -> Any:
 
 
 def check_scene_settings(config: FleetConfig) -> None:
-    """On the driver, before any scene runs: a ``--set`` typo or a missing backend is a ValueError here, not the
-    same failure recorded against every scene (failures that stick: a corrected re-run would skip them)."""
+    """On the driver, before any scene runs: a ``--set`` typo is a ValueError here, not the same failure recorded
+    against every scene (failures that stick: a corrected re-run would skip them)."""
     progressive_config(config)
-    if config.representation == "nerfacto":
-        from difix3d.recon.nerf import _nerfstudio
 
-        try:
-            _nerfstudio()
-        except ImportError as e:
-            raise ValueError(str(e)) from None
+
+def backend_problem(representation: str) -> str | None:
+    """Why this process cannot build ``representation`` (nerfstudio missing), or None; run where scenes run."""
+    if representation != "nerfacto":
+        return None
+    from difix3d.recon.nerf import _nerfstudio
+
+    try:
+        _nerfstudio()
+    except ImportError as e:
+        return str(e)
+    return None
 
 
 def _with_overrides(cfg: Any, extra: dict) -> Any:

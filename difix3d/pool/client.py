@@ -154,8 +154,11 @@ def start_pool(checkpoint: str, name: str = DEFAULT_NAME, *, config: PoolConfig 
     if running["checkpoint"] != cfg.checkpoint:
         raise PoolUnavailableError(f"a pool named {name!r} already runs checkpoint {running['checkpoint']!r}, "
                                    f"not {cfg.checkpoint!r}; shut it down first or choose another name")
-    # keep the creator's handle: for a pool this process started, replacing it with a joined handle destroys the router
-    _STARTED.setdefault((cfg.name, cfg.namespace), router)
+    # keep the creator's handle: for a pool this process started, replacing it with a joined handle destroys the router;
+    # a handle kept from a router that is gone (shut down elsewhere) is replaced
+    held = _STARTED.get((cfg.name, cfg.namespace))
+    if held is None or held._actor_id != router._actor_id:
+        _STARTED[(cfg.name, cfg.namespace)] = router
     try:
         ray.get(router.wait_ready.remote(ready_timeout_s))
     except ray.exceptions.RayTaskError as e:

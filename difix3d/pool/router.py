@@ -300,7 +300,10 @@ class PoolRouter:
                     break
                 self._start_replica()
         if decision.stop is not None and decision.stop in self.replicas:
-            r = self.replicas.pop(decision.stop)
+            stop = decision.stop
+            if self.replicas[stop].bundle is not None:  # keep the reserved share busy: stop an unreserved one
+                stop = next((rid for rid in idle if self.replicas[rid].bundle is None), stop)
+            r = self.replicas.pop(stop)
             self.stats.counts["replicas_stopped"] += 1
             log.info("pool %s: stopping idle replica %s", self.config.name, r.name)
             ray.kill(r.actor, no_restart=True)
@@ -314,7 +317,7 @@ class PoolRouter:
     def _fail_if_unavailable(self, now: float, any_ready: bool) -> None:
         """Answer every open request with PoolUnavailableError once no replica has been ready for
         ``unavailable_timeout_s``; callers (a fleet scene task) then fail and retry instead of waiting forever."""
-        if any_ready:
+        if any_ready or not self.requests:  # the clock runs only while someone waits (scale-from-zero is not late)
             self._no_replica_since = None
             return
         if self._no_replica_since is None:
@@ -352,11 +355,15 @@ class PoolRouter:
         if not c.reserve_min_replicas or c.min_replicas < 1 or not bundle:
             return None
         if self._placement_group is None:
-            from ray.util import placement_group
+            from ray.util import get_placement_group, placement_group, remove_placement_group
 
+            name = f"{c.name}-replicas"
+            try:  # a router that restarted: its predecessor's group (and the replicas in it) is gone with it
+                remove_placement_group(get_placement_group(name))
+            except ValueError:
+                pass
             # PACK: replicas fill a node's GPUs before spreading; pending until the (autoscaling) cluster fits it
-            self._placement_group = placement_group([bundle] * c.min_replicas, strategy="PACK",
-                                                    name=f"{c.name}-{self._incarnation}-replicas")
+            self._placement_group = placement_group([bundle] * c.min_replicas, strategy="PACK", name=name)
         taken = {r.bundle for r in self.replicas.values()}
         return next((i for i in range(c.min_replicas) if i not in taken), None)
 

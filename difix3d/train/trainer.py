@@ -63,12 +63,12 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     from difix3d.train.loop import INPUT_ERROR_FILE, recorded_input_error, train_loop_per_worker
     from difix3d.train.pairs import list_shards
 
+    if config.base is None and os.environ.get(SD_TURBO_ENV):  # workers may run on machines without the variable
+        config = dataclasses.replace(config, base=os.environ[SD_TURBO_ENV])
     config = with_absolute_paths(config)  # Ray Train workers run in another working folder than the driver
     list_shards(config.train_shards)  # fail here, naming the URI, rather than inside every worker
     if config.val_shards:
         list_shards(config.val_shards)
-    if config.base is None and os.environ.get(SD_TURBO_ENV):  # workers may run on machines without the variable
-        config = dataclasses.replace(config, base=os.environ[SD_TURBO_ENV])
     storage.delete(storage.join(config.run_uri(), INPUT_ERROR_FILE))  # a re-run after fixing the data starts clean
     if config.perceptual_weights != "random" and (config.loss.lpips > 0 or config.loss.gram > 0):
         build_perceptual_net(config.perceptual_weights)  # MissingWeightsError before any worker starts
