@@ -26,6 +26,7 @@ from difix3d.curate.filters import FilterCounts, PsnrFilter
 from difix3d.curate.strategies import (STRATEGIES, CrossCamera, CurationStrategy, CycleReconstruction, NotApplicable,
                                        ReconstructionSettings, SparseReconstruction, UnderFitted)
 from difix3d.errors import InputError
+from difix3d.settings import nested_changes
 from difix3d.fleet.inputs import SceneRef, resolve_scenes
 from difix3d.train.pairs import SHARD_SUFFIX, SHARDS_DIR, write_pair_shard
 
@@ -137,22 +138,11 @@ def check_settings(config: CurateConfig) -> None:
     if not isinstance(saved, dict):
         raise InputError(uri, "not a curation config (expected a JSON object)")
     now = json.loads(json.dumps(config.to_dict(), default=storage._json_default))  # tuples -> lists, as saved
-    changes = [f"{key} {old!r} -> {new!r}" for key, old, new in _changes(saved, now, PAIR_SETTINGS)]
+    changes = [f"{key} {old!r} -> {new!r}" for k in PAIR_SETTINGS if k in saved and k in now
+               for key, old, new in nested_changes(saved[k], now[k], k, _NOT_PAIRS)]
     if changes:
         raise InputError(uri, f"this output holds pairs curated with other settings ({'; '.join(changes)}); "
                               "re-run with the earlier settings, or write to a new output folder")
-
-
-def _changes(saved: dict, now: dict, keys: Iterable[str], prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
-    """(dotted key, saved value, new value) for each differing field among ``keys`` that both records have."""
-    for key in keys:
-        if key not in saved or key not in now or key in _NOT_PAIRS:
-            continue
-        old, new = saved[key], now[key]
-        if isinstance(old, dict) and isinstance(new, dict):
-            yield from _changes(old, new, sorted(old.keys() & new.keys()), f"{prefix}{key}.")
-        elif old != new:
-            yield f"{prefix}{key}", old, new
 
 
 def plan(scenes: list[SceneRef], config: CurateConfig, manifest: storage.Manifest

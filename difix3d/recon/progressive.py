@@ -29,6 +29,7 @@ from difix3d.recon.outputs import METHODS, SceneOutputs
 from difix3d.recon.schedule import ProgressiveSchedule, PseudoViewSampling, nearest_index
 from difix3d.recon.view_fixers import ViewFixer, as_view_fixer
 from difix3d.scene.camera import Camera
+from difix3d.settings import nested_changes
 
 
 log = logging.getLogger(__name__)
@@ -581,7 +582,7 @@ def _check_resumable(out: SceneOutputs, config: ProgressiveConfig, targets: list
 
     saved = storage.read_json(out.config)
     now = json.loads(json.dumps(_config_record(config, targets), default=storage._json_default))
-    changes = [c for k in _TRAINING_KEYS for c in _changes(saved.get(k), now.get(k), k)]
+    changes = [c for k in _TRAINING_KEYS for c in nested_changes(saved.get(k), now.get(k), k, _NOT_TRAINING)]
     if changes:  # an InputError: the fleet records it and does not retry what would fail the same way
         sections = sorted({key.split(".")[0] for key, _, _ in changes}, key=_TRAINING_KEYS.index)
         details = "; ".join(f"{key} {a!r} -> {b!r}" for key, a, b in changes)
@@ -591,15 +592,6 @@ def _check_resumable(out: SceneOutputs, config: ProgressiveConfig, targets: list
 
 # fields of the nested configs that do not change what is trained (rendering chunks, logging cadence)
 _NOT_TRAINING = frozenset({"render_chunk", "eval_every", "checkpoint_every", "log_every"})
-
-
-def _changes(saved: Any, now: Any, key: str) -> list[tuple[str, Any, Any]]:
-    """(dotted key, saved value, new value) of each difference; in mappings only keys both have count (a field
-    added later keeps old runs resumable) and fields that do not change training are ignored."""
-    if isinstance(saved, dict) and isinstance(now, dict):
-        return [c for k in sorted(saved.keys() & now.keys()) if k not in _NOT_TRAINING
-                for c in _changes(saved[k], now[k], f"{key}.{k}")]
-    return [(key, saved, now)] if saved != now else []
 
 
 def _config_record(config: ProgressiveConfig, targets: list[Camera] | None) -> dict:
