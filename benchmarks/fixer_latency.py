@@ -40,8 +40,7 @@ def main() -> None:
     p.add_argument("--stage-compile", action="store_true",
                    help="with --profile: time the stages compiled too (one more compile each; default eager)")
     p.add_argument("--group-norm", default="auto", choices=["auto", "native", "nhwc"],
-                   help="bf16 paths: nn.GroupNorm, or ours on NHWC views; auto = FixerRunner's default (nhwc when eager, "
-                        "native when compiled)")
+                   help="bf16 paths: nn.GroupNorm, or ours on NHWC views; auto = FixerRunner's default (nhwc)")
     p.add_argument("--no-write", action="store_true", help="print only, do not append to results/")
     p.add_argument("--profile", metavar="FILE", default=None,
                    help="after timing, profile the last path at the first batch size without a reference and write "
@@ -66,7 +65,7 @@ def main() -> None:
     naive_ms = {}
     for path in args.paths.split(","):
         model = build_model(preset, seed=0).eval().requires_grad_(False)
-        group_norm = resolve_group_norm(args.group_norm, path, args.compile_mode, cuda)
+        group_norm = resolve_group_norm(args.group_norm, path, cuda)
         fwd = prepare(model, path, device, args.compile_mode, group_norm)
         dtype = torch.float32 if path == "naive" else (torch.bfloat16 if cuda else torch.float32)
         for batch in batches:
@@ -89,13 +88,11 @@ def main() -> None:
             torch.cuda.empty_cache()
 
 
-def resolve_group_norm(choice: str, path: str, compile_mode: str, cuda: bool) -> str:
+def resolve_group_norm(choice: str, path: str, cuda: bool) -> str:
     """The group norm a path runs: native on the naive path and off CUDA; ``auto`` follows ``FixerRunner``."""
     if path == "naive" or not cuda:
         return "native"
-    if choice == "auto":
-        return "native" if path == "optimized" and compile_mode != "none" else "nhwc"
-    return choice
+    return "nhwc" if choice == "auto" else choice
 
 
 def prepare(model, path: str, device: torch.device, compile_mode: str, group_norm: str = "native"):

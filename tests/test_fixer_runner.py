@@ -153,6 +153,34 @@ def test_cuda_bf16_channels_last_matches_fp32(compile):
     assert gpu.fix(t).device.type == "cuda"
 
 
+@pytest.mark.gpu
+def test_cuda_graph_outputs_survive_the_next_replay():
+    """reduce-overhead replays one recorded graph per micro-batch; each micro-batch's frames must be its own, not the
+    memory the next replay writes."""
+    from difix3d.fixer.checkpoint import load_checkpoint
+
+    imgs = _u8(5, 40, 56, 3, seed=10)  # micro-batches of 2, 2, 1: the same graph replayed, then a second one
+    eager = FixerRunner(load_checkpoint(default_checkpoint()), device="cuda", max_batch=2).fix(imgs)
+    graphs = FixerRunner(load_checkpoint(default_checkpoint()), device="cuda", max_batch=2, compile=True,
+                         compile_mode="reduce-overhead")
+    for _ in range(3):  # recording, then replays
+        out = graphs.fix(imgs)
+        assert np.abs(out.astype(int) - eager.astype(int)).mean() < 2
+        assert np.abs(out[0].astype(int) - out[2].astype(int)).mean() > 10  # different frames stay different
+
+
+def test_compile_mode_is_checked():
+    from difix3d.fixer.checkpoint import load_checkpoint
+    from difix3d.pool.config import PoolConfig
+
+    with pytest.raises(ValueError, match="compile_mode: expected one of default, reduce-overhead"):
+        FixerRunner(load_checkpoint(default_checkpoint()), device="cpu", compile_mode="fast")
+    with pytest.raises(ValueError, match="compile_mode"):
+        PoolConfig(checkpoint="ckpt", compile_mode="fast")
+    r = FixerRunner(load_checkpoint(default_checkpoint()), device="cpu", compile_mode="reduce-overhead")
+    assert r.compile_mode is None and not r._cuda_graphs  # not compiled: the mode has nothing to act on
+
+
 def test_auto_compile_only_for_large_models_on_cuda():
     from difix3d.fixer.model import build_model
     from difix3d.fixer.runner import compile_pays

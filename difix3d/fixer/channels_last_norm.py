@@ -5,8 +5,8 @@ row-wise kernel; its NCHW output then makes the next channels_last convolution c
 (bf16, 576x1024, batch 1, eager), group norm and those copies were ~70% of the fixer's GPU time while the
 convolutions, the FLOPs, were ~12%. Here the statistics and the affine are computed on an NHWC view of the same
 memory: no layout copies, plain reductions and one fused multiply-add, and torch.compile sees simple ops to fuse.
-Measured eager on the H200: 117 -> 81 ms per frame (encoder 35 -> 16 ms, decoder 67 -> 30 ms). ``FixerRunner`` uses it by
-default for eager models; compiled ones keep ``nn.GroupNorm`` until the compiled path is measured with it.
+Measured on the H200 per 576x1024 frame: eager 117 -> 81 ms (encoder 35 -> 16 ms, decoder 67 -> 30 ms), compiled
+38.7 -> 37.0 ms. ``FixerRunner`` uses it by default.
 """
 
 from __future__ import annotations

@@ -18,6 +18,10 @@ MIN_SIDE = 32  # smaller frames are padded up (and cropped back): a narrow model
 # compile=None compiles on CUDA from this size up: sd-turbo (949 M) runs ~3x faster compiled, while a small model
 # gains little and pays a compile per batch size and image size (minutes of stalls for the bundled 1.9 M demo fixer)
 COMPILE_MIN_PARAMS = 100_000_000
+# torch.compile's modes; the two with CUDA graphs replay recorded kernels without launching them one by one, which
+# took the compiled sd-turbo fixer from 37.0 to 31.2 ms per 576x1024 frame at batch 1 on an H200 (benchmarks/RESULTS.md)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def compile_pays(model: torch.nn.Module, device: torch.device) -> bool:
@@ -34,14 +38,19 @@ class FixerRunner:
     The runner takes ``model`` over: it merges its LoRA, casts, freezes and (maybe) converts it in place.
 
     ``nhwc_group_norm`` (with channels_last): group norms computed on NHWC views (:mod:`channels_last_norm`), the
-    same results without the layout copies PyTorch's CUDA kernel makes. ``None`` (default) turns it on for eager
-    models, where it was measured (117 -> 81 ms per 576x1024 frame on an H200, ``benchmarks/RESULTS.md``), and leaves
-    compiled ones on ``nn.GroupNorm`` until the compiled path is measured with it.
+    same results without the layout copies PyTorch's CUDA kernel makes. ``None`` (default) turns it on; measured per
+    576x1024 frame on an H200 (``benchmarks/RESULTS.md``): eager 117 -> 81 ms, compiled 38.7 -> 37.0 ms.
+
+    ``compile_mode``: torch.compile's mode when compiling. ``"reduce-overhead"`` adds CUDA graphs (31.2 ms per frame
+    at batch 1 above): each new batch size or frame size records a graph, and the graphs keep their memory, so use it
+    where shapes repeat (a pool replica, a fleet of one camera size).
     """
 
     def __init__(self, model: DifixModel, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                  compile: bool | None = False, channels_last: bool | None = None, max_batch: int | None = None,
-                 nhwc_group_norm: bool | None = None):
+                 nhwc_group_norm: bool | None = None, compile_mode: str = "default"):
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode: expected one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
         self.device = default_device(device)
         self.dtype = dtype or default_dtype(self.device)
         self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
@@ -55,23 +64,29 @@ class FixerRunner:
         if compile is None:
             compile = compile_pays(model, self.device)
         if nhwc_group_norm is None:
-            nhwc_group_norm = not compile
+            nhwc_group_norm = True
         self.nhwc_group_norm = self.channels_last and bool(nhwc_group_norm)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if self.nhwc_group_norm:
             use_channels_last_group_norm(self.model)  # activations stay NHWC through the norms
         self.compiled = bool(compile)
-        self._forward = torch.compile(self.model, dynamic=False) if compile else self.model
+        self.compile_mode = compile_mode if self.compiled else None
+        # a CUDA graph's outputs live in memory the next replay overwrites: each call marks a new step, and _run
+        # copies what it keeps
+        self._cuda_graphs = self.compiled and self.device.type == "cuda" and compile_mode in CUDA_GRAPH_MODES
+        self._forward = torch.compile(self.model, mode=compile_mode, dynamic=False) if compile else self.model
         self._lock = threading.Lock()
 
     @classmethod
     def from_checkpoint(cls, uri: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                         compile: bool | None = False, channels_last: bool | None = None, max_batch: int | None = None,
-                        base: str | None = None, nhwc_group_norm: bool | None = None) -> "FixerRunner":
+                        base: str | None = None, nhwc_group_norm: bool | None = None,
+                        compile_mode: str = "default") -> "FixerRunner":
         from difix3d.fixer.checkpoint import load_checkpoint
 
-        return cls(load_checkpoint(uri, base=base), device, dtype, compile, channels_last, max_batch, nhwc_group_norm)
+        return cls(load_checkpoint(uri, base=base), device, dtype, compile, channels_last, max_batch, nhwc_group_norm,
+                   compile_mode)
 
     def fix(self, images, refs=None):
         if isinstance(images, torch.Tensor):
@@ -99,8 +114,11 @@ class FixerRunner:
             for i in range(0, x.shape[0], self.max_batch):
                 xb = self._prepare(x[i:i + self.max_batch])
                 rb = None if r is None else self._prepare(r[i:i + self.max_batch])
+                if self._cuda_graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
                 y = self._forward(xb, rb)  # [b, 3, H', W'] in [-1, 1]
-                outs.append(y[..., :h, :w].float().add_(1.0).mul_(0.5).to(x.device))
+                y = y[..., :h, :w].to(torch.float32, copy=True)  # never the forward's own (maybe graph) memory
+                outs.append(y.add_(1.0).mul_(0.5).to(x.device))
         return torch.cat(outs).clamp_(0.0, 1.0)
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:

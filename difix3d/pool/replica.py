@@ -18,7 +18,7 @@ class FixerReplica:
     """Loads ``checkpoint`` (a URI: the weights never travel through Ray, NOTES-RAY #53727) on its device."""
 
     def __init__(self, checkpoint: str, device: str | None = None, dtype: str | None = None,
-                 compile: bool | None = None):
+                 compile: bool | None = None, compile_mode: str = "default"):
         import ray
         import torch
 
@@ -29,7 +29,8 @@ class FixerReplica:
         torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         self.device = device
         try:
-            self.runner = FixerRunner.from_checkpoint(checkpoint, device=device, dtype=torch_dtype, compile=compile)
+            self.runner = FixerRunner.from_checkpoint(checkpoint, device=device, dtype=torch_dtype, compile=compile,
+                                                      compile_mode=compile_mode)
         except Exception as e:  # re-raised as a one-message error: Ray cannot unpickle e.g. InputError(source, problem)
             raise PoolUnavailableError(f"{type(e).__name__}: {e}") from None
 

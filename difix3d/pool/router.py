@@ -379,7 +379,7 @@ class PoolRouter:
             name=name, namespace=c.namespace, num_cpus=c.num_cpus_per_replica, num_gpus=c.num_gpus_per_replica or 0,
             max_restarts=0,  # the router replaces dead replicas itself and re-queues their batches at once
             max_concurrency=1, **placement,
-        ).remote(c.checkpoint, c.device, c.dtype, c.compile)
+        ).remote(c.checkpoint, c.device, c.dtype, c.compile, c.compile_mode)
         replica = _Replica(rid, name, actor, bundle=bundle)
         self.replicas[rid] = replica
         self.stats.counts["replicas_started"] += 1
