@@ -17,7 +17,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -347,8 +347,9 @@ class ProgressiveLoop:
         return cuda_nbytes(state) <= free // 2
 
     def _load(self, rep) -> None:
-        data = storage.read_bytes(self.out.state(self.STATE_FILE))
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+        _resume_from(self.out.state(self.STATE_FILE), lambda state: self._restore(rep, state))
+
+    def _restore(self, rep, state: dict) -> None:
         rep.load_state_dict(state["representation"])
         self.iteration, self.num_rounds = state["iteration"], state["num_rounds"]
         self.frames_fixed = state["frames_fixed"]
@@ -374,6 +375,19 @@ class ProgressiveLoop:
 def _pseudo_record(camera: Camera, mask: torch.Tensor | None) -> dict:
     """A pseudo view as the round state saves it (its image is the PNG under pseudo/)."""
     return {"camera": camera.to_dict(), "mask": None if mask is None else mask.bool()}
+
+
+def _resume_from(uri: str, restore: Callable[[dict], None]) -> None:
+    """Read a saved state and ``restore(state)``; a file that cannot be read or restored (damaged by a partial copy,
+    written by another version) is a CheckpointError naming it, as :func:`difix3d.recon.trainer.load_checkpoint`."""
+    from difix3d.errors import CheckpointError
+
+    try:
+        restore(torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=False))
+    except CheckpointError:
+        raise
+    except Exception as e:  # truncated bytes, missing keys, a pseudo view's image gone
+        raise CheckpointError(uri, f"cannot resume from it ({type(e).__name__}: {e}); delete it to restart") from e
 
 
 def _write_device_snapshot(uri: str, snap: DeviceSnapshot) -> None:

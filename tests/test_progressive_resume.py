@@ -1,0 +1,38 @@
+"""What an interrupted progressive run leaves behind, and what a re-run into the same output folder makes of it:
+damaged state, other fixers, colliding target names, an interrupted baseline. Tiny street of test_progressive."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from difix3d import storage
+from difix3d.errors import CheckpointError
+from difix3d.recon.outputs import SceneOutputs
+from difix3d.recon.progressive import ProgressiveLoop, reconstruct_scene
+from difix3d.recon.view_fixers import OracleViewFixer
+from test_progressive import RecordingFixer, make_street, tiny_config
+
+
+@pytest.fixture(scope="module")
+def street():
+    torch.manual_seed(0)
+    return make_street()
+
+
+def _interrupted(street, out: str, cfg, fail_at: int = 2) -> None:
+    """A run stopped by its fixer's ``fail_at``-th request, its round state on storage."""
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        reconstruct_scene(street, out, cfg, RecordingFixer(OracleViewFixer(street.render_gt), fail_at=fail_at),
+                          progress=False, device="cpu")
+
+
+def test_a_damaged_round_state_names_the_file_and_says_how_to_restart(street, tmp_path):
+    cfg = tiny_config(iterations=24, baseline=False, post_render=False, save_every_round=True)
+    out = str(tmp_path)
+    _interrupted(street, out, cfg)
+    state = SceneOutputs(out).state(ProgressiveLoop.STATE_FILE)
+    data = storage.read_bytes(state)
+    storage.write_bytes(state, data[: len(data) // 2])  # a partial copy of the output folder
+    with pytest.raises(CheckpointError, match=r"progressive\.pt: cannot resume from it .*delete it to restart"):
+        reconstruct_scene(street, out, cfg, OracleViewFixer(street.render_gt), progress=False, device="cpu")
