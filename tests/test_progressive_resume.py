@@ -36,3 +36,30 @@ def test_a_damaged_round_state_names_the_file_and_says_how_to_restart(street, tm
     storage.write_bytes(state, data[: len(data) // 2])  # a partial copy of the output folder
     with pytest.raises(CheckpointError, match=r"progressive\.pt: cannot resume from it .*delete it to restart"):
         reconstruct_scene(street, out, cfg, OracleViewFixer(street.render_gt), progress=False, device="cpu")
+
+
+def test_targets_sharing_a_name_are_refused_before_anything_is_written(street, tmp_path):
+    # pseudo views are saved and resumed by name: two targets named alike would train a resumed run on one image twice
+    from difix3d.scene.poses import interpolate_cameras
+
+    a, b = (street.cameras[i] for i in street.splits["shift_2m"])
+    trajectory = [interpolate_cameras(a, b, t) for t in (0.0, 0.5, 1.0)]  # interpolated cameras keep a's name
+    cfg = tiny_config(iterations=24, baseline=False, post_render=False)
+    with pytest.raises(ValueError, match=rf"targets share the names \['{a.name}'\].*own name"):
+        reconstruct_scene(street, str(tmp_path / "out"), cfg, OracleViewFixer(street.render_gt), progress=False,
+                          device="cpu", targets=trajectory)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_eval_split_with_two_cameras_of_one_name_names_the_split(street, tmp_path):
+    import dataclasses
+
+    from difix3d.errors import InputError
+
+    i, j = street.splits["shift_1m"]
+    cameras = list(street.cameras)
+    cameras[j] = dataclasses.replace(cameras[j], name=cameras[i].name)
+    twins = dataclasses.replace(street, cameras=cameras)
+    with pytest.raises(InputError, match=rf"split 'shift_1m' has several cameras named \['{cameras[i].name}'\]"):
+        reconstruct_scene(twins, str(tmp_path), tiny_config(iterations=24), OracleViewFixer(street.render_gt),
+                          progress=False, device="cpu")

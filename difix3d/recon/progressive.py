@@ -16,6 +16,7 @@ import json
 import logging
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -24,6 +25,7 @@ import torch
 
 from difix3d import imageio, storage
 from difix3d.device import default_device, global_rng_state, set_global_rng_state
+from difix3d.errors import CheckpointError, InputError
 from difix3d.recon.background_writes import BackgroundWriter, DeviceSnapshot, cuda_nbytes, snapshot
 from difix3d.recon.outputs import METHODS, SceneOutputs
 from difix3d.recon.schedule import ProgressiveSchedule, PseudoViewSampling, nearest_index
@@ -136,6 +138,10 @@ def reconstruct_scene(scene: Any, output_uri: str, config: ProgressiveConfig | N
     Re-running with the same ``output_uri`` resumes; with a config that changes training, it is an error.
     """
     config = config or ProgressiveConfig()
+    shared = _shared_names(targets or [])
+    if shared:  # pseudo views are saved, and resumed, by name: one target's image would overwrite another's
+        raise ValueError(f"targets share the names {shared}: pseudo views are saved as pseudo/round_<k>/<name>.png; "
+                         "give each target camera its own name")
     if isinstance(scene, (str, bytes)) or hasattr(scene, "__fspath__"):
         from difix3d.scene import load_scene
 
@@ -380,8 +386,6 @@ def _pseudo_record(camera: Camera, mask: torch.Tensor | None) -> dict:
 def _resume_from(uri: str, restore: Callable[[dict], None]) -> None:
     """Read a saved state and ``restore(state)``; a file that cannot be read or restored (damaged by a partial copy,
     written by another version) is a CheckpointError naming it, as :func:`difix3d.recon.trainer.load_checkpoint`."""
-    from difix3d.errors import CheckpointError
-
     try:
         restore(torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=False))
     except CheckpointError:
@@ -419,8 +423,6 @@ class _SceneData:
         TrainingView = _training_view_class()
         train_idx = list(scene.splits["train"])
         if not train_idx:
-            from difix3d.errors import InputError
-
             raise InputError(getattr(scene, "root", scene.name), "the scene has no training views")
         weight = config.sampling.loss_weight(False)
         train_u8 = [scene.load_image(i) for i in train_idx]
@@ -434,14 +436,17 @@ class _SceneData:
                         seen.add(scene.cameras[i].name)
                         targets.append(scene.cameras[i])
         if not targets:
-            from difix3d.errors import InputError
-
             raise InputError(getattr(scene, "root", scene.name),
                              f"no target cameras: the scene has none of the splits {list(config.target_splits)} "
                              f"(it has {sorted(scene.splits)}); set target_splits or pass targets")
         evals = {}
         for split in config.eval_splits:
             idx = list(scene.splits.get(split, []))
+            shared = _shared_names([scene.cameras[i] for i in idx])
+            if shared:  # renders are saved by name
+                raise InputError(getattr(scene, "root", scene.name),
+                                 f"split {split!r} has several cameras named {shared}; renders are saved as "
+                                 f"renders/<method>/{split}/<name>.png")
             if idx:
                 evals[split] = ([scene.cameras[i] for i in idx], np.stack([scene.load_image(i) for i in idx]))
         return cls(train=train, train_uint8=train_u8, targets=list(targets), evals=evals,
@@ -592,8 +597,6 @@ def _check_resumable(out: SceneOutputs, config: ProgressiveConfig, targets: list
     has_state = storage.exists(out.state(ProgressiveLoop.STATE_FILE)) or storage.exists(out.state("baseline.json"))
     if not has_state or not storage.exists(out.config):
         return
-    from difix3d.errors import InputError
-
     saved = storage.read_json(out.config)
     now = json.loads(json.dumps(_config_record(config, targets), default=storage._json_default))
     changes = [c for k in _TRAINING_KEYS for c in nested_changes(saved.get(k), now.get(k), k, _NOT_TRAINING)]
@@ -611,6 +614,11 @@ _NOT_TRAINING = frozenset({"render_chunk", "eval_every", "checkpoint_every", "lo
 def _config_record(config: ProgressiveConfig, targets: list[Camera] | None) -> dict:
     """``config.json``: the config, and the targets when a trajectory was passed."""
     return config.to_dict() | ({"targets": [c.to_dict() for c in targets]} if targets else {})
+
+
+def _shared_names(cameras: list[Camera]) -> list[str]:
+    """Names that more than one of ``cameras`` carries."""
+    return sorted(name for name, n in Counter(c.name for c in cameras).items() if n > 1)
 
 
 def _training_view_class():
