@@ -153,6 +153,19 @@ def test_a_model_merged_for_serving_saves_and_loads_without_doubling_lora(tmp_pa
         torch.testing.assert_close(ya, yb, atol=5e-4, rtol=0)  # merging rounds; a doubled delta is ~100x larger
 
 
+def test_a_merged_model_exports_to_every_format_with_its_merged_outputs(tmp_path, sd_turbo, trained, x):
+    model = load_checkpoint(str(_saved(trained, tmp_path / "copy")))
+    assert model.merge_lora() > 0  # what serving does in place; the model may then be saved in any layout
+    expected = _out(model, x)
+    save_checkpoint(model, str(tmp_path / "ours"))
+    save_nvidia_folder(model, str(tmp_path / "nvidia"), text_folder=sd_turbo)
+    save_official_pkl(model, str(tmp_path / "m.pkl"))
+    for uri in ("ours", "nvidia", "m.pkl"):
+        loaded = load_checkpoint(str(tmp_path / uri), base=sd_turbo)
+        for ya, yb in zip(expected, _out(loaded, x)):
+            torch.testing.assert_close(ya, yb, atol=5e-4, rtol=0, msg=uri)  # a delta added twice is ~100x larger
+
+
 def _saved(model, path):
     save_checkpoint(model, str(path))
     return path

@@ -37,18 +37,11 @@ FETCH_SD_TURBO = ("fetch it with `huggingface-cli download stabilityai/sd-turbo 
 
 def save_checkpoint(model: DifixModel, uri: str) -> str:
     """Write ``model`` in our format under ``uri`` (a folder URI); returns ``uri``. Weights are written as they are
-    (dtype kept), the config last so a half-written checkpoint is never mistaken for a whole one. A model whose LoRA
-    was merged for serving (:meth:`DifixModel.merge_lora`) is written as its merged weights with ``lora_B`` zeroed,
-    so loading it does not add the delta twice."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    (dtype kept; a model merged for serving as its merged weights, see :func:`_export_state`), the config last so a
+    half-written checkpoint is never mistaken for a whole one."""
     from safetensors.torch import save
 
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    for name, module in model.named_modules():
-        if isinstance(module, BaseTunerLayer) and module.merged:
-            for adapter in module.merged_adapters:
-                key = f"{name}.lora_B.{adapter}.weight"
-                state[key] = torch.zeros_like(state[key])
+    state = _export_state(model, lambda k: True)
     storage.makedirs(uri)
     storage.write_bytes(storage.join(uri, WEIGHTS_FILE), save(state))
     storage.write_json(storage.join(uri, CONFIG_FILE),
@@ -198,11 +191,17 @@ def _load_official_pkl(path: str, base: str | None) -> DifixModel:
 
 def save_official_pkl(model: DifixModel, path: str) -> None:
     """Write ``model`` in the official Difix layout (for exchanging with the original code and for tests)."""
-    sd = {"state_dict_unet": model.unet.state_dict(),
-          "state_dict_vae": {k: v for k, v in model.vae.state_dict().items() if "lora" in k or "skip" in k},
+    state = _export_state(model, _in_official_pkl)
+    sd = {"state_dict_unet": _strip(state, "unet."), "state_dict_vae": _strip(state, "vae."),
           "rank_vae": model.config.lora_rank, "vae_lora_target_modules": list(model.config.lora_targets),
           "optimizer": {}}
     storage.write_torch(path, sd)
+
+
+def _in_official_pkl(key: str) -> bool:
+    """Whether the official layout holds this model key: the whole UNet (the original's own files may hold less);
+    of the VAE, the adapter and the skip convs only (its base weights come from SD-Turbo)."""
+    return key.startswith("unet.") or (key.startswith("vae.") and ("lora" in key or "skip" in key))
 
 
 # --- nvidia/difix diffusers folder ---------------------------------------------------------------------------------
@@ -249,7 +248,7 @@ def save_nvidia_folder(model: DifixModel, folder: str, text_folder: str | None =
                lora_rank=model.config.lora_rank)
     with open(os.path.join(vae_dir, CONFIG_FILE), "w") as f:
         json.dump(cfg, f, indent=2, default=list)
-    save_file({k: v.contiguous() for k, v in model.vae.state_dict().items()},
+    save_file(_strip(_export_state(model, lambda k: k.startswith("vae.")), "vae."),
               os.path.join(vae_dir, "diffusion_pytorch_model.safetensors"))
     if text_folder:
         for sub in ("tokenizer", "text_encoder"):
@@ -271,6 +270,29 @@ def _normalize_vae_keys(state: dict[str, torch.Tensor], want: dict[str, torch.Te
 
 
 # --- helpers -------------------------------------------------------------------------------------------------------
+def _export_state(model: DifixModel, keep) -> dict[str, torch.Tensor]:
+    """The tensors of ``model.state_dict()`` whose keys ``keep`` selects, detached on the CPU, as every saver writes
+    them. A LoRA layer merged for serving (:meth:`DifixModel.merge_lora`) holds its delta in its base weight: where
+    that base weight is written too, its ``lora_B`` is written as zeros so loading does not add the delta twice;
+    where it is not (the official .pkl takes the VAE's base weights from SD-Turbo), ``lora_B`` is written as it is
+    and carries the delta."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if keep(k)}
+    for name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer) and module.merged and f"{name}.base_layer.weight" in state:
+            for adapter in module.merged_adapters:
+                key = f"{name}.lora_B.{adapter}.weight"
+                if key in state:
+                    state[key] = torch.zeros_like(state[key])
+    return state
+
+
+def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of ``state`` under ``prefix``, keyed without it."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 def _zero_delta_lora(want: dict[str, torch.Tensor], where) -> dict[str, torch.Tensor]:
     """LoRA tensors (of the keys ``where`` selects) whose product is zero: ``lora_A`` as built, ``lora_B`` zeros."""
     return {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in want.items() if "lora_" in k and where(k)}
