@@ -102,6 +102,9 @@ class RecordingFixer(ViewFixer):
         self.calls.append((renders.copy(), None if refs is None else refs.copy(), list(cameras)))
         return self.inner.submit(renders, refs, cameras)
 
+    def describe(self):
+        return self.inner.describe()  # recording changes nothing the fixer answers
+
 
 @pytest.fixture(scope="module")
 def street():
@@ -233,7 +236,8 @@ def test_resuming_under_a_config_that_trains_differently_is_an_error(street, tmp
     other = dataclasses.replace(cfg, schedule=dataclasses.replace(cfg.schedule, round_every=4))
     with pytest.raises(ValueError, match=r"config\.json: this output folder holds a run with other schedule "
                                          rf"\(schedule.round_every {cfg.schedule.round_every} -> 4\)"):
-        reconstruct_scene(street, str(tmp_path), other, IdentityViewFixer(), progress=False, device="cpu")
+        reconstruct_scene(street, str(tmp_path), other, OracleViewFixer(street.render_gt), progress=False,
+                          device="cpu")
     assert storage.read_json(str(tmp_path / "config.json"))["schedule"]["round_every"] == cfg.schedule.round_every
     # settings that do not change training may differ, and fields the saved config lacks (added later) are ignored
     saved = storage.read_json(str(tmp_path / "config.json"))
@@ -379,12 +383,14 @@ def test_no_fixer_means_the_running_pool_else_the_bundled_one(monkeypatch):
     monkeypatch.setattr(pool_client, "get_pool", lambda: sentinel)
     found = as_view_fixer(None)
     assert found.name == "pool" and found.client is sentinel
+    assert found.describe() == {"kind": "ClientViewFixer", "checkpoint": None}  # the pool's weights are its own
 
     def no_pool():
         raise PoolUnavailableError("no fixing pool")
 
     monkeypatch.setattr(pool_client, "get_pool", no_pool)
-    assert as_view_fixer(None).name == "bundled"
+    bundled = as_view_fixer(None)
+    assert bundled.name == "bundled" and bundled.describe()["checkpoint"] == "bundled"  # not its install path
 
 
 def test_training_goes_on_while_a_round_is_being_fixed(street, tmp_path, monkeypatch):

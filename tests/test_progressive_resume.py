@@ -63,3 +63,37 @@ def test_an_eval_split_with_two_cameras_of_one_name_names_the_split(street, tmp_
     with pytest.raises(InputError, match=rf"split 'shift_1m' has several cameras named \['{cameras[i].name}'\]"):
         reconstruct_scene(twins, str(tmp_path), tiny_config(iterations=24), OracleViewFixer(street.render_gt),
                           progress=False, device="cpu")
+
+
+def test_a_resume_under_another_fixer_is_refused_naming_both(street, tmp_path):
+    from difix3d.errors import InputError
+    from difix3d.recon.view_fixers import IdentityViewFixer
+
+    cfg = tiny_config(iterations=24, baseline=False, post_render=False, save_every_round=True)
+    out = str(tmp_path)
+    with pytest.raises(RuntimeError, match="simulated interruption"):  # rounds 0-2 fixed by the identity fixer
+        reconstruct_scene(street, out, cfg, RecordingFixer(IdentityViewFixer(), fail_at=3), progress=False,
+                          device="cpu")
+    assert storage.read_json(str(tmp_path / "config.json"))["fixer"] == {"kind": "IdentityViewFixer",
+                                                                          "checkpoint": None}
+    with pytest.raises(InputError, match=r"config\.json: .* other fixer \(fixer\.kind 'IdentityViewFixer' -> "
+                                         r"'OracleViewFixer'\)"):
+        reconstruct_scene(street, out, cfg, OracleViewFixer(street.render_gt), progress=False, device="cpu")
+    # an output written before config.json recorded the fixer resumes: there is nothing to compare with
+    saved = storage.read_json(str(tmp_path / "config.json"))
+    del saved["fixer"]
+    storage.write_json(str(tmp_path / "config.json"), saved)
+    result = reconstruct_scene(street, out, cfg, IdentityViewFixer(), progress=False, device="cpu")
+    assert result.fixer == {"kind": "IdentityViewFixer", "checkpoint": None}
+    assert storage.read_json(str(tmp_path / "metrics.json"))["fixer"] == result.fixer
+
+
+def test_a_client_fixer_records_its_checkpoint():
+    from difix3d.recon.view_fixers import ClientViewFixer, as_view_fixer
+
+    class Client:
+        def submit(self, images, refs=None):
+            raise NotImplementedError
+
+    assert as_view_fixer(Client()).describe() == {"kind": "ClientViewFixer", "checkpoint": None}
+    assert ClientViewFixer(Client(), checkpoint="s3://b/difix").describe()["checkpoint"] == "s3://b/difix"

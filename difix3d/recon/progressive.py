@@ -122,6 +122,7 @@ class SceneResult:
     frames_fixed: int
     num_rounds: int
     notes: dict = field(default_factory=dict)  # e.g. {"lpips": "<why it is missing>"}
+    fixer: dict = field(default_factory=dict)  # ViewFixer.describe(): kind, checkpoint
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -152,13 +153,14 @@ def reconstruct_scene(scene: Any, output_uri: str, config: ProgressiveConfig | N
         scene = undistorted(scene)
     out = SceneOutputs(str(output_uri))
     device = default_device(device)
-    _check_resumable(out, config, targets)
-    storage.write_json(out.config, _config_record(config, targets))
+    view_fixer = as_view_fixer(fixer)
+    record = _config_record(config, targets, view_fixer)
+    _check_resumable(out, record)
+    storage.write_json(out.config, record)
     data = _SceneData.load(scene, config, device, targets)
     for split, (cams, gts) in data.evals.items():
         out.write_renders("gt", split, [c.name for c in cams], gts)
 
-    view_fixer = as_view_fixer(fixer)
     timings: dict[str, float] = {}
     renders: dict[str, dict[str, np.ndarray]] = {}  # method -> split -> uint8 [B, H, W, 3]
     if config.baseline:
@@ -190,7 +192,8 @@ def reconstruct_scene(scene: Any, output_uri: str, config: ProgressiveConfig | N
 
     metrics, notes = _score(renders, data.evals, config.lpips, device)
     result = SceneResult(scene=scene.name, output_uri=str(output_uri), metrics=metrics, timings=timings,
-                         frames_fixed=frames_fixed, num_rounds=loop.num_rounds, notes=notes)
+                         frames_fixed=frames_fixed, num_rounds=loop.num_rounds, notes=notes,
+                         fixer=record["fixer"])
     storage.write_json(out.metrics, result.to_dict())
     return result
 
@@ -589,31 +592,37 @@ def _new_representation(scene, config: ProgressiveConfig, device):
 
 # settings whose change makes saved round state or the cached baseline wrong for a resumed run
 _TRAINING_KEYS = ("representation", "gaussian", "nerf", "trainer", "schedule", "sampling", "init_ply",
-                  "target_splits", "eval_splits", "baseline", "targets")
+                  "target_splits", "eval_splits", "baseline", "targets", "fixer")
+# of those, what config.json has not always recorded: an output written before resumes without the check
+# ("targets" is absent when no trajectory was passed, so its absence is compared)
+_RECORDED_LATER = frozenset({"fixer"})
 
 
-def _check_resumable(out: SceneOutputs, config: ProgressiveConfig, targets: list[Camera] | None) -> None:
-    """Refuse to resume saved state under a config that trains differently (it would mix two runs silently)."""
+def _check_resumable(out: SceneOutputs, record: dict) -> None:
+    """Refuse to resume saved state under a config (or fixer) that trains differently: it would mix two runs silently.
+    ``record``: what :func:`_config_record` makes of this run."""
     has_state = storage.exists(out.state(ProgressiveLoop.STATE_FILE)) or storage.exists(out.state("baseline.json"))
     if not has_state or not storage.exists(out.config):
         return
     saved = storage.read_json(out.config)
-    now = json.loads(json.dumps(_config_record(config, targets), default=storage._json_default))
-    changes = [c for k in _TRAINING_KEYS for c in nested_changes(saved.get(k), now.get(k), k, _NOT_TRAINING)]
+    now = json.loads(json.dumps(record, default=storage._json_default))
+    changes = [c for k in _TRAINING_KEYS if k in saved or k not in _RECORDED_LATER
+               for c in nested_changes(saved.get(k), now.get(k), k, _NOT_TRAINING)]
     if changes:  # an InputError: the fleet records it and does not retry what would fail the same way
         sections = sorted({key.split(".")[0] for key, _, _ in changes}, key=_TRAINING_KEYS.index)
         details = "; ".join(f"{key} {a!r} -> {b!r}" for key, a, b in changes)
         raise InputError(out.config, f"this output folder holds a run with other {', '.join(sections)} ({details}); "
-                                     "resume it with the same config, or write to a new output folder")
+                                     "resume it with the same config and fixer, or write to a new output folder")
 
 
 # fields of the nested configs that do not change what is trained (rendering chunks, logging cadence)
 _NOT_TRAINING = frozenset({"render_chunk", "eval_every", "checkpoint_every", "log_every"})
 
 
-def _config_record(config: ProgressiveConfig, targets: list[Camera] | None) -> dict:
-    """``config.json``: the config, and the targets when a trajectory was passed."""
-    return config.to_dict() | ({"targets": [c.to_dict() for c in targets]} if targets else {})
+def _config_record(config: ProgressiveConfig, targets: list[Camera] | None, fixer: ViewFixer) -> dict:
+    """``config.json``: the config, the fixer, and the targets when a trajectory was passed."""
+    return (config.to_dict() | {"fixer": fixer.describe()}
+            | ({"targets": [c.to_dict() for c in targets]} if targets else {}))
 
 
 def _shared_names(cameras: list[Camera]) -> list[str]:

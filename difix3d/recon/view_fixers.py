@@ -30,13 +30,23 @@ class ViewFixer(abc.ABC):
         """Blocking form of :meth:`submit`."""
         return self.submit(renders, refs, cameras).result()
 
+    def describe(self) -> dict:
+        """What decides this fixer's answers, recorded in ``config.json`` (a resume under another is refused):
+        ``kind``, the class, and ``checkpoint``, the weights where known. Not how they travel (pool or in-process)."""
+        return {"kind": type(self).__name__, "checkpoint": None}
+
 
 class ClientViewFixer(ViewFixer):
-    """A ``FixerClient`` (``LocalFixerClient`` or the Ray pool client) as a ViewFixer; cameras are not needed."""
+    """A ``FixerClient`` (``LocalFixerClient`` or the Ray pool client) as a ViewFixer; cameras are not needed.
+    ``checkpoint``: the weights the client runs, recorded by :meth:`describe` (None: not known here)."""
 
-    def __init__(self, client: Any, name: str = "difix"):
+    def __init__(self, client: Any, name: str = "difix", checkpoint: str | None = None):
         self.client = client
         self.name = name
+        self.checkpoint = checkpoint
+
+    def describe(self) -> dict:
+        return {**super().describe(), "checkpoint": self.checkpoint}
 
     def submit(self, renders: np.ndarray, refs: np.ndarray | None, cameras: Sequence[Camera]) -> Future:
         return self.client.submit(np.ascontiguousarray(renders), None if refs is None else np.ascontiguousarray(refs))
@@ -96,7 +106,9 @@ def as_view_fixer(fixer: Any) -> ViewFixer:
         from difix3d.fixer.client import LocalFixerClient
         from difix3d.fixer.runner import FixerRunner
 
-        return ClientViewFixer(LocalFixerClient(FixerRunner.from_checkpoint(str(default_checkpoint()))), "bundled")
+        # recorded as "bundled", not by its path: the same fixer wherever difix3d is installed
+        return ClientViewFixer(LocalFixerClient(FixerRunner.from_checkpoint(str(default_checkpoint()))), "bundled",
+                               checkpoint="bundled")
     if hasattr(fixer, "submit"):
         return ClientViewFixer(fixer, name=getattr(fixer, "name", type(fixer).__name__))
     raise TypeError(f"not a fixer: {type(fixer).__name__} (expected a ViewFixer, a FixerClient or None)")
