@@ -158,3 +158,24 @@ def test_one_gpu_worker_trains_in_bf16_and_reports_memory(tmp_path, ray_local):
     assert result.metrics["peak_mem_gb"] > 0 and np.isfinite(result.metrics["train_total"])
     assert result.metrics["peak_mem_gb"] <= result.metrics["peak_reserved_gb"] <= 2.0 * 2**30 / 1e9
     assert load_checkpoint(result.final_uri).config.preset == "tiny"
+
+
+def test_fine_tuning_a_bf16_checkpoint_trains_fp32_master_weights(tmp_path):
+    """A checkpoint saved from a bf16 serving model: its weights are trained in fp32 (autocast computes in bf16)."""
+    from difix3d.fixer.checkpoint import save_checkpoint
+    from difix3d.fixer.model import build_model
+    from difix3d.train.loop import _initial_model_and_state
+
+    saved = build_model("tiny", seed=0).to(torch.bfloat16)
+    save_checkpoint(saved, str(tmp_path / "bf16"))
+    model, state = _initial_model_and_state(FinetuneConfig(init=str(tmp_path / "bf16")), checkpoint=None)
+    model.prepare_for_training()
+    assert state is None and model.training
+    assert {p.dtype for p in model.trainable_parameters()} == {torch.float32}
+    assert all(t.dtype == torch.float32 for t in model.state_dict().values())
+    w = model.unet.conv_in.weight
+    assert torch.equal(w, saved.unet.conv_in.weight.float())  # the saved values, exactly
+    w0 = w.detach().clone()
+    w.grad = torch.ones_like(w)
+    torch.optim.AdamW([w], lr=5e-6, weight_decay=0.0).step()  # a fine-tuning step: lost to rounding in bf16
+    assert bool((w.detach() != w0).all())

@@ -194,7 +194,18 @@ def _train(cfg: FinetuneConfig) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ helpers
 
 def _initial_model_and_state(cfg: FinetuneConfig, checkpoint) -> tuple[torch.nn.Module, dict | None]:
-    """From the run's latest checkpoint when there is one (restart / re-run), else from ``cfg.init``."""
+    """From the run's latest checkpoint when there is one (restart / re-run), else from ``cfg.init``; in fp32 and
+    training mode whatever dtype the weights were saved in. These are the master weights AdamW updates (bf16 compute
+    is autocast's job): a checkpoint saved from a bf16 serving model, trained as it is, would lose most updates of a
+    small learning rate to bf16 rounding."""
+    model, state = _initial_weights(cfg, checkpoint)
+    dtypes = {p.dtype for p in model.parameters()} - {torch.float32}
+    if dtypes:
+        log.info("%s: weights saved in %s, trained in float32", cfg.init, ", ".join(sorted(map(str, dtypes))))
+    return model.float().train(), state
+
+
+def _initial_weights(cfg: FinetuneConfig, checkpoint) -> tuple[torch.nn.Module, dict | None]:
     from difix3d.fixer.checkpoint import load_checkpoint
     from difix3d.fixer.config import PRESETS
     from difix3d.fixer.model import build_model
@@ -203,14 +214,14 @@ def _initial_model_and_state(cfg: FinetuneConfig, checkpoint) -> tuple[torch.nn.
         with checkpoint.as_directory() as d:
             model = load_checkpoint(os.path.join(d, MODEL_DIR))
             state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
-        return model.train(), state
+        return model, state
     if cfg.init in PRESETS:
-        return build_model(cfg.init, seed=cfg.seed).train(), None
+        return build_model(cfg.init, seed=cfg.seed), None
     if cfg.init == "bundled":  # the small fixer shipped with the package
         from difix3d.fixer.bundled import default_checkpoint
 
-        return load_checkpoint(default_checkpoint()).train(), None
-    return load_checkpoint(cfg.init, base=cfg.base).train(), None
+        return load_checkpoint(default_checkpoint()), None
+    return load_checkpoint(cfg.init, base=cfg.base), None
 
 
 def _report(metrics: dict, model, opt, step: int, stream: PairStream, cfg: FinetuneConfig, save: bool,
