@@ -57,7 +57,8 @@ class SceneOutputs:
     def state(self, *parts: str) -> str:
         return storage.join(self.root, "state", *parts)
 
-    def write_renders(self, method: str, split: str, names: list[str], images: np.ndarray) -> None:
-        """uint8 ``[B, H, W, 3]`` images named ``names`` under ``renders/<method>/<split>/``."""
+    def write_renders(self, method: str, split: str, names: list[str], images: np.ndarray | list[np.ndarray]) -> None:
+        """uint8 ``[H, W, 3]`` images (a list, or a ``[B, H, W, 3]`` array) named ``names`` under
+        ``renders/<method>/<split>/``."""
         for name, image in zip(names, images):
             imageio.write_image(self.render(method, split, name), image)

@@ -162,7 +162,7 @@ def reconstruct_scene(scene: Any, output_uri: str, config: ProgressiveConfig | N
         out.write_renders("gt", split, [c.name for c in cams], gts)
 
     timings: dict[str, float] = {}
-    renders: dict[str, dict[str, np.ndarray]] = {}  # method -> split -> uint8 [B, H, W, 3]
+    renders: dict[str, dict[str, list[np.ndarray]]] = {}  # method -> split -> uint8 [H, W, 3] per camera
     if config.baseline:
         renders["baseline"], timings["baseline_train_s"] = _baseline(scene, data, config, out, device, progress)
 
@@ -276,15 +276,15 @@ class ProgressiveLoop:
         t0 = time.perf_counter()
         cams = self.config.schedule.next_cameras(self.known, self.data.targets)
         self.known += cams
-        rgb, alpha = _render(rep, cams)  # uint8 [B, H, W, 3], float [B, 1, H, W]
-        masks = self.config.sampling.mask(alpha).cpu()  # [B, 1, H, W]
+        rgb, alpha = _render(rep, cams)  # per camera: uint8 [H, W, 3], float [1, H, W]
         refs = self.data.references(cams)
         self.timings["round_render_s"] += time.perf_counter() - t0
-        bs = max(1, self.config.fix_batch_size)
         t0 = time.perf_counter()
-        for i in range(0, len(cams), bs):
-            future = self.fixer.submit(rgb[i:i + bs], refs[i:i + bs], cams[i:i + bs])
-            self.pending.append(_Pending(k, cams[i:i + bs], masks[i:i + bs], future))
+        for idx in _size_batches([(c.height, c.width) for c in cams], self.config.fix_batch_size):
+            batch = [cams[i] for i in idx]
+            masks = self.config.sampling.mask(torch.stack([alpha[i] for i in idx]))  # [B, 1, H, W]
+            future = self.fixer.submit(np.stack([rgb[i] for i in idx]), np.stack([refs[i] for i in idx]), batch)
+            self.pending.append(_Pending(k, batch, masks, future))
         # time the training thread spends handing renders over (a fixer that answers synchronously shows up here)
         self.timings["fix_submit_s"] += time.perf_counter() - t0
         self.pseudo.append([])
@@ -416,7 +416,7 @@ class _SceneData:
     train: list[Any]  # TrainingView, image [3, H, W] float on CPU, weight = real_weight
     train_uint8: list[np.ndarray]  # [H, W, 3]
     targets: list[Camera]
-    evals: dict[str, tuple[list[Camera], np.ndarray]]  # split -> (cameras, uint8 [B, H, W, 3])
+    evals: dict[str, tuple[list[Camera], list[np.ndarray]]]  # split -> (cameras, uint8 [H, W, 3] per camera)
 
     rotation_weight: float = 1.0  # of the distance that picks a camera's nearest training view
 
@@ -451,14 +451,39 @@ class _SceneData:
                                  f"split {split!r} has several cameras named {shared}; renders are saved as "
                                  f"renders/<method>/{split}/<name>.png")
             if idx:
-                evals[split] = ([scene.cameras[i] for i in idx], np.stack([scene.load_image(i) for i in idx]))
+                evals[split] = ([scene.cameras[i] for i in idx], [scene.load_image(i) for i in idx])
         return cls(train=train, train_uint8=train_u8, targets=list(targets), evals=evals,
                    rotation_weight=config.schedule.rotation_weight)
 
-    def references(self, cameras: list[Camera]) -> np.ndarray:
-        """The nearest training image to each camera (the schedule's pose distance): uint8 ``[B, H, W, 3]``."""
+    def references(self, cameras: list[Camera]) -> list[np.ndarray]:
+        """The nearest training image to each camera (the schedule's pose distance), at that camera's size: uint8
+        ``[H, W, 3]`` each. A training camera of another size (a side camera, a trajectory rendered at 2x) gives its
+        image resized with Lanczos, as the original Difix resizes its reference to the input (``Difix.sample``)."""
         train_cams = [v.camera for v in self.train]
-        return np.stack([self.train_uint8[nearest_index(c, train_cams, self.rotation_weight)] for c in cameras])
+        return [_resized(self.train_uint8[nearest_index(c, train_cams, self.rotation_weight)], c.height, c.width)
+                for c in cameras]
+
+
+def _resized(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` at ``height`` x ``width`` (PIL's Lanczos: deterministic); the image itself at that size."""
+    if image.shape[:2] == (height, width):
+        return image
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.LANCZOS))
+
+
+def _size_batches(sizes: list[tuple[int, int]], batch_size: int | None = None) -> list[list[int]]:
+    """Indices of ``sizes`` grouped by size (in order of first appearance), each group cut into batches of at most
+    ``batch_size`` (None: whole groups): a fixer request or a metric call takes images of one size."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, size in enumerate(sizes):
+        groups.setdefault(tuple(size), []).append(i)
+    batches = []
+    for idx in groups.values():
+        step = max(1, batch_size or len(idx))
+        batches += [idx[j:j + step] for j in range(0, len(idx), step)]
+    return batches
 
 
 class _StepBatches:
@@ -501,7 +526,7 @@ def _baseline(scene, data: _SceneData, config: ProgressiveConfig, out: SceneOutp
     done = out.state("baseline.json")
     if storage.exists(done):
         info = storage.read_json(done)
-        renders = {split: np.stack([imageio.read_image(out.render("baseline", split, c.name)) for c in cams])
+        renders = {split: [imageio.read_image(out.render("baseline", split, c.name)) for c in cams]
                    for split, (cams, _) in data.evals.items()}
         return renders, float(info["train_s"])
     rep = _new_representation(scene, config, device)
@@ -525,25 +550,32 @@ def _baseline(scene, data: _SceneData, config: ProgressiveConfig, out: SceneOutp
     return renders, train_s
 
 
-def _render(rep, cameras: list[Camera]) -> tuple[np.ndarray, torch.Tensor]:
-    """Render one camera at a time (cameras may differ in size): uint8 [B, H, W, 3], alpha [B, 1, H, W]."""
+def _render(rep, cameras: list[Camera]) -> tuple[list[np.ndarray], list[torch.Tensor]]:
+    """Render one camera at a time (cameras may differ in size): per camera uint8 [H, W, 3] and alpha [1, H, W]."""
     rgbs, alphas = [], []
     with torch.no_grad():
         for cam in cameras:
             r = rep.render([cam])
             rgbs.append(imageio.to_uint8(r.rgb)[0])
             alphas.append(r.alpha[0].float().cpu())
-    return np.stack(rgbs), torch.stack(alphas)
+    return rgbs, alphas
 
 
-def _render_splits(rep, evals: dict) -> dict[str, np.ndarray]:
+def _render_splits(rep, evals: dict) -> dict[str, list[np.ndarray]]:
     return {split: _render(rep, cams)[0] for split, (cams, _) in evals.items()}
 
 
-def _fix_all(fixer: ViewFixer, renders: np.ndarray, refs: np.ndarray, cams: list[Camera], bs: int) -> np.ndarray:
-    bs = max(1, bs)
-    futures = [fixer.submit(renders[i:i + bs], refs[i:i + bs], cams[i:i + bs]) for i in range(0, len(cams), bs)]
-    return np.concatenate([np.asarray(f.result(), dtype=np.uint8) for f in futures])
+def _fix_all(fixer: ViewFixer, renders: list[np.ndarray], refs: list[np.ndarray], cams: list[Camera],
+             bs: int) -> list[np.ndarray]:
+    """Every render fixed, in requests of at most ``bs`` renders of one size; uint8 [H, W, 3] per camera."""
+    batches = _size_batches([(c.height, c.width) for c in cams], bs)
+    futures = [fixer.submit(np.stack([renders[i] for i in idx]), np.stack([refs[i] for i in idx]),
+                            [cams[i] for i in idx]) for idx in batches]
+    fixed: list[np.ndarray] = [None] * len(cams)  # type: ignore[list-item]
+    for idx, future in zip(batches, futures):
+        for i, image in zip(idx, np.asarray(future.result(), dtype=np.uint8)):
+            fixed[i] = image
+    return fixed
 
 
 def _score(renders: dict, evals: dict, want_lpips: bool, device) -> tuple[dict, dict]:
@@ -563,14 +595,17 @@ def _score(renders: dict, evals: dict, want_lpips: bool, device) -> tuple[dict, 
         notes["lpips"] = "disabled in the config"
     out: dict = {}
     for split, (_, gt) in evals.items():
-        target = imageio.to_tensor(gt)
+        groups = _size_batches([image.shape[:2] for image in gt])  # views of one size score together
         for method in [m for m in METHODS if m in renders]:
-            pred = imageio.to_tensor(renders[method][split])
-            row = {"psnr": float(M.psnr(pred, target).clamp(max=100.0).mean()),
-                   "ssim": float(M.ssim(pred, target).mean())}
-            if lpips_model is not None:
-                row["lpips"] = float(M.lpips(lpips_model, pred.to(device), target.to(device)).mean())
-            out.setdefault(split, {})[method] = row
+            per_view: dict[str, list[torch.Tensor]] = {}
+            for idx in groups:
+                pred = imageio.to_tensor([renders[method][split][i] for i in idx])
+                target = imageio.to_tensor([gt[i] for i in idx])
+                per_view.setdefault("psnr", []).append(M.psnr(pred, target).clamp(max=100.0))
+                per_view.setdefault("ssim", []).append(M.ssim(pred, target))
+                if lpips_model is not None:
+                    per_view.setdefault("lpips", []).append(M.lpips(lpips_model, pred.to(device), target.to(device)))
+            out.setdefault(split, {})[method] = {k: float(torch.cat(v).mean()) for k, v in per_view.items()}
     return out, notes
 
 
