@@ -60,3 +60,18 @@ def test_a_trajectory_at_twice_the_resolution_gets_references_at_its_size(street
         for ref, cam in zip(refs, cams):  # the nearest training image, resized (Lanczos) to the trajectory's size
             nearest = street.load_image(street.splits["train"][nearest_index(cam, train)])
             assert np.abs(ref.astype(int) - np.kron(nearest, np.ones((2, 2, 1))).astype(int)).mean() < 2
+
+
+def test_a_fixer_answering_at_another_size_is_named_with_the_round_and_views(street, tmp_path):
+    from difix3d.recon.view_fixers import ViewFixer
+
+    class HalfSize(ViewFixer):  # e.g. a replica that resizes to its model's size and does not resize back
+        name = "half"
+
+        def submit(self, renders, refs, cameras):
+            return IdentityViewFixer().submit(renders[:, ::2, ::2], None, cameras)
+
+    cfg = tiny_config(iterations=24, baseline=False, post_render=False)
+    with pytest.raises(ValueError, match=r"fixer 'half' \(HalfSize\) answered round 0 \(views \['001_front_shift1m'.*"
+                                         rf"shape \(4, {H // 2}, {W // 2}, 3\); the renders are \(4, {H}, {W}, 3\)"):
+        reconstruct_scene(street, str(tmp_path), cfg, HalfSize(), progress=False, device="cpu")

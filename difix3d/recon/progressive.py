@@ -180,7 +180,8 @@ def reconstruct_scene(scene: Any, output_uri: str, config: ProgressiveConfig | N
         renders["difix3d_plus"] = {}
         for split, (cams, _) in data.evals.items():
             refs = data.references(cams)
-            fixed = _fix_all(view_fixer, renders["difix3d"][split], refs, cams, config.fix_batch_size)
+            fixed = _fix_all(view_fixer, renders["difix3d"][split], refs, cams, config.fix_batch_size,
+                             f"the Difix3D+ renders of split {split!r}")
             renders["difix3d_plus"][split] = fixed
             out.write_renders("difix3d_plus", split, [c.name for c in cams], fixed)
             frames_fixed += len(cams)
@@ -309,9 +310,7 @@ class ProgressiveLoop:
         self.timings["fix_wait_s"] += time.perf_counter() - t0
 
     def _join(self, p: "_Pending", fixed: np.ndarray) -> None:
-        fixed = np.asarray(fixed, dtype=np.uint8)
-        if fixed.shape[0] != len(p.cameras):
-            raise ValueError(f"fixer returned {fixed.shape[0]} views for {len(p.cameras)} renders")
+        fixed = _checked_answer(self.fixer, fixed, p.cameras, f"round {p.round_index}")
         TrainingView = _training_view_class()
         weight = self.config.sampling.loss_weight(True)
         for cam, image, mask in zip(p.cameras, fixed, p.masks):
@@ -566,16 +565,29 @@ def _render_splits(rep, evals: dict) -> dict[str, list[np.ndarray]]:
 
 
 def _fix_all(fixer: ViewFixer, renders: list[np.ndarray], refs: list[np.ndarray], cams: list[Camera],
-             bs: int) -> list[np.ndarray]:
+             bs: int, what: str) -> list[np.ndarray]:
     """Every render fixed, in requests of at most ``bs`` renders of one size; uint8 [H, W, 3] per camera."""
     batches = _size_batches([(c.height, c.width) for c in cams], bs)
     futures = [fixer.submit(np.stack([renders[i] for i in idx]), np.stack([refs[i] for i in idx]),
                             [cams[i] for i in idx]) for idx in batches]
     fixed: list[np.ndarray] = [None] * len(cams)  # type: ignore[list-item]
     for idx, future in zip(batches, futures):
-        for i, image in zip(idx, np.asarray(future.result(), dtype=np.uint8)):
+        for i, image in zip(idx, _checked_answer(fixer, future.result(), [cams[i] for i in idx], what)):
             fixed[i] = image
     return fixed
+
+
+def _checked_answer(fixer: ViewFixer, fixed: Any, cameras: list[Camera], what: str) -> np.ndarray:
+    """A fixer's answer to renders of ``cameras`` (one size) as uint8 ``[B, H, W, 3]``; a ValueError naming the fixer,
+    ``what`` it fixed and the views when it is not one image per render at the render's size (a pseudo view of
+    another size fails only later, in a training step that names neither)."""
+    fixed = np.asarray(fixed)
+    expected = (len(cameras), cameras[0].height, cameras[0].width, 3)
+    if fixed.shape != expected:
+        raise ValueError(f"fixer {fixer.name!r} ({fixer.describe()['kind']}) answered {what} "
+                         f"(views {[c.name for c in cameras]}) with an array of shape {fixed.shape}; the renders are "
+                         f"{expected}")
+    return fixed.astype(np.uint8, copy=False)
 
 
 def _score(renders: dict, evals: dict, want_lpips: bool, device) -> tuple[dict, dict]:
