@@ -50,3 +50,10 @@ def test_missing_nerfstudio_says_what_to_install(segment, monkeypatch):
         make_representation("nerfacto", segment, NerfConfig.tiny(10), device="cpu")
     assert "difix3d[nerf]" in str(err.value) and INSTALL_HINT in str(err.value)
     assert isinstance(make_representation("3dgs", segment, device="cpu"), GaussianSplat)  # 3DGS needs no extra
+
+
+def test_the_nerf_config_seed_is_kept_unless_a_seed_is_given(segment):
+    pytest.importorskip("nerfstudio")
+    cfg = __import__("dataclasses").replace(NerfConfig.tiny(5), seed=7)
+    assert make_representation("nerfacto", segment, cfg, device="cpu").config.seed == 7
+    assert make_representation("nerfacto", segment, cfg, device="cpu", seed=3).config.seed == 3

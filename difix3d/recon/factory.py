@@ -28,12 +28,15 @@ def default_config(kind: str, iterations: int | None = None, tiny: bool = False)
 
 
 def make_representation(kind: str, scene: Any, config: Any = None, device: torch.device | str | None = None,
-                        seed: int = 0) -> Representation:
+                        seed: int | None = None) -> Representation:
     """A fresh ``kind`` representation of ``scene`` (initialized from its training split).
 
     config: the backend's config (``GaussianConfig`` for "3dgs", ``NerfConfig`` for "nerfacto"), None for its
-    defaults. seed: the random initialization (3DGS random points; NeRF weights and ray sampling)."""
+    defaults. seed: the random initialization (3DGS random points; NeRF weights and ray sampling); None keeps
+    ``NerfConfig.seed`` for NeRF and 0 for 3DGS, a number overrides both."""
     _check_kind(kind)
+    if seed is None:
+        seed = int(getattr(config, "seed", 0) or 0) if kind == "nerfacto" else 0
     torch.manual_seed(seed)
     if kind == "3dgs":
         from difix3d.recon.gaussians import GaussianConfig, GaussianSplat
