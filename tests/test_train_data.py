@@ -73,6 +73,22 @@ def test_corrupt_row_fails_naming_it_or_is_skipped(tmp_path):
     assert _ids(read_rows(index, 3, skip_corrupt=True)) == [("0", "0"), ("0", "2")]
 
 
+def test_a_row_whose_images_differ_in_size_is_a_corrupt_row(tmp_path):
+    """Shards from other tools share the schema but not write_pair_shard's checks."""
+    from difix3d.imageio import encode_image
+
+    index = _shards(tmp_path, n_shards=1, rows=3)
+    uri = index.shards[0]
+    table = pq.read_table(uri)
+    col = table.column("target").to_pylist()
+    col[2] = encode_image(np.zeros((10, 16, 3), np.uint8))
+    i = table.schema.get_field_index("target")
+    pq.write_table(table.set_column(i, table.schema.field("target"), pa.array(col, pa.binary())), uri)
+    with pytest.raises(InputError, match=r"shard-0.parquet row 2: .*degraded 12x16, target 10x16"):
+        read_rows(index, 3)
+    assert _ids(read_rows(index, 3, skip_corrupt=True)) == [("0", "0"), ("0", "1")]
+
+
 def test_a_bad_shard_does_not_stop_workers_that_other_epochs_deal_good_ones(tmp_path):
     index = _shards(tmp_path, n_shards=2, rows=2)
     uri = index.shards[1]

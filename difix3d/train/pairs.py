@@ -102,10 +102,15 @@ def read_pair_table(uri: str, columns: list[str] | None = None) -> pa.Table:
 
 
 def decode_pair_row(row: dict[str, Any], source: str) -> dict[str, Any]:
-    """Decode a row's PNG columns in place to uint8 ``[H, W, 3]``; errors name ``source`` and the column."""
+    """Decode a row's PNG columns in place to uint8 ``[H, W, 3]``; errors name ``source`` and the column. A row's
+    images must share one size (they are cropped in one window): shards written by other tools are checked here."""
     for name in IMAGE_COLUMNS:
         if row.get(name) is not None:
             row[name] = decode_image(row[name], source=f"{source} column {name}")
+    sizes = {name: row[name].shape[:2] for name in IMAGE_COLUMNS if row.get(name) is not None}
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{name} {h}x{w}" for name, (h, w) in sizes.items())
+        raise InputError(source, f"the row's images differ in size ({listed}); a pair's images must share one size")
     return row
 
 
