@@ -132,6 +132,15 @@ def test_pkl_missing_adapter_or_skip_weights_is_an_error(tmp_path, sd_turbo, tra
         load_checkpoint(str(tmp_path / "partial.pkl"), base=sd_turbo)
 
 
+def test_pkl_whose_lora_targets_match_nothing_is_an_error_naming_file_and_targets(tmp_path, sd_turbo, trained):
+    save_official_pkl(trained, str(tmp_path / "m.pkl"))
+    sd = torch.load(str(tmp_path / "m.pkl"), weights_only=True)
+    sd["vae_lora_target_modules"] = ["decoder.mid.block_1.conv1"]  # another code base's module names
+    torch.save(sd, str(tmp_path / "other_names.pkl"))
+    with pytest.raises(CheckpointError, match=r"other_names\.pkl: .*LoRA targets \['decoder\.mid\.block_1\.conv1'\]"):
+        load_checkpoint(str(tmp_path / "other_names.pkl"), base=sd_turbo)
+
+
 def test_nvidia_folder_with_decoder_only_lora_loads(tmp_path, sd_turbo, trained, x):
     model = _decoder_only_lora(load_checkpoint(str(_saved(trained, tmp_path / "copy"))))
     folder = str(tmp_path / "difix")

@@ -67,7 +67,9 @@ def test_fix_errors_name_the_input(tmp_path, capsys):
     assert "x.png: -o" in capsys.readouterr().err and (tmp_path / "x.png").read_bytes() == before  # not replaced
 
 
-def test_convert_official_pkl(tmp_path):
+def test_convert_official_pkl(tmp_path, capsys):
+    import torch
+
     from difix3d.fixer.checkpoint import load_checkpoint, save_official_pkl
     from difix3d.fixer.testing import write_tiny_sd_turbo_folder
 
@@ -76,3 +78,7 @@ def test_convert_official_pkl(tmp_path):
     assert main(["convert", str(tmp_path / "m.pkl"), str(tmp_path / "ours"), "--base", base]) == 0
     assert sorted(os.listdir(tmp_path / "ours")) == ["config.json", "model.safetensors"]
     assert main(["convert", str(tmp_path / "m.pkl"), str(tmp_path / "x")]) == 2  # no base: names what to fetch
+    sd = torch.load(str(tmp_path / "m.pkl"), weights_only=True)
+    torch.save(sd | {"vae_lora_target_modules": ["nowhere"]}, str(tmp_path / "bad.pkl"))
+    assert main(["convert", str(tmp_path / "bad.pkl"), str(tmp_path / "y"), "--base", base]) == 2  # no traceback
+    assert "bad.pkl: its VAE LoRA targets ['nowhere']" in capsys.readouterr().err

@@ -121,7 +121,7 @@ def materialize(config: FixerConfig, state: dict[str, torch.Tensor], source: str
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config.unet)
         vae = AutoencoderKL.from_config(config.vae)
-        model = DifixModel(config, unet, vae, torch.empty(1, config.prompt_tokens, config.cross_attention_dim))
+        model = _difix(config, unet, vae, torch.empty(1, config.prompt_tokens, config.cross_attention_dim), source)
     _check_keys(model.state_dict(), state, source)
     _check_shapes(model.state_dict(), state, source)
     model.load_state_dict(state, strict=True, assign=True)
@@ -132,17 +132,17 @@ def materialize(config: FixerConfig, state: dict[str, torch.Tensor], source: str
 
 
 # --- SD-Turbo folder -----------------------------------------------------------------------------------------------
-def _load_sd_turbo(folder: str, lora_rank: int | None = None, lora_targets: tuple[str, ...] | None = None
-                   ) -> DifixModel:
+def _load_sd_turbo(folder: str, lora_rank: int | None = None, lora_targets: tuple[str, ...] | None = None,
+                   source: str | None = None) -> DifixModel:
     """A fresh Difix on an SD-Turbo folder's weights; ``lora_rank`` / ``lora_targets`` shape its decoder adapter
-    (default: ours, the official Difix code's)."""
+    (default: ours, the official Difix code's) as the checkpoint ``source`` (named in errors) asks."""
     unet, vae = _pretrained(folder, "unet"), _pretrained(folder, "vae")
     config = _config_from(unet, vae)
     prompt = encode_prompt(folder, config.prompt)
     config.prompt_tokens = prompt.shape[1]
     config.lora_rank = config.lora_rank if lora_rank is None else int(lora_rank)
     config.lora_targets = config.lora_targets if lora_targets is None else tuple(lora_targets)
-    return DifixModel(config, unet, vae, prompt)
+    return _difix(config, unet, vae, prompt, source or folder)
 
 
 def encode_prompt(folder: str, prompt: str) -> torch.Tensor:
@@ -175,7 +175,7 @@ def _load_official_pkl(path: str, base: str | None) -> DifixModel:
                                   f"their base comes from SD-Turbo ({base or 'no base given'}): {FETCH_SD_TURBO}")
     # the adapter is built in the checkpoint's own shape: its rank and target list (suffixes in the official Difix
     # code, full decoder module names in pix2pix-turbo-style code)
-    model = _load_sd_turbo(base, sd.get("rank_vae", 4), sd.get("vae_lora_target_modules", LORA_TARGETS))
+    model = _load_sd_turbo(base, sd.get("rank_vae", 4), sd.get("vae_lora_target_modules", LORA_TARGETS), path)
     _check_keys(model.unet.state_dict(), sd["state_dict_unet"], f"{path}[state_dict_unet]")
     vae_state = model.vae.state_dict()
     # the file holds exactly the adapter and skip-conv tensors (the VAE's base weights come from SD-Turbo)
@@ -217,7 +217,7 @@ def _load_nvidia_folder(folder: str) -> DifixModel:
     config.skip_gamma = 0.0 if vae_cfg.get("ignore_skip") else float(vae_cfg.get("gamma", config.skip_gamma))
     prompt = encode_prompt(folder, config.prompt)
     config.prompt_tokens = prompt.shape[1]
-    model = DifixModel(config, unet, vae, prompt)
+    model = _difix(config, unet, vae, prompt, os.path.join(vae_dir, CONFIG_FILE))
     w_path = _weights_file(vae_dir)
     state = _normalize_vae_keys(_read_safetensors(w_path), model.vae.state_dict())
     want = model.vae.state_dict()
@@ -291,6 +291,16 @@ def _export_state(model: DifixModel, keep) -> dict[str, torch.Tensor]:
 def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries of ``state`` under ``prefix``, keyed without it."""
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _difix(config: FixerConfig, unet, vae, prompt: torch.Tensor, source: str) -> DifixModel:
+    """The :class:`DifixModel` of ``config`` on these networks; an adapter the checkpoint ``source`` shapes so that
+    it fits no module of the VAE is a CheckpointError naming the file and the targets."""
+    try:
+        return DifixModel(config, unet, vae, prompt)
+    except ValueError as e:  # peft: targets that match nothing, or modules it cannot wrap
+        raise CheckpointError(source, f"its VAE LoRA targets {list(config.lora_targets)} (rank {config.lora_rank}) "
+                                      f"do not fit the model's VAE: {e}") from e
 
 
 def _zero_delta_lora(want: dict[str, torch.Tensor], where) -> dict[str, torch.Tensor]:
