@@ -169,3 +169,25 @@ def test_cuda_training_uses_the_fast_hash_grid_when_present(segment):
     out = model.render([v.camera for v in held_out[:2]])
     assert out.rgb.is_cuda and out.rgb.shape == (2, 3, H, W)
     assert evaluate(model, held_out)["psnr"] > before + 5.0
+
+
+def test_a_tiny_cuda_nn_model_is_refused_clearly_where_tinycudann_cannot_run(segment, tmp_path):
+    model = make_representation("nerfacto", segment, NerfConfig.tiny(2), device="cpu")
+    uri = str(tmp_path / "nerfacto.pt")
+    model.export(uri)
+    assert NerfactoScene.load(uri).implementation == "torch"
+    state = torch.load(uri, weights_only=False)
+    state.pop("implementation")  # a file from before the implementation was recorded: told by tcnn's names
+    state["model"] = {k.replace("hash_table", "tcnn_encoding.params"): v for k, v in state["model"].items()}
+    torch.save(state, uri)
+    with pytest.raises(CheckpointError, match=r"nerfacto\.pt.*trained with tiny-cuda-nn.*tinycudann imports"):
+        NerfactoScene.load(uri, device="cpu")
+    with pytest.raises(ValueError, match="trained with tiny-cuda-nn"):
+        model.load_state_dict(state)
+
+
+def test_appearance_embeddings_are_refused_not_silently_inert():
+    with pytest.raises(ValueError, match="use_appearance_embedding: not supported"):
+        NerfConfig.tiny(use_appearance_embedding=True)
+    with pytest.raises(ValueError, match="implementation"):
+        NerfConfig(implementation="cuda")

@@ -92,6 +92,15 @@ class NerfConfig:
     scene_radius: float = 1.0  # training camera centres are scaled into [-scene_radius, scene_radius]^3
     seed: int = 0  # ray sampling generator
 
+    def __post_init__(self) -> None:
+        if self.use_appearance_embedding:
+            # nerfstudio indexes the embedding by each ray's camera index; train steps see views, not scene indices,
+            # and pseudo views have no slot, so every view would train slot 0: refused rather than silently inert
+            raise ValueError("nerf.use_appearance_embedding: not supported (train steps carry no per-image index "
+                             "and pseudo views join without a slot); leave it False")
+        if self.implementation not in ("auto", "tcnn", "torch"):
+            raise ValueError(f"nerf.implementation: expected auto, tcnn or torch, got {self.implementation!r}")
+
     @classmethod
     def tiny(cls, iterations: int = 300, **kw) -> "NerfConfig":
         """CPU tests and demos on images of a few hundred pixels: a 4-level 4k-entry hash grid, one small
@@ -152,6 +161,22 @@ class _NoLPIPS(torch.nn.Module):
 def _no_lpips():
     with mock.patch("torchmetrics.image.lpip.LearnedPerceptualImagePatchSimilarity", _NoLPIPS):
         yield
+
+
+def _saved_implementation(state: dict) -> str:
+    """"tcnn" or "torch": recorded in the state, or (files from before it was) told by tcnn's parameter names."""
+    if state.get("implementation") in ("tcnn", "torch"):
+        return state["implementation"]
+    return "tcnn" if any("tcnn_" in k for k in state.get("model", {})) else "torch"
+
+
+def _refuse_implementation(saved: str, here: str, device: torch.device) -> None:
+    if saved == "tcnn":
+        raise ValueError(f"it was trained with tiny-cuda-nn, whose fused weights nerfstudio's torch hash grid cannot "
+                         f"read; load it on a CUDA device where tinycudann imports (here: the {here!r} "
+                         f"implementation on {device.type})")
+    raise ValueError(f"it was trained with the {saved!r} implementation, this model uses {here!r}; build it with "
+                     f"NerfConfig(implementation={saved!r})")
 
 
 def _resolve_implementation(requested: str, device: torch.device) -> str:
@@ -393,12 +418,16 @@ class NerfactoScene(Representation):
             "center": self.center.tolist(),
             "scale": self.scale,
             "num_train_data": self.num_train_data,
+            "implementation": self.implementation,  # tcnn's fused weights load only where tinycudann runs
         })
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a :meth:`state_dict` of a model built with the same config (optimizers included)."""
         if state.get("format") != EXPORT_FORMAT:
             raise ValueError(f"not a NerfactoScene state (format {state.get('format')!r})")
+        saved = _saved_implementation(state)
+        if saved != self.implementation:
+            _refuse_implementation(saved, self.implementation, self.device)
         self.center = np.asarray(state["center"], dtype=np.float64)
         self.scale = float(state["scale"])
         self.model.load_state_dict(state["model"])
@@ -417,7 +446,13 @@ class NerfactoScene(Representation):
 
     @classmethod
     def from_state_dict(cls, state: dict, device=None) -> "NerfactoScene":
-        model = cls(NerfConfig.from_dict(state["config"]), np.asarray(state["center"]), float(state["scale"]),
+        """The model a :meth:`state_dict` or :meth:`export` describes, in the implementation it was trained with."""
+        saved = _saved_implementation(state)
+        here = _resolve_implementation("auto", default_device(device))
+        if saved == "tcnn" and here != "tcnn":
+            _refuse_implementation(saved, here, default_device(device))
+        config = NerfConfig.from_dict({**state["config"], "implementation": saved})
+        model = cls(config, np.asarray(state["center"]), float(state["scale"]),
                     num_train_data=int(state.get("num_train_data", 1)), device=device)
         model.load_state_dict(state)
         return model
