@@ -70,7 +70,8 @@ class FleetConfig:
 
     extra: dict[str, Any] = field(default_factory=dict)
     """Overrides of the per-scene ProgressiveConfig (``--set``), dotted for nested fields, e.g.
-    ``{"trainer.iterations": 600, "schedule.round_every": 200}``."""
+    ``{"trainer.iterations": 600, "schedule.round_every": 200}``. ``trainer.iterations`` is each run's budget; the 3DGS
+    schedules follow it (``ProgressiveConfig.budgeted``)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -96,3 +97,7 @@ class FleetConfig:
             raise ValueError("max_attempts must be >= 1")
         if self.scenes is None and self.synthetic_scenes < 1:
             raise ValueError("no --scenes given and synthetic_scenes < 1: nothing to run")
+        from .scene_task import progressive_config
+
+        # here, on the driver: a budget at odds with the representation's schedules would fail every scene alike
+        progressive_config(self).budgeted()

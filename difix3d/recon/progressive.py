@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 def _gaussian_config():
     from difix3d.recon.gaussians import GaussianConfig
 
-    return GaussianConfig()
+    return GaussianConfig(iterations=None)  # the loop's budget (ProgressiveConfig.budgeted)
 
 
 def _trainer_config():
@@ -56,11 +56,14 @@ class ProgressiveConfig:
     representation: str = "3dgs"
     """The backend: "3dgs" (GaussianSplat) or "nerfacto" (NerfactoScene; needs the extra difix3d[nerf])."""
     gaussian: Any = field(default_factory=_gaussian_config)
-    """``GaussianConfig`` of the representation (3DGS paper / gsplat defaults)."""
+    """``GaussianConfig`` of the representation (3DGS paper / gsplat defaults). Its ``iterations``, to which its
+    schedules (LR decay, densification) are scaled, is None here: the loop's budget, ``trainer.iterations``."""
     nerf: Any = None
-    """``NerfConfig`` when representation is "nerfacto" (None: nerfstudio's Nerfacto defaults)."""
+    """``NerfConfig`` when representation is "nerfacto" (None: nerfstudio's Nerfacto defaults at the loop's budget;
+    ``iterations`` None: the loop's budget too)."""
     trainer: Any = field(default_factory=_trainer_config)
-    """``TrainerConfig``: ``iterations`` is the budget of the baseline and of the progressive run; ``seed``."""
+    """``TrainerConfig``: ``iterations`` is the budget of the baseline and of the progressive run; ``seed``.
+    ``batch_size`` must be 1: the loop trains on one view a step."""
     schedule: ProgressiveSchedule = field(default_factory=ProgressiveSchedule)
     sampling: PseudoViewSampling = field(default_factory=PseudoViewSampling)
     init_ply: str | None = None
@@ -100,12 +103,33 @@ class ProgressiveConfig:
         from difix3d.recon.gaussians import GaussianConfig
         from difix3d.recon.trainer import TrainerConfig
 
-        iterations = 300
-        gaussian = GaussianConfig.tiny(iterations=iterations)
-        trainer = TrainerConfig.tiny(iterations=iterations)
+        gaussian = GaussianConfig.tiny(iterations=None)  # the loop's budget: trainer.iterations
+        trainer = TrainerConfig.tiny(iterations=300)
         return cls(gaussian=gaussian, trainer=trainer,
                    schedule=ProgressiveSchedule(pretrain_iters=100, round_every=40, step_size=1.0),
                    sampling=PseudoViewSampling(probability=0.5), lpips=False)
+
+    def budgeted(self) -> "ProgressiveConfig":
+        """This config with the representation's ``iterations`` set to the loop's budget, ``trainer.iterations``.
+        The representation scales its schedules to its own ``iterations``, so with another number LR decay and
+        densification would end before the run does, or never: None there is filled in (and logged), a different
+        number is a ValueError naming both fields, and so is a batch size other than 1 (the loop steps on one view).
+        """
+        budget = int(self.trainer.iterations)
+        name = "nerf" if self.representation == "nerfacto" else "gaussian"
+        backend = getattr(self, name)
+        for field_name, value in (("trainer", self.trainer), (name, backend)):  # gaussian's scales its learning rates
+            if getattr(value, "batch_size", 1) != 1:
+                raise ValueError(f"{field_name}.batch_size is {value.batch_size}: the progressive loop trains on one "
+                                 "view a step (the 3DGS paper's batch), so set it to 1")
+        if backend is None or backend.iterations == budget:  # None: the backend's defaults at the budget
+            return self
+        if backend.iterations is not None:
+            raise ValueError(f"{name}.iterations {backend.iterations} and trainer.iterations {budget} differ: "
+                             f"trainer.iterations is the run's budget and the representation's schedules are scaled "
+                             f"to {name}.iterations; set them equal, or {name}.iterations to None to follow it")
+        log.info("%s.iterations follows trainer.iterations: %d", name, budget)
+        return dataclasses.replace(self, **{name: dataclasses.replace(backend, iterations=budget)})
 
     def to_dict(self) -> dict:
         return _asdict(self)
@@ -138,7 +162,7 @@ def reconstruct_scene(scene: Any, output_uri: str, config: ProgressiveConfig | N
     ``targets``: cameras of a trajectory to move the pseudo views toward (default: the ``target_splits`` cameras).
     Re-running with the same ``output_uri`` resumes; with a config that changes training, it is an error.
     """
-    config = config or ProgressiveConfig()
+    config = (config or ProgressiveConfig()).budgeted()
     shared = _shared_names(targets or [])
     if shared:  # pseudo views are saved, and resumed, by name: one target's image would overwrite another's
         raise ValueError(f"targets share the names {shared}: pseudo views are saved as pseudo/round_<k>/<name>.png; "
@@ -624,9 +648,11 @@ def _score(renders: dict, evals: dict, want_lpips: bool, device) -> tuple[dict, 
 # -------------------------------------------------------------------- small helpers
 
 def _new_representation(scene, config: ProgressiveConfig, device):
-    from difix3d.recon.factory import make_representation
+    from difix3d.recon.factory import default_config, make_representation
 
     backend_config = config.nerf if config.representation == "nerfacto" else config.gaussian
+    if backend_config is None:  # the backend's defaults, at the loop's budget
+        backend_config = default_config(config.representation, iterations=int(config.trainer.iterations))
     rep = make_representation(config.representation, scene, backend_config, device, seed=_seed(config))
     if config.init_ply:
         if config.representation != "3dgs":
@@ -653,7 +679,8 @@ def _check_resumable(out: SceneOutputs, record: dict) -> None:
         return
     saved = storage.read_json(out.config)
     now = json.loads(json.dumps(record, default=storage._json_default))
-    changes = [c for k in _TRAINING_KEYS if k in saved or k not in _RECORDED_LATER
+    idle = "gaussian" if now.get("representation") == "nerfacto" else "nerf"  # the backend config not run
+    changes = [c for k in _TRAINING_KEYS if k != idle and (k in saved or k not in _RECORDED_LATER)
                for c in nested_changes(saved.get(k), now.get(k), k, _NOT_TRAINING)]
     if changes:  # an InputError: the fleet records it and does not retry what would fail the same way
         sections = sorted({key.split(".")[0] for key, _, _ in changes}, key=_TRAINING_KEYS.index)
