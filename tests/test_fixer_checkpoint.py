@@ -85,10 +85,32 @@ def test_official_pkl_loads_with_its_sd_turbo_base(tmp_path, sd_turbo, trained, 
     _assert_same_outputs(trained, load_checkpoint(path, base=sd_turbo), x)
     with pytest.raises(MissingWeightsError, match="sd-turbo"):
         load_checkpoint(path, base=None)
-    del sd["state_dict_unet"]["conv_in.weight"]
+    sd["state_dict_unet"]["conv_in.scale"] = torch.ones(1)  # a key the model lacks
     torch.save(sd, str(tmp_path / "broken.pkl"))
-    with pytest.raises(CheckpointError, match=r"broken\.pkl\[state_dict_unet\].*missing keys.*conv_in\.weight"):
+    with pytest.raises(CheckpointError, match=r"broken\.pkl\[state_dict_unet\].*unexpected keys.*conv_in\.scale"):
         load_checkpoint(str(tmp_path / "broken.pkl"), base=sd_turbo)
+
+
+def test_pkl_of_the_official_save_model_takes_the_rest_of_its_unet_from_the_base(tmp_path, sd_turbo, trained, x,
+                                                                               caplog):
+    """The official ``save_model`` keeps only the UNet's LoRA and conv_in tensors; its loader takes the rest from
+    SD-Turbo."""
+    path = str(tmp_path / "model_5001.pkl")
+    save_official_pkl(trained, path)
+    sd = torch.load(path, weights_only=True)
+    sd["state_dict_unet"] = {k: v for k, v in sd["state_dict_unet"].items() if "lora" in k or "conv_in" in k}
+    torch.save(sd, path)
+    base_unet = load_checkpoint(sd_turbo).unet.state_dict()
+    with caplog.at_level("INFO", logger="difix3d.fixer.checkpoint"):
+        loaded = load_checkpoint(path, base=sd_turbo)
+    got, n = loaded.unet.state_dict(), len(base_unet) - 2
+    assert all(torch.equal(got[k], (sd["state_dict_unet"] if "conv_in" in k else base_unet)[k]) for k in got)
+    assert f"{n} of the UNet's {len(base_unet)} tensors are not in the file" in caplog.text
+    expected = load_checkpoint(str(_saved(trained, tmp_path / "copy")))
+    expected.unet.load_state_dict(got)  # the trained VAE adapter and skips on that UNet
+    _assert_same_outputs(expected, loaded, x)
+    with pytest.raises(CheckpointError, match=rf"model_5001\.pkl: .*lacks {n} of the UNet's tensors.*--base DIR"):
+        load_checkpoint(path, base=None)
 
 
 def _decoder_only_lora(model):

@@ -21,7 +21,7 @@ import torch
 
 from difix3d import storage
 from difix3d.errors import CheckpointError, MissingWeightsError
-from difix3d.fixer.config import ADAPTER_NAME, LORA_TARGETS, FixerConfig, preset_config
+from difix3d.fixer.config import ADAPTER_NAME, LORA_TARGETS, PRESETS, FixerConfig, preset_config
 from difix3d.fixer.model import DifixModel
 
 log = logging.getLogger(__name__)
@@ -171,22 +171,48 @@ def _load_official_pkl(path: str, base: str | None) -> DifixModel:
     if not isinstance(sd, dict) or any(k not in sd for k in need):
         raise CheckpointError(path, f"not an official Difix .pkl: missing {[k for k in need if k not in (sd or {})]}")
     if not base or not os.path.isdir(base):
+        missing = _unet_tensors_missing(sd["state_dict_unet"])
+        if missing:
+            raise CheckpointError(path, f"its state_dict_unet lacks {missing} of the UNet's tensors (the official "
+                                        "Difix save_model writes only the LoRA and conv_in ones): they come from "
+                                        f"SD-Turbo, as the VAE's base weights do ({base or 'no base given'}): "
+                                        f"{FETCH_SD_TURBO}")
         raise MissingWeightsError(f"{path}: the official Difix .pkl holds only the VAE's LoRA and skip weights, "
                                   f"their base comes from SD-Turbo ({base or 'no base given'}): {FETCH_SD_TURBO}")
     # the adapter is built in the checkpoint's own shape: its rank and target list (suffixes in the official Difix
     # code, full decoder module names in pix2pix-turbo-style code)
     model = _load_sd_turbo(base, sd.get("rank_vae", 4), sd.get("vae_lora_target_modules", LORA_TARGETS), path)
-    _check_keys(model.unet.state_dict(), sd["state_dict_unet"], f"{path}[state_dict_unet]")
+    # the file's UNet tensors over SD-Turbo's, as the official loader does: its save_model keeps only some of them
+    unet_state = model.unet.state_dict()
+    _check_keys(unet_state, unet_state | sd["state_dict_unet"], f"{path}[state_dict_unet]")  # unexpected ones
+    from_base = len(unet_state.keys() - sd["state_dict_unet"].keys())
+    if from_base:
+        log.info("%s: %d of the UNet's %d tensors are not in the file and come from the SD-Turbo base %s", path,
+                 from_base, len(unet_state), base)
+    unet_state.update(sd["state_dict_unet"])
     vae_state = model.vae.state_dict()
     # the file holds exactly the adapter and skip-conv tensors (the VAE's base weights come from SD-Turbo)
     _check_keys({k: v for k, v in vae_state.items() if "lora" in k or "skip" in k}, sd["state_dict_vae"],
                 f"{path}[state_dict_vae] (rank_vae={model.config.lora_rank})")
     vae_state.update(sd["state_dict_vae"])
-    _check_shapes(model.unet.state_dict(), sd["state_dict_unet"], f"{path}[state_dict_unet]")
+    _check_shapes(model.unet.state_dict(), unet_state, f"{path}[state_dict_unet]")
     _check_shapes(model.vae.state_dict(), vae_state, f"{path}[state_dict_vae]")
-    model.unet.load_state_dict(sd["state_dict_unet"], strict=True)
+    model.unet.load_state_dict(unet_state, strict=True)
     model.vae.load_state_dict(vae_state, strict=True)
     return model
+
+
+def _unet_tensors_missing(unet_state: dict[str, torch.Tensor]) -> int:
+    """How many tensors of its UNet a .pkl's ``state_dict_unet`` lacks, judged by the preset whose UNet holds all of
+    its keys in their shapes (0 when none does: nothing to tell without the base)."""
+    from diffusers import UNet2DConditionModel
+
+    for name in PRESETS:
+        with torch.device("meta"):
+            want = UNet2DConditionModel.from_config(preset_config(name).unet).state_dict()
+        if all(k in want and tuple(want[k].shape) == tuple(v.shape) for k, v in unet_state.items()):
+            return len(want.keys() - unet_state.keys())
+    return 0
 
 
 def save_official_pkl(model: DifixModel, path: str) -> None:
