@@ -97,3 +97,36 @@ def test_a_client_fixer_records_its_checkpoint():
 
     assert as_view_fixer(Client()).describe() == {"kind": "ClientViewFixer", "checkpoint": None}
     assert ClientViewFixer(Client(), checkpoint="s3://b/difix").describe()["checkpoint"] == "s3://b/difix"
+
+
+def test_an_interrupted_baseline_resumes_from_its_last_saved_state(street, tmp_path, monkeypatch):
+    from difix3d.recon.gaussians import GaussianSplat
+    from difix3d.recon.progressive import BASELINE_STATE
+
+    cfg = tiny_config(iterations=24, post_render=False, save_every_round=True, baseline_save_every=6)
+    ref = reconstruct_scene(street, str(tmp_path / "ref"), cfg, OracleViewFixer(street.render_gt), progress=False,
+                            device="cpu")
+    steps = {"n": 0, "fail_at": 15}
+    real_step = GaussianSplat.train_step
+
+    def counting_step(self, *args, **kwargs):
+        if steps["n"] == steps["fail_at"]:
+            raise RuntimeError("simulated interruption")
+        steps["n"] += 1
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(GaussianSplat, "train_step", counting_step)
+    out = SceneOutputs(str(tmp_path / "resumed"))
+    with pytest.raises(RuntimeError, match="simulated interruption"):  # 15 of the baseline's 24 steps taken
+        reconstruct_scene(street, out.root, cfg, OracleViewFixer(street.render_gt), progress=False, device="cpu")
+    assert torch.load(out.state(BASELINE_STATE), weights_only=False)["iteration"] == 12
+    assert not storage.exists(out.state("baseline.json"))
+
+    steps.update(n=0, fail_at=None)
+    resumed = reconstruct_scene(street, out.root, cfg, OracleViewFixer(street.render_gt), progress=False,
+                                device="cpu")
+    assert steps["n"] == (24 - 12) + 24  # the baseline from its step 12, then the progressive run
+    for split, methods in ref.metrics.items():  # the same model as a baseline that ran through
+        assert resumed.metrics[split]["baseline"]["psnr"] == pytest.approx(methods["baseline"]["psnr"], abs=1e-3)
+    assert storage.exists(out.state("baseline.json")) and not storage.exists(out.state(BASELINE_STATE))
+    assert resumed.timings["baseline_save_s"] > 0

@@ -10,10 +10,17 @@ state file is never on storage before the pseudo views it names. On CUDA the sna
 
 from __future__ import annotations
 
+import io
+import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 import torch
+
+from difix3d import storage
+from difix3d.errors import CheckpointError
+
+log = logging.getLogger(__name__)
 
 
 def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -131,6 +138,18 @@ class BackgroundWriter:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
 
+    def __enter__(self) -> "BackgroundWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()  # an interrupted run still leaves its last state whole on storage
+        except Exception as e:  # the run's error is the one raised; the write error is logged
+            log.warning("a background write failed too: %s", e)
+
     def _raise_failed(self) -> None:
         still = []
         for f in self._pending:
@@ -139,3 +158,60 @@ class BackgroundWriter:
             else:
                 still.append(f)
         self._pending = still
+
+
+class StateFile:
+    """A resumable training state at ``uri``: :meth:`save` snapshots it on the training thread and writes it on
+    ``writer``'s; :meth:`load` restores it, or raises a CheckpointError naming the file.
+
+    A save while the last one is still being written is skipped (training never waits for storage; a resume redoes
+    the iterations since the last written state) unless ``every_save`` or ``final``. ``on_device``: snapshot on the
+    CUDA device (:class:`DeviceSnapshot`); None: when the state takes at most half the free device memory.
+    """
+
+    def __init__(self, uri: str, writer: BackgroundWriter, device: torch.device | str, every_save: bool = False,
+                 on_device: bool | None = None):
+        self.uri, self.writer, self.device = uri, writer, torch.device(device)
+        self.every_save, self.on_device = every_save, on_device
+        self.skipped = 0
+
+    def save(self, make_state: Callable[[], dict], final: bool = False) -> bool:
+        """Write ``make_state()`` (nested dicts of tensors and plain values) unless skipped; whether it was taken."""
+        if not final and not self.every_save and self.writer.state_busy():
+            self.skipped += 1
+            return False
+        self.writer.wait_state()
+        state = make_state()
+        if self._snapshot_on_device(state):
+            self.writer.submit(_write_device_snapshot, self.uri, DeviceSnapshot(state, self.device), state=True)
+        else:
+            self.writer.submit(storage.write_torch, self.uri, snapshot(state), state=True)
+        return True
+
+    def load(self, restore: Callable[[dict], None]) -> bool:
+        """``restore(state)`` from the file if there is one (False if not). A file that cannot be read or restored
+        (damaged by a partial copy, written by another version) is a CheckpointError naming it, as
+        :func:`difix3d.recon.trainer.load_checkpoint`."""
+        if not storage.exists(self.uri):
+            return False
+        try:
+            restore(torch.load(io.BytesIO(storage.read_bytes(self.uri)), map_location="cpu", weights_only=False))
+        except CheckpointError:
+            raise
+        except Exception as e:  # truncated bytes, missing keys, an image the state names gone
+            raise CheckpointError(self.uri, f"cannot resume from it ({type(e).__name__}: {e}); delete it to "
+                                            "restart") from e
+        return True
+
+    def _snapshot_on_device(self, state: dict) -> bool:
+        if self.device.type != "cuda" or not self.writer.enabled:
+            return False
+        if self.on_device is not None:
+            return self.on_device
+        free, _ = torch.cuda.mem_get_info(self.device)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)  # cached by torch
+        return cuda_nbytes(state) <= free // 2
+
+
+def _write_device_snapshot(uri: str, snap: DeviceSnapshot) -> None:
+    storage.write_torch(uri, snap.to_host())

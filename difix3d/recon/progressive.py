@@ -11,22 +11,21 @@ resumes from the last finished round.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from difix3d import imageio, storage
 from difix3d.device import default_device, global_rng_state, set_global_rng_state
-from difix3d.errors import CheckpointError, InputError
-from difix3d.recon.background_writes import BackgroundWriter, DeviceSnapshot, cuda_nbytes, snapshot
+from difix3d.errors import InputError
+from difix3d.recon.background_writes import BackgroundWriter, StateFile
 from difix3d.recon.outputs import METHODS, SceneOutputs
 from difix3d.recon.schedule import ProgressiveSchedule, PseudoViewSampling, nearest_index
 from difix3d.recon.view_fixers import ViewFixer, as_view_fixer
@@ -85,9 +84,13 @@ class ProgressiveConfig:
     background_writes: bool = True
     """Write each round's state and pseudo views on a writer thread while training goes on (False: inline)."""
     save_every_round: bool = False
-    """False: a round whose previous state write is still running skips its own (training never waits for storage;
-    a resume redoes the rounds since the last written state). True: every round waits for and writes its state.
-    The final state is always written."""
+    """False: a round (or baseline save) whose previous state write is still running skips its own (training never
+    waits for storage; a resume redoes the rounds since the last written state). True: every round waits for and
+    writes its state. The final state is always written."""
+    baseline_save_every: int = 2_000
+    """Iterations between saved states of the baseline (0: none), from which an interrupted baseline resumes instead
+    of starting over: a snapshot on the training thread, written on the writer's, as the rounds' states (whose
+    cadence, ``schedule.round_every``, is 2 000 too)."""
     images_on_device: bool = True
     """Keep the training and pseudo views on the CUDA device as uint8 (1.8 MB a 576x1024 view), converted to float
     at each step, instead of copying a float32 image from pageable host memory every step. False for scenes with
@@ -188,7 +191,8 @@ def reconstruct_scene(scene: Any, output_uri: str, config: ProgressiveConfig | N
     timings: dict[str, float] = {}
     renders: dict[str, dict[str, list[np.ndarray]]] = {}  # method -> split -> uint8 [H, W, 3] per camera
     if config.baseline:
-        renders["baseline"], timings["baseline_train_s"] = _baseline(scene, data, config, out, device, progress)
+        renders["baseline"], baseline_timings = _baseline(scene, data, config, out, device, progress)
+        timings.update(baseline_timings)
 
     loop = ProgressiveLoop(scene, data, config, out, view_fixer, device, progress)
     rep = loop.run()
@@ -245,25 +249,18 @@ class ProgressiveLoop:
         self.timings = {"progressive_train_s": 0.0, "fix_wait_s": 0.0, "round_render_s": 0.0, "round_save_s": 0.0,
                         "state_saves_skipped": 0, "train_steps_s": 0.0, "fix_submit_s": 0.0}
         self.writer = BackgroundWriter(enabled=config.background_writes)
+        self.state_file = StateFile(out.state(self.STATE_FILE), self.writer, device, config.save_every_round,
+                                    config.snapshot_on_device)
         self.batches = _StepBatches(device, config.images_on_device)
 
     def run(self):
         """Train to the budget (resuming if a saved state exists); returns the representation."""
-        try:
-            rep = self._run()
-        except BaseException:
-            try:
-                self.writer.close()  # an interrupted run still leaves its last round's state whole on storage
-            except Exception as e:  # the training error is the one to raise; the write error is logged
-                log.warning("progressive loop of %s: a background write failed too: %s", self.scene.name, e)
-            raise
-        self.writer.close()
-        return rep
+        with self.writer:  # closed, so written, by the time run() returns or raises
+            return self._run()
 
     def _run(self):
         rep = _new_representation(self.scene, self.config, self.device)
-        if storage.exists(self.out.state(self.STATE_FILE)):
-            self._load(rep)
+        self.state_file.load(lambda state: self._restore(rep, state))
         if self.iteration >= self.iterations:
             return rep
         t_start, elapsed0 = time.perf_counter(), self.timings["progressive_train_s"]
@@ -350,36 +347,17 @@ class ProgressiveLoop:
     def _save(self, rep, final: bool = False) -> None:
         """Snapshot the state on this thread (consistent: training waits for the copy), write it on the writer's.
         A round skips its write while the last one is still being written, unless ``save_every_round``."""
-        if not final and not self.config.save_every_round and self.writer.state_busy():
+        t0 = time.perf_counter()
+        if not self.state_file.save(lambda: self._state(rep), final):
             self.timings["state_saves_skipped"] += 1
             return
-        t0 = time.perf_counter()
-        self.writer.wait_state()
-        state = {
-            "iteration": self.iteration, "num_rounds": self.num_rounds, "frames_fixed": self.frames_fixed,
-            "rng": self.rng.getstate(), "torch_rng": global_rng_state(),
-            "timings": dict(self.timings), "representation": rep.state_dict(),
-            "known": [c.to_dict() for c in self.known],
-            "pseudo": self.pseudo_records,
-        }
-        if self._snapshot_on_device(state):
-            self.writer.submit(_write_device_snapshot, self.out.state(self.STATE_FILE),
-                               DeviceSnapshot(state, self.device), state=True)
-        else:
-            self.writer.submit(storage.write_torch, self.out.state(self.STATE_FILE), snapshot(state), state=True)
         self.timings["round_save_s"] += time.perf_counter() - t0
 
-    def _snapshot_on_device(self, state: dict) -> bool:
-        if self.device.type != "cuda" or not self.config.background_writes:
-            return False
-        if self.config.snapshot_on_device is not None:
-            return self.config.snapshot_on_device
-        free, _ = torch.cuda.mem_get_info(self.device)
-        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)  # cached by torch
-        return cuda_nbytes(state) <= free // 2
-
-    def _load(self, rep) -> None:
-        _resume_from(self.out.state(self.STATE_FILE), lambda state: self._restore(rep, state))
+    def _state(self, rep) -> dict:
+        return {"iteration": self.iteration, "num_rounds": self.num_rounds, "frames_fixed": self.frames_fixed,
+                "rng": self.rng.getstate(), "torch_rng": global_rng_state(),
+                "timings": dict(self.timings), "representation": rep.state_dict(),
+                "known": [c.to_dict() for c in self.known], "pseudo": self.pseudo_records}
 
     def _restore(self, rep, state: dict) -> None:
         rep.load_state_dict(state["representation"])
@@ -407,21 +385,6 @@ class ProgressiveLoop:
 def _pseudo_record(camera: Camera, mask: torch.Tensor | None) -> dict:
     """A pseudo view as the round state saves it (its image is the PNG under pseudo/)."""
     return {"camera": camera.to_dict(), "mask": None if mask is None else mask.bool()}
-
-
-def _resume_from(uri: str, restore: Callable[[dict], None]) -> None:
-    """Read a saved state and ``restore(state)``; a file that cannot be read or restored (damaged by a partial copy,
-    written by another version) is a CheckpointError naming it, as :func:`difix3d.recon.trainer.load_checkpoint`."""
-    try:
-        restore(torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=False))
-    except CheckpointError:
-        raise
-    except Exception as e:  # truncated bytes, missing keys, a pseudo view's image gone
-        raise CheckpointError(uri, f"cannot resume from it ({type(e).__name__}: {e}); delete it to restart") from e
-
-
-def _write_device_snapshot(uri: str, snap: DeviceSnapshot) -> None:
-    storage.write_torch(uri, snap.to_host())
 
 
 @dataclass
@@ -543,34 +506,59 @@ class _StepBatches:
 
 # -------------------------------------------------------------------- baseline, rendering, scoring
 
+BASELINE_STATE = "baseline.pt"
+
+
 def _baseline(scene, data: _SceneData, config: ProgressiveConfig, out: SceneOutputs, device,
-              progress: bool) -> tuple[dict[str, np.ndarray], float]:
-    """Plain training with the same budget and sampling of real views; cached under state/ for re-runs."""
+              progress: bool) -> tuple[dict[str, list[np.ndarray]], dict[str, float]]:
+    """Plain training with the same budget and sampling of real views → (renders, timings). Its state is saved every
+    ``config.baseline_save_every`` iterations, so an interrupted baseline resumes from the last one; a finished one
+    is cached (its renders and state/baseline.json, its state file deleted) for re-runs."""
     done = out.state("baseline.json")
     if storage.exists(done):
         info = storage.read_json(done)
         renders = {split: [imageio.read_image(out.render("baseline", split, c.name)) for c in cams]
                    for split, (cams, _) in data.evals.items()}
-        return renders, float(info["train_s"])
+        return renders, {"baseline_train_s": float(info["train_s"]), "baseline_save_s": info.get("save_s", 0.0)}
     rep = _new_representation(scene, config, device)
     rng = random.Random(_seed(config))
-    iterations = int(config.trainer.iterations)
+    run = {"iteration": 0, "train_s": 0.0, "save_s": 0.0}  # what a resumed baseline carries on from
+
+    def restore(state: dict) -> None:
+        rep.load_state_dict(state["representation"])
+        rng.setstate(state["rng"])
+        set_global_rng_state(state["torch_rng"])  # densification draws from torch's generators
+        run.update({k: state[k] for k in run})
+
+    iterations, every = int(config.trainer.iterations), max(0, config.baseline_save_every)
     batches = _StepBatches(device, config.images_on_device)
-    bar = _progress_bar(progress, 0, iterations, f"baseline {scene.name}")
-    t0 = time.perf_counter()
-    for _ in range(iterations):
-        view = data.train[rng.randrange(len(data.train))]
-        rep.train_step([view.camera], *batches.get(view))
+    with BackgroundWriter(enabled=config.background_writes) as writer:
+        state_file = StateFile(out.state(BASELINE_STATE), writer, device, config.save_every_round,
+                               config.snapshot_on_device)
+        state_file.load(restore)
+        start = run["iteration"]
+        bar = _progress_bar(progress, start, iterations, f"baseline {scene.name}")
+        t0 = time.perf_counter()
+        for it in range(start, iterations):
+            if every and it > start and it % every == 0:
+                t_save = time.perf_counter()
+                state_file.save(lambda: {"iteration": it, "train_s": run["train_s"] + t_save - t0,
+                                         "save_s": run["save_s"], "rng": rng.getstate(),
+                                         "torch_rng": global_rng_state(), "representation": rep.state_dict()})
+                run["save_s"] += time.perf_counter() - t_save
+            view = data.train[rng.randrange(len(data.train))]
+            rep.train_step([view.camera], *batches.get(view))
+            if bar is not None:
+                bar.update(1)
+        train_s = run["train_s"] + time.perf_counter() - t0
         if bar is not None:
-            bar.update(1)
-    train_s = time.perf_counter() - t0
-    if bar is not None:
-        bar.close()
+            bar.close()
     renders = _render_splits(rep, data.evals)
     for split, imgs in renders.items():
         out.write_renders("baseline", split, [c.name for c in data.evals[split][0]], imgs)
-    storage.write_json(done, {"train_s": train_s, "iterations": iterations})
-    return renders, train_s
+    storage.write_json(done, {"train_s": train_s, "save_s": run["save_s"], "iterations": iterations})
+    storage.delete(out.state(BASELINE_STATE))  # the renders are the baseline now; its state may be gigabytes
+    return renders, {"baseline_train_s": train_s, "baseline_save_s": run["save_s"]}
 
 
 def _render(rep, cameras: list[Camera]) -> tuple[list[np.ndarray], list[torch.Tensor]]:
@@ -674,7 +662,8 @@ _RECORDED_LATER = frozenset({"fixer"})
 def _check_resumable(out: SceneOutputs, record: dict) -> None:
     """Refuse to resume saved state under a config (or fixer) that trains differently: it would mix two runs silently.
     ``record``: what :func:`_config_record` makes of this run."""
-    has_state = storage.exists(out.state(ProgressiveLoop.STATE_FILE)) or storage.exists(out.state("baseline.json"))
+    has_state = any(storage.exists(out.state(name)) for name in (ProgressiveLoop.STATE_FILE, BASELINE_STATE,
+                                                                 "baseline.json"))
     if not has_state or not storage.exists(out.config):
         return
     saved = storage.read_json(out.config)
