@@ -5,7 +5,7 @@ renders there, sends the renders to the fixer *asynchronously* (references: the 
 training; fixed views join the training set when their future resolves (polled every iteration). At the end the
 renders at the targets are fixed once more (Difix3D+). A plain run of the same length without pseudo views is the
 baseline. Everything lands under one output URI (layout: :mod:`difix3d.recon.outputs`), and an interrupted run
-resumes from the last finished round.
+resumes from the last saved state: the baseline's (every ``baseline_save_every`` iterations) or the last round's.
 """
 
 from __future__ import annotations
