@@ -111,7 +111,9 @@ def run_seed(args, root: str, emitter: Emitter) -> list[dict]:
             schedule=ProgressiveSchedule(pretrain_iters=max(1, iters // 10), round_every=max(1, iters // 15)),
             target_splits=("shift_1m", "shift_2m", "shift_3m"),
             eval_splits=("test", "shift_1m", "shift_2m", "shift_3m"), background_writes=not args.inline_writes,
-            save_every_round=args.save_every_round, snapshot_on_device=args.snapshot_on_device)
+            save_every_round=args.save_every_round, snapshot_on_device=args.snapshot_on_device,
+            # the baseline stays plain training, as in the recorded wall ratios (its saves would count in its time)
+            baseline_save_every=0)
         settings = {"background_writes": not args.inline_writes, "save_every_round": args.save_every_round,
                     "snapshot_on_device": args.snapshot_on_device,
                     "height": args.height, "width": args.width, "iterations": iters, "frames": args.frames,

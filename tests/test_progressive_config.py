@@ -30,6 +30,8 @@ def test_the_representations_iterations_follow_the_budget_unless_set(caplog):
     assert same.budgeted() == same
     nerf = dataclasses.replace(ProgressiveConfig.tiny(), representation="nerfacto")
     assert nerf.budgeted() == nerf  # nerf None: Nerfacto's defaults, built at the budget when the run starts
+    fleet_nerf = progressive_config(FleetConfig(representation="nerfacto", extra={"trainer.iterations": 600}))
+    assert fleet_nerf.budgeted().nerf.iterations == 600  # the preset's NeRF follows --set trainer.iterations too
 
 
 def test_a_representation_budget_set_apart_from_the_runs_is_an_error_naming_both():

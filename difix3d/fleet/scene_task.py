@@ -70,7 +70,8 @@ def progressive_config(config: FleetConfig) -> Any:
 
         from difix3d.recon.factory import default_config
 
-        nerf = default_config(config.representation, iterations=base.trainer.iterations, tiny=tiny)
+        # iterations None: the run's budget (trainer.iterations, after --set) fills it in, see ProgressiveConfig.budgeted
+        nerf = dataclasses.replace(default_config(config.representation, tiny=tiny), iterations=None)
         base = dataclasses.replace(base, representation=config.representation, nerf=nerf)
     return _with_overrides(base, config.extra)
 
