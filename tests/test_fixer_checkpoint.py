@@ -42,9 +42,9 @@ def _out(model, x):
         return model(x[:1]), model(x[:1], x[1:])
 
 
-def _assert_same_outputs(a, b, x):
+def _assert_same_outputs(a, b, x, atol=5e-5):
     for ya, yb in zip(_out(a, x), _out(b, x)):
-        torch.testing.assert_close(ya, yb, atol=5e-5, rtol=0)  # fp32 noise; weights are compared exactly elsewhere
+        torch.testing.assert_close(ya, yb, atol=atol, rtol=0)  # fp32 noise; weights are compared exactly elsewhere
 
 
 def test_ours_round_trips_exactly(tmp_path, x):
@@ -80,7 +80,8 @@ def test_official_pkl_loads_with_its_sd_turbo_base(tmp_path, sd_turbo, trained, 
     save_official_pkl(trained, path)
     sd = torch.load(path, weights_only=True)
     assert {"state_dict_unet", "state_dict_vae", "rank_vae", "vae_lora_target_modules"} <= set(sd)
-    assert all("lora" in k or "skip" in k for k in sd["state_dict_vae"])
+    assert all("lora" in k or "skip" in k for k in sd["state_dict_vae"]) and not _encoder_lora(sd["state_dict_vae"])
+    assert all(t.startswith("decoder.") for t in sd["vae_lora_target_modules"])  # full names: the original's peft
     assert detect_format(path)[0] == "official-pkl"
     _assert_same_outputs(trained, load_checkpoint(path, base=sd_turbo), x)
     with pytest.raises(MissingWeightsError, match="sd-turbo"):
@@ -113,15 +114,6 @@ def test_pkl_of_the_official_save_model_takes_the_rest_of_its_unet_from_the_base
         load_checkpoint(path, base=None)
 
 
-def _decoder_only_lora(model):
-    """``model`` with its encoder's LoRA delta removed (lora_B = 0): what decoder-only adapters compute."""
-    with torch.no_grad():
-        for name, p in model.vae.named_parameters():
-            if name.startswith("encoder.") and "lora_B" in name:
-                p.zero_()
-    return model
-
-
 def test_pkl_with_full_decoder_module_targets_loads_converts_and_reloads(tmp_path, sd_turbo, x):
     """pix2pix-turbo-style code lists full decoder module names as targets: the adapter is rebuilt in that shape."""
     from difix3d.fixer.checkpoint import _load_sd_turbo
@@ -145,6 +137,74 @@ def test_pkl_with_full_decoder_module_targets_loads_converts_and_reloads(tmp_pat
     _assert_same_outputs(model, load_checkpoint(str(tmp_path / "ours")), x)
 
 
+def _lora_on_the_whole_vae(monkeypatch):
+    """Build models as they were built before the adapter was restricted to the decoder: peft matched the target
+    suffixes in the whole VAE, encoder included."""
+    import difix3d.fixer.model
+
+    monkeypatch.setattr(difix3d.fixer.model, "decoder_lora_modules", lambda vae, targets: list(targets))
+
+
+def _encoder_lora(state):
+    return [k for k in state if "encoder." in k and ("lora_" in k or ".base_layer." in k)]
+
+
+@pytest.mark.parametrize("encoder_delta", [0.0, 0.05], ids=["frozen-encoder", "trained-encoder"])
+def test_checkpoints_written_with_an_encoder_adapter_keep_their_outputs(tmp_path, monkeypatch, sd_turbo, x,
+                                                                         encoder_delta):
+    """Zero encoder adapters (a frozen encoder) are dropped and leave the weights exactly as they were; trained
+    ones (``train_vae``) are folded into the encoder's weights."""
+    from difix3d.fixer.config import LORA_TARGETS
+
+    with monkeypatch.context() as m:
+        _lora_on_the_whole_vae(m)
+        old = load_checkpoint(sd_turbo)
+        g = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for name, p in old.named_parameters():
+                if "lora_B" in name or ".skip_conv_" in name or name.startswith("unet."):
+                    p.add_(torch.randn(p.shape, generator=g) * (encoder_delta if ".encoder." in name else 0.02))
+        assert _encoder_lora(old.state_dict())
+        save_checkpoint(old, str(tmp_path / "ours"))
+        save_nvidia_folder(old, str(tmp_path / "nvidia"), text_folder=sd_turbo)
+        save_official_pkl(old, str(tmp_path / "m.pkl"))
+    sd = torch.load(str(tmp_path / "m.pkl"), weights_only=True)
+    torch.save(sd | {"vae_lora_target_modules": list(LORA_TARGETS)}, str(tmp_path / "m.pkl"))  # as written then
+    old_encoder = {k.replace(".base_layer.", "."): v for k, v in old.vae.encoder.state_dict().items()
+                   if "lora_" not in k}
+    for uri in ("ours", "nvidia", "m.pkl"):
+        loaded = load_checkpoint(str(tmp_path / uri), base=sd_turbo)
+        assert not _encoder_lora(loaded.state_dict())
+        _assert_same_outputs(old.eval(), loaded, x, atol=5e-4 if encoder_delta else 0.0)  # folding rounds
+        encoder = loaded.vae.encoder.state_dict()
+        assert all(torch.equal(encoder[k], v) for k, v in old_encoder.items()) == (encoder_delta == 0), uri
+    state = load_file(str(tmp_path / "ours" / "model.safetensors"))
+    del state["vae.encoder.conv_in.lora_B.vae_skip.weight"]
+    save_file(state, str(tmp_path / "ours" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: VAE encoder LoRA .*encoder\.conv_in\.lora_A"):
+        load_checkpoint(str(tmp_path / "ours"))
+
+
+def test_the_bundled_fixer_keeps_its_outputs(monkeypatch, x):
+    """The bundled tiny fixer was trained with its whole VAE, encoder adapter included."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from difix3d.fixer.bundled import default_checkpoint
+    from difix3d.fixer.config import FixerConfig
+    from difix3d.fixer.model import DifixModel
+
+    folder = default_checkpoint(warn=False)
+    config = FixerConfig.from_dict(json.loads(open(os.path.join(folder, "config.json")).read())["config"])
+    state = load_file(os.path.join(folder, "model.safetensors"))
+    assert any(v.any() for k, v in state.items() if "encoder." in k and "lora_B" in k)
+    with monkeypatch.context() as m:
+        _lora_on_the_whole_vae(m)
+        old = DifixModel(config, UNet2DConditionModel.from_config(config.unet), AutoencoderKL.from_config(config.vae),
+                         state["prompt_embeds"])
+    old.load_state_dict(state, strict=True)
+    _assert_same_outputs(old.eval(), load_checkpoint(folder), x)  # dropping its encoder adapter moves them by ~0.5
+
+
 def test_pkl_missing_adapter_or_skip_weights_is_an_error(tmp_path, sd_turbo, trained):
     save_official_pkl(trained, str(tmp_path / "m.pkl"))
     sd = torch.load(str(tmp_path / "m.pkl"), weights_only=True)
@@ -161,17 +221,6 @@ def test_pkl_whose_lora_targets_match_nothing_is_an_error_naming_file_and_target
     torch.save(sd, str(tmp_path / "other_names.pkl"))
     with pytest.raises(CheckpointError, match=r"other_names\.pkl: .*LoRA targets \['decoder\.mid\.block_1\.conv1'\]"):
         load_checkpoint(str(tmp_path / "other_names.pkl"), base=sd_turbo)
-
-
-def test_nvidia_folder_with_decoder_only_lora_loads(tmp_path, sd_turbo, trained, x):
-    model = _decoder_only_lora(load_checkpoint(str(_saved(trained, tmp_path / "copy"))))
-    folder = str(tmp_path / "difix")
-    save_nvidia_folder(model, folder, text_folder=sd_turbo)
-    w = os.path.join(folder, "vae", "diffusion_pytorch_model.safetensors")
-    st = {(k.replace(".base_layer.", ".") if k.startswith("encoder.") else k): v for k, v in load_file(w).items()
-          if not (k.startswith("encoder.") and "lora_" in k)}  # as the official trainer exports: no encoder LoRA
-    save_file(st, w)
-    _assert_same_outputs(model, load_checkpoint(folder), x)
 
 
 def test_a_model_merged_for_serving_saves_and_loads_without_doubling_lora(tmp_path, trained, x):
@@ -222,9 +271,10 @@ def test_nvidia_diffusers_folder_loads(tmp_path, sd_turbo, trained, x):
     vae_cfg = json.loads(open(os.path.join(folder, "vae", "config.json")).read())
     assert {"gamma", "ignore_skip", "lora_rank"} <= set(vae_cfg)
     assert detect_format(folder)[0] == "nvidia-diffusers"
+    wpath = os.path.join(folder, "vae", "diffusion_pytorch_model.safetensors")
+    assert "encoder.conv_in.weight" in load_file(wpath) and not _encoder_lora(load_file(wpath))  # as the original's
     _assert_same_outputs(trained, load_checkpoint(folder), x)
     # diffusers-style names without peft's base_layer / adapter parts load the same
-    wpath = os.path.join(folder, "vae", "diffusion_pytorch_model.safetensors")
     state = load_file(wpath)
     plain = {k.replace(".base_layer.", ".").replace(".vae_skip.", "."): v for k, v in state.items()}
     save_file(plain, wpath)

@@ -104,7 +104,19 @@ def test_training_pattern_and_gradients():
     model(_img(1, 3, 32, 32)).mean().backward()
     assert named["vae.decoder.skip_conv_1.base_layer.weight"].grad is not None
     assert named["unet.conv_in.weight"].grad is not None
-    assert named["vae.encoder.conv_in.base_layer.weight"].grad is None
+    assert named["vae.encoder.conv_in.weight"].grad is None
+
+
+def test_lora_wraps_the_decoder_only():
+    """As in the official Difix code: the frozen encoder gets no adapter (its extra convs would run for nothing)."""
+    m = build_model("sd-turbo", device="meta")
+    wrapped = [n for n, _ in m.vae.named_modules() if n.endswith(".lora_A")]
+    assert wrapped and all(n.startswith("decoder.") for n in wrapped)
+    assert "decoder.skip_conv_1.lora_A" in wrapped and "decoder.up_blocks.3.resnets.2.conv2.lora_A" in wrapped
+    counts = m.prepare_for_training()
+    assert counts["decoder_lora"] == 512_668 and counts["skip_convs"] == 502_784
+    assert counts["trainable"] == 866_926_176 and counts["frozen"] == 83_653_863  # frozen: the VAE's base weights
+    assert m.prepare_for_training(train_vae=True)["trainable"] == 950_580_039
 
 
 @pytest.mark.parametrize("train_vae", [False, True])

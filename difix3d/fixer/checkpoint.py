@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 
 import torch
 
 from difix3d import storage
 from difix3d.errors import CheckpointError, MissingWeightsError
-from difix3d.fixer.config import ADAPTER_NAME, LORA_TARGETS, PRESETS, FixerConfig, preset_config
-from difix3d.fixer.model import DifixModel
+from difix3d.fixer.config import ADAPTER_NAME, LORA_ALPHA, LORA_TARGETS, PRESETS, FixerConfig, preset_config
+from difix3d.fixer.model import DifixModel, decoder_lora_modules
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +116,11 @@ def _load_ours(uri: str) -> DifixModel:
 
 
 def materialize(config: FixerConfig, state: dict[str, torch.Tensor], source: str) -> DifixModel:
-    """Build the model of ``config`` without allocating random weights, then take ``state`` (all keys, exactly)."""
+    """Build the model of ``config`` without allocating random weights, then take ``state`` (all keys, exactly; an
+    encoder adapter of an older checkpoint folded into its weights, see :func:`_fold_encoder_lora`)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
+    state = _fold_encoder_lora(state, source)
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config.unet)
         vae = AutoencoderKL.from_config(config.vae)
@@ -191,10 +194,12 @@ def _load_official_pkl(path: str, base: str | None) -> DifixModel:
                  from_base, len(unet_state), base)
     unet_state.update(sd["state_dict_unet"])
     vae_state = model.vae.state_dict()
-    # the file holds exactly the adapter and skip-conv tensors (the VAE's base weights come from SD-Turbo)
-    _check_keys({k: v for k, v in vae_state.items() if "lora" in k or "skip" in k}, sd["state_dict_vae"],
+    # the file holds exactly the adapter and skip-conv tensors (the VAE's base weights come from SD-Turbo), and older
+    # files an encoder adapter too, folded into SD-Turbo's encoder weights
+    _check_keys({k: v for k, v in vae_state.items() if "lora" in k or "skip" in k},
+                {k: v for k, v in sd["state_dict_vae"].items() if not _ENCODER_LORA.match(k)},
                 f"{path}[state_dict_vae] (rank_vae={model.config.lora_rank})")
-    vae_state.update(sd["state_dict_vae"])
+    vae_state = _fold_encoder_lora(vae_state | sd["state_dict_vae"], f"{path}[state_dict_vae]")
     _check_shapes(model.unet.state_dict(), unet_state, f"{path}[state_dict_unet]")
     _check_shapes(model.vae.state_dict(), vae_state, f"{path}[state_dict_vae]")
     model.unet.load_state_dict(unet_state, strict=True)
@@ -219,7 +224,10 @@ def save_official_pkl(model: DifixModel, path: str) -> None:
     """Write ``model`` in the official Difix layout (for exchanging with the original code and for tests)."""
     state = _export_state(model, _in_official_pkl)
     sd = {"state_dict_unet": _strip(state, "unet."), "state_dict_vae": _strip(state, "vae."),
-          "rank_vae": model.config.lora_rank, "vae_lora_target_modules": list(model.config.lora_targets),
+          "rank_vae": model.config.lora_rank,
+          # full module names, as the official code writes them: the list goes to peft as it is, and suffixes would
+          # wrap the encoder too
+          "vae_lora_target_modules": decoder_lora_modules(model.vae, model.config.lora_targets),
           "optimizer": {}}
     storage.write_torch(path, sd)
 
@@ -245,14 +253,11 @@ def _load_nvidia_folder(folder: str) -> DifixModel:
     config.prompt_tokens = prompt.shape[1]
     model = _difix(config, unet, vae, prompt, os.path.join(vae_dir, CONFIG_FILE))
     w_path = _weights_file(vae_dir)
-    state = _normalize_vae_keys(_read_safetensors(w_path), model.vae.state_dict())
     want = model.vae.state_dict()
+    state = _normalize_vae_keys(_fold_encoder_lora(_read_safetensors(w_path), w_path), want)
     if not any("lora_" in k for k in state):  # a merged export: LoRA folded into the base weights, adapter stays 0
-        state.update(_zero_delta_lora(want, lambda k: True))
+        state.update(_zero_delta_lora(want))
         log.info("%s carries no LoRA weights: treating it as merged", w_path)
-    elif not any(k.startswith("encoder.") and "lora_" in k for k in state):  # the adapter on the decoder only
-        state.update(_zero_delta_lora(want, lambda k: k.startswith("encoder.")))
-        log.info("%s carries decoder LoRA only: the encoder keeps its base weights", w_path)
     _check_keys(want, state, w_path)
     _check_shapes(want, state, w_path)
     model.vae.load_state_dict(state, strict=True)
@@ -329,9 +334,55 @@ def _difix(config: FixerConfig, unet, vae, prompt: torch.Tensor, source: str) ->
                                       f"do not fit the model's VAE: {e}") from e
 
 
-def _zero_delta_lora(want: dict[str, torch.Tensor], where) -> dict[str, torch.Tensor]:
-    """LoRA tensors (of the keys ``where`` selects) whose product is zero: ``lora_A`` as built, ``lora_B`` zeros."""
-    return {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in want.items() if "lora_" in k and where(k)}
+def _zero_delta_lora(want: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LoRA tensors whose product is zero: ``lora_A`` as built, ``lora_B`` zeros."""
+    return {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in want.items() if "lora_" in k}
+
+
+# a LoRA tensor of a VAE encoder layer: peft's key (lora_A.vae_skip.weight) or a diffusers export's (lora_A.weight)
+_ENCODER_LORA = re.compile(r"^(?P<layer>(?:vae\.)?encoder\..+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def _fold_encoder_lora(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """``state`` (the model's, the VAE's or a .pkl's over SD-Turbo's) with any LoRA of the VAE encoder folded into its
+    base weights, the keys of the layers it wrapped unwrapped (``x.base_layer.weight`` -> ``x.weight``).
+
+    Checkpoints written before the adapter was restricted to the decoder carry one on the encoder: zero where the
+    encoder was frozen (the weights stay exactly as they are), trained where the whole VAE was (``train_vae``, the
+    bundled tiny fixer). Folding it, ``W + alpha / r * B A`` as peft merges, keeps their outputs. A LoRA tensor
+    without its pair or its base weight is a CheckpointError naming them."""
+    layers: dict[str, dict[str, str]] = {}
+    out = {}
+    for k, v in state.items():
+        m = _ENCODER_LORA.match(k)
+        if m:
+            layers.setdefault(m["layer"], {})[m["ab"]] = k
+        elif k.startswith(("encoder.", "vae.encoder.")):
+            out[k.replace(".base_layer.", ".")] = v
+        else:
+            out[k] = v
+    if not layers:
+        return state
+    incomplete = sorted(k for layer, ab in layers.items() for k in ab.values()
+                        if len(ab) < 2 or f"{layer}.weight" not in out)
+    if incomplete:
+        raise CheckpointError(source, f"VAE encoder LoRA tensors without their pair or their layer's base weight: "
+                                      f"{incomplete[:8]} ({len(incomplete)} in all)")
+    nonzero = 0
+    for layer, ab in layers.items():
+        a, b, w = state[ab["A"]], state[ab["B"]], out[f"{layer}.weight"]
+        if not b.any():
+            continue
+        try:
+            delta = (b.flatten(1).float() @ a.flatten(1).float()).reshape(w.shape) * (LORA_ALPHA / a.shape[0])
+        except RuntimeError as e:
+            raise CheckpointError(source, f"{layer}: LoRA A {tuple(a.shape)} and B {tuple(b.shape)} do not fit its "
+                                          f"weight {tuple(w.shape)}") from e
+        out[f"{layer}.weight"] = (w.float() + delta).to(w.dtype)
+        nonzero += 1
+    log.info("%s: the LoRA of %d VAE encoder layers (%d with a nonzero delta) folded into their weights: the adapter "
+             "wraps the decoder only now", source, len(layers), nonzero)
+    return out
 
 
 def _check_keys(want: dict, got: dict, source: str) -> None:

@@ -10,10 +10,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-# Decoder LoRA targets of the official Difix / pix2pix-turbo code (matched by module-name suffix by peft).
+# LoRA targets of the official Difix / pix2pix-turbo code: a module of the VAE *decoder* named so, or whose name ends
+# in "." + one of them, is wrapped (the official Difix code lists the decoder's matching modules by full name; the
+# frozen encoder gets none, see difix3d.fixer.model.decoder_lora_modules).
 LORA_TARGETS = ("conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out",
                 "skip_conv_1", "skip_conv_2", "skip_conv_3", "skip_conv_4",
                 "to_k", "to_q", "to_v", "to_out.0")
+LORA_ALPHA = 8  # peft's LoraConfig default, which the official code keeps: a delta is scaled by alpha / rank
 ADAPTER_NAME = "vae_skip"  # the official adapter name, so .pkl keys match ours
 
 
@@ -30,7 +33,7 @@ class FixerConfig:
     beta_end: float = 0.012
     num_train_timesteps: int = 1000
     lora_rank: int = 4  # official rank_vae default (Difix train script --lora_rank_vae 4)
-    lora_targets: tuple[str, ...] = LORA_TARGETS
+    lora_targets: tuple[str, ...] = LORA_TARGETS  # decoder modules, by name or name suffix
     skip_gamma: float = 1.0  # official decoder.gamma
     skip_init: float = 1e-5  # official skip_conv init (nn.init.constant_(w, 1e-5))
     prompt: str = "remove degradation"  # official Difix prompt

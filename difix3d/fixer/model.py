@@ -3,8 +3,8 @@
 Built from diffusers' ``UNet2DConditionModel`` and ``AutoencoderKL``. The encoder and decoder passes below call
 diffusers' own submodules in their order (no forked files): we need the activations entering each encoder down block
 and to add 1x1 skip convs of them before each decoder up block, which ``AutoencoderKL.encode/decode`` do not expose.
-Skip convs live on ``vae.decoder`` as ``skip_conv_1..4`` and LoRA is a peft adapter ``vae_skip``, so our keys are the
-official Difix keys (paper Sec. 4.1; official ``src/model.py``).
+Skip convs live on ``vae.decoder`` as ``skip_conv_1..4`` and LoRA is a peft adapter ``vae_skip`` on the decoder, so our
+keys are the official Difix keys (paper Sec. 4.1; official ``src/model.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from diffusers.models.unets.unet_2d_blocks import DownEncoderBlock2D, UpDecoderB
 from peft import LoraConfig
 from torch import nn
 
-from difix3d.fixer.config import ADAPTER_NAME, FixerConfig, preset_config
+from difix3d.fixer.config import ADAPTER_NAME, LORA_ALPHA, FixerConfig, preset_config
 from difix3d.fixer.reference_attention import install_multiview_attention
 
 
@@ -51,8 +51,9 @@ class DifixModel(nn.Module):
         self.unet = unet
         self.vae = vae
         _attach_skip_convs(vae, config.skip_init)
-        vae.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=8, init_lora_weights="gaussian",
-                                   target_modules=list(config.lora_targets)), adapter_name=ADAPTER_NAME)
+        vae.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=LORA_ALPHA, init_lora_weights="gaussian",
+                                   target_modules=decoder_lora_modules(vae, config.lora_targets)),
+                        adapter_name=ADAPTER_NAME)
         self._views_procs = install_multiview_attention(unet)
         self.register_buffer("prompt_embeds", prompt_embeds.reshape(1, config.prompt_tokens, -1).clone())
         alpha_bar = _alphas_cumprod(config)[config.timestep].item()
@@ -202,6 +203,17 @@ def skip_conv_channels(vae_channels: tuple[int, ...] | list[int]) -> list[tuple[
     rev = c[::-1]
     dec_inputs = [rev[0]] + rev[:-1]
     return list(zip(enc_inputs[::-1], dec_inputs))
+
+
+def decoder_lora_modules(vae: AutoencoderKL, targets: tuple[str, ...] | list[str]) -> list[str]:
+    """Full names of the VAE decoder's modules that the LoRA adapter wraps: each named as a target or ending in
+    ``"." + target`` (peft's rule for a name list). The encoder gets none, as in the official Difix code: it is frozen,
+    so its adapters would stay zero while their extra convs slowed every full-resolution encoder pass."""
+    names = [n for n, _ in vae.named_modules()
+             if n.startswith("decoder.") and any(n == t or n.endswith("." + t) for t in targets)]
+    if not names:
+        raise ValueError(f"no module of the VAE decoder matches the LoRA targets {list(targets)}")
+    return names
 
 
 def _attach_skip_convs(vae: AutoencoderKL, init: float) -> None:
