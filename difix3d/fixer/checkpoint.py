@@ -4,8 +4,9 @@
   any storage URI (local, s3://, gs://). Round-trips exactly.
 - an SD-Turbo diffusers folder (or a hub id found in the local HF cache): a fresh Difix to fine-tune; the prompt
   embedding is computed once here with the folder's CLIP tokenizer and text encoder.
-- the official Difix ``.pkl`` (``state_dict_unet`` full, ``state_dict_vae`` LoRA + skip keys, ``rank_vae``,
-  ``vae_lora_target_modules``): its VAE base weights and prompt come from an SD-Turbo folder (``base``).
+- the official Difix ``.pkl`` (``state_dict_unet`` whole or, as the original ``save_model`` writes it, its LoRA and
+  conv_in tensors only; ``state_dict_vae`` LoRA + skip keys, ``rank_vae``, ``vae_lora_target_modules``): the rest of its
+  UNet, its VAE base weights and its prompt come from an SD-Turbo folder (``base``).
 - the diffusers-format ``nvidia/difix`` / ``nvidia/difix_ref`` folders: ``unet/`` plus ``vae/`` whose config carries
   ``gamma`` / ``ignore_skip`` / ``lora_rank`` and whose weights carry the skip convs and LoRA.
 Nothing reaches the network: a hub id is looked up in the local cache only.
