@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from difix3d import storage
+from difix3d.errors import InputError
 from difix3d.fleet.config import FleetConfig
 from difix3d.fleet.scene_task import progressive_config
 from difix3d.recon.gaussians import GaussianConfig
@@ -60,3 +61,24 @@ def test_a_derived_budget_decays_the_learning_rate_over_the_whole_run(tmp_path):
     state = torch.load(SceneOutputs(str(tmp_path)).state(ProgressiveLoop.STATE_FILE), weights_only=False)
     means = state["representation"]["optimizers"]["means"]["param_groups"][0]
     assert means["lr"] / means["initial_lr"] == pytest.approx(cfg.gaussian.means_lr_final_factor, rel=1e-3)
+
+
+def test_a_run_recorded_before_the_budget_was_derived_resumes_on_its_own_schedules(tmp_path, caplog):
+    """Outputs written when gaussian.iterations kept the preset's number under another trainer.iterations (the fleet's
+    --set trainer.iterations) resume as they started instead of being refused for a change nobody made."""
+    torch.manual_seed(0)
+    street = make_street()
+    cfg = tiny_config(iterations=16, baseline=False, post_render=False,
+                      gaussian=GaussianConfig.tiny(iterations=None, sh_degree=0, densify=False))
+    fixer = OracleViewFixer(street.render_gt)
+    reconstruct_scene(street, str(tmp_path), cfg, fixer, progress=False, device="cpu")
+    record = storage.read_json(str(tmp_path / "config.json"))
+    record["gaussian"]["iterations"] = 8  # what such a run recorded: the preset's budget, not the run's 16
+    storage.write_json(str(tmp_path / "config.json"), record)
+    with caplog.at_level(logging.WARNING, logger="difix3d.recon.progressive"):
+        reconstruct_scene(street, str(tmp_path), cfg, fixer, progress=False, device="cpu")
+    assert "keeps the schedules it started with" in caplog.text
+    assert storage.read_json(str(tmp_path / "config.json"))["gaussian"]["iterations"] == 8
+    other = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, iterations=20))
+    with pytest.raises(InputError, match=r"trainer\.iterations 16 -> 20"):  # a real change is still refused
+        reconstruct_scene(street, str(tmp_path), other, fixer, progress=False, device="cpu")

@@ -82,7 +82,8 @@ class ProgressiveConfig:
     lpips: bool = True
     """Report LPIPS when its pretrained weights are on this machine (never downloads)."""
     background_writes: bool = True
-    """Write each round's state and pseudo views on a writer thread while training goes on (False: inline)."""
+    """Write the baseline's and each round's state, and the pseudo views, on a writer thread while training goes on
+    (False: inline)."""
     save_every_round: bool = False
     """False: a round (or baseline save) whose previous state write is still running skips its own (training never
     waits for storage; a resume redoes the rounds since the last written state). True: every round waits for and
@@ -181,6 +182,7 @@ def reconstruct_scene(scene: Any, output_uri: str, config: ProgressiveConfig | N
     out = SceneOutputs(str(output_uri))
     device = default_device(device)
     view_fixer = as_view_fixer(fixer)
+    config = _keep_started_budget(out, config)
     record = _config_record(config, targets, view_fixer)
     _check_resumable(out, record)
     storage.write_json(out.config, record)
@@ -467,7 +469,7 @@ def _size_batches(sizes: list[tuple[int, int]], batch_size: int | None = None) -
         groups.setdefault(tuple(size), []).append(i)
     batches = []
     for idx in groups.values():
-        step = max(1, batch_size or len(idx))
+        step = len(idx) if batch_size is None else max(1, batch_size)  # 0: one render a request, as before
         batches += [idx[j:j + step] for j in range(0, len(idx), step)]
     return batches
 
@@ -676,6 +678,26 @@ def _check_resumable(out: SceneOutputs, record: dict) -> None:
         details = "; ".join(f"{key} {a!r} -> {b!r}" for key, a, b in changes)
         raise InputError(out.config, f"this output folder holds a run with other {', '.join(sections)} ({details}); "
                                      "resume it with the same config and fixer, or write to a new output folder")
+
+
+def _keep_started_budget(out: SceneOutputs, config: ProgressiveConfig) -> ProgressiveConfig:
+    """A run started before the representation's iterations followed ``trainer.iterations`` recorded the preset's
+    (e.g. gaussian 300 under ``--set trainer.iterations=600``); it resumes on the schedules it started with rather
+    than being refused for a change the user did not make. Only that case: the saved representation budget differed
+    from the saved run budget, and the run budget is unchanged."""
+    name = "nerf" if config.representation == "nerfacto" else "gaussian"
+    backend = getattr(config, name)
+    if backend is None or not storage.exists(out.config):
+        return config
+    saved = storage.read_json(out.config)
+    saved_backend, saved_trainer = saved.get(name) or {}, saved.get("trainer") or {}
+    started = saved_backend.get("iterations")
+    if (started is None or started == backend.iterations or started == saved_trainer.get("iterations")
+            or saved_trainer.get("iterations") != config.trainer.iterations):
+        return config
+    log.warning("%s: resuming a run recorded with %s.iterations %s under trainer.iterations %s; it keeps the "
+                "schedules it started with", out.config, name, started, config.trainer.iterations)
+    return dataclasses.replace(config, **{name: dataclasses.replace(backend, iterations=int(started))})
 
 
 # fields of the nested configs that do not change what is trained (rendering chunks, logging cadence)
