@@ -102,3 +102,26 @@ def test_writes_after_a_failure_are_skipped_so_no_state_names_a_missing_view(tmp
     with pytest.raises(OSError, match="disk full"):
         writer.close()
     assert not (tmp_path / "state.pt").exists()
+
+
+def test_a_state_file_blames_itself_only_for_what_is_wrong_with_it(tmp_path, monkeypatch):
+    """A damaged file is a CheckpointError (an input error: the fleet does not retry it); a storage hiccup while
+    reading it is not the file's fault and stays retryable."""
+    from difix3d import storage
+    from difix3d.errors import CheckpointError
+    from difix3d.recon.background_writes import BackgroundWriter, StateFile
+
+    uri = str(tmp_path / "state.pt")
+    with BackgroundWriter(enabled=False) as writer:
+        state = StateFile(uri, writer, "cpu")
+        state.save(lambda: {"step": torch.tensor(3)}, final=True)
+    got = {}
+    assert state.load(got.update) and int(got["step"]) == 3
+    real_read = storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda u: (_ for _ in ()).throw(ConnectionResetError("reset")))
+    with pytest.raises(ConnectionResetError):
+        state.load(got.update)
+    monkeypatch.setattr(storage, "read_bytes", real_read)
+    (tmp_path / "state.pt").write_bytes((tmp_path / "state.pt").read_bytes()[:20])
+    with pytest.raises(CheckpointError, match=r"state\.pt: cannot resume from it .*delete it to restart"):
+        state.load(got.update)

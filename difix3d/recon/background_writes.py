@@ -189,16 +189,18 @@ class StateFile:
         return True
 
     def load(self, restore: Callable[[dict], None]) -> bool:
-        """``restore(state)`` from the file if there is one (False if not). A file that cannot be read or restored
-        (damaged by a partial copy, written by another version) is a CheckpointError naming it, as
-        :func:`difix3d.recon.trainer.load_checkpoint`."""
+        """``restore(state)`` from the file if there is one (False if not). A file that cannot be unpickled or
+        restored (damaged by a partial copy, written by another version) is a CheckpointError naming it, as
+        :func:`difix3d.recon.trainer.load_checkpoint`; storage errors and running out of memory are not the file's
+        fault and stay what they are, so a retry can succeed."""
         if not storage.exists(self.uri):
             return False
+        data = storage.read_bytes(self.uri)  # a storage error stays itself: transient, so the fleet retries it
         try:
-            restore(torch.load(io.BytesIO(storage.read_bytes(self.uri)), map_location="cpu", weights_only=False))
-        except CheckpointError:
+            restore(torch.load(io.BytesIO(data), map_location="cpu", weights_only=False))
+        except (CheckpointError, OSError, torch.OutOfMemoryError):  # OSError: storage, reading the images it names
             raise
-        except Exception as e:  # truncated bytes, missing keys, an image the state names gone
+        except Exception as e:  # truncated bytes, missing keys, a state of another version
             raise CheckpointError(self.uri, f"cannot resume from it ({type(e).__name__}: {e}); delete it to "
                                             "restart") from e
         return True
