@@ -122,6 +122,15 @@ def test_local_client_protocol_and_background_submit(runner):
     np.testing.assert_array_equal(out, runner.fix(imgs, refs))
 
 
+def test_a_runner_and_its_local_client_tell_the_checkpoint_they_run(runner):
+    from difix3d.fixer.model import build_model
+
+    assert runner.checkpoint == default_checkpoint()
+    with LocalFixerClient(runner) as client:
+        assert client.checkpoint == default_checkpoint()
+    assert FixerRunner(build_model("tiny", seed=0), device="cpu").checkpoint is None  # weights from no file
+
+
 def test_bundled_checkpoint_is_small_tiny_and_warns(caplog):
     import difix3d.fixer.bundled as bundled
 

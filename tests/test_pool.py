@@ -87,6 +87,15 @@ def test_concurrent_callers_get_the_runners_outputs(shared_pool, runner):
     assert stats["latency_p50_ms"] > 0 and stats["frames_per_s"] > 0
 
 
+def test_every_client_of_a_pool_tells_its_checkpoint(shared_pool):
+    from difix3d.recon.view_fixers import as_view_fixer
+
+    joined = pool.get_pool("test-pool-shared")  # knows nothing but the name: asks the router
+    for client in (shared_pool, joined, ray.cloudpickle.loads(ray.cloudpickle.dumps(shared_pool))):
+        assert client.checkpoint == default_checkpoint()
+    assert as_view_fixer(joined).describe()["checkpoint"] == "bundled"  # as the in-process bundled fixer records
+
+
 def test_bad_requests_fail_alone_with_the_fixers_message(shared_pool, runner):
     good = [shared_pool.submit(*_request(s)) for s in range(3)]
     nan = shared_pool.submit(np.full((1, H, W, 3), np.nan, np.float32))  # same size: may share a batch

@@ -8,6 +8,7 @@ import torch
 
 from difix3d import storage
 from difix3d.errors import CheckpointError
+from difix3d.fixer.runner import FixerRunner
 from difix3d.recon.outputs import SceneOutputs
 from difix3d.recon.progressive import ProgressiveLoop, reconstruct_scene
 from difix3d.recon.view_fixers import OracleViewFixer
@@ -88,15 +89,87 @@ def test_a_resume_under_another_fixer_is_refused_naming_both(street, tmp_path):
     assert storage.read_json(str(tmp_path / "metrics.json"))["fixer"] == result.fixer
 
 
-def test_a_client_fixer_records_its_checkpoint():
+def test_a_client_fixer_records_its_checkpoint_in_one_spelling(tmp_path, monkeypatch):
     from difix3d.recon.view_fixers import ClientViewFixer, as_view_fixer
 
     class Client:
+        def __init__(self, checkpoint=None):
+            if checkpoint is not None:
+                self.checkpoint = checkpoint
+
         def submit(self, images, refs=None):
             raise NotImplementedError
 
-    assert as_view_fixer(Client()).describe() == {"kind": "ClientViewFixer", "checkpoint": None}
-    assert ClientViewFixer(Client(), checkpoint="s3://b/difix").describe()["checkpoint"] == "s3://b/difix"
+    assert as_view_fixer(Client()).describe() == {"kind": "ClientViewFixer", "checkpoint": None}  # not known
+    assert ClientViewFixer(Client(), checkpoint="s3://b/difix/").describe()["checkpoint"] == "s3://b/difix"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt" / "a").mkdir(parents=True)  # an existing folder: "ckpt/a" is a path, not a hub id
+    spellings = ["ckpt/a", "./ckpt/a/", str(tmp_path / "ckpt" / "a"), f"file://{tmp_path}/ckpt/a"]
+    assert {as_view_fixer(Client(c)).describe()["checkpoint"] for c in spellings} == {str(tmp_path / "ckpt" / "a")}
+    assert as_view_fixer(Client("nvidia/difix")).describe()["checkpoint"] == "nvidia/difix"  # a hub id, not a path
+
+
+def test_a_local_client_records_the_checkpoint_its_runner_loaded(tmp_path):
+    from difix3d.fixer.client import LocalFixerClient
+    from difix3d.recon.view_fixers import as_view_fixer
+
+    a = _tiny_checkpoint(tmp_path / "a", seed=1)
+    with LocalFixerClient(FixerRunner.from_checkpoint(a, device="cpu")) as client:
+        assert as_view_fixer(client).describe() == {"kind": "ClientViewFixer", "checkpoint": a}
+
+
+def test_a_resume_under_another_checkpoint_is_refused_naming_both(street, tmp_path):
+    import re
+
+    from difix3d.errors import InputError
+    from difix3d.fixer.client import LocalFixerClient
+    from difix3d.recon.view_fixers import ClientViewFixer
+
+    a, b = (_tiny_checkpoint(tmp_path / name, seed) for name, seed in (("a", 1), ("b", 2)))
+    cfg = tiny_config(iterations=24, baseline=False, post_render=False, save_every_round=True)
+    out = str(tmp_path / "out")
+    with LocalFixerClient(FixerRunner.from_checkpoint(a, device="cpu")) as client:
+        with pytest.raises(RuntimeError, match="simulated interruption"):  # a run with --checkpoint a, interrupted
+            reconstruct_scene(street, out, cfg, RecordingFixer(ClientViewFixer(client), fail_at=2), progress=False,
+                              device="cpu")
+    assert storage.read_json(str(tmp_path / "out" / "config.json"))["fixer"]["checkpoint"] == a
+    with LocalFixerClient(FixerRunner.from_checkpoint(b, device="cpu")) as client:  # re-run with --checkpoint b
+        with pytest.raises(InputError, match=re.escape(f"fixer.checkpoint {a!r} -> {b!r}")):
+            reconstruct_scene(street, out, cfg, client, progress=False, device="cpu")
+
+
+def test_the_bundled_fixer_is_recorded_alike_however_it_is_reached(street, tmp_path, monkeypatch):
+    # a run interrupted while a pool served the bundled fixer resumes without the pool, and the other way round
+    import os
+
+    import difix3d.recon.view_fixers as view_fixers
+    from difix3d.fixer.bundled import default_checkpoint
+    from difix3d.fixer.client import LocalFixerClient
+    from difix3d.pool.client import PoolClient
+    from difix3d.recon.view_fixers import ClientViewFixer, as_view_fixer
+
+    monkeypatch.setattr(view_fixers, "_running_pool", lambda: None)
+    bundled = {"kind": "ClientViewFixer", "checkpoint": "bundled"}
+    assert as_view_fixer(None).describe() == bundled
+    assert as_view_fixer(PoolClient("some-pool", checkpoint=default_checkpoint())).describe() == bundled
+    relative = os.path.relpath(default_checkpoint()) + "/"  # another spelling of its path
+    with LocalFixerClient(FixerRunner.from_checkpoint(relative, device="cpu")) as client:
+        assert as_view_fixer(client).describe() == bundled
+        cfg = tiny_config(iterations=24, baseline=False, post_render=False, save_every_round=True)
+        with pytest.raises(RuntimeError, match="simulated interruption"):
+            reconstruct_scene(street, str(tmp_path), cfg, RecordingFixer(ClientViewFixer(client), fail_at=2),
+                              progress=False, device="cpu")
+    result = reconstruct_scene(street, str(tmp_path), cfg, None, progress=False, device="cpu")
+    assert result.fixer == bundled
+
+
+def _tiny_checkpoint(path, seed: int) -> str:
+    """A random-init tiny fixer saved at ``path`` (our format); its absolute path."""
+    from difix3d.fixer.checkpoint import save_checkpoint
+    from difix3d.fixer.model import build_model
+
+    save_checkpoint(build_model("tiny", seed=seed), str(path))
+    return str(path)
 
 
 def test_an_interrupted_baseline_resumes_from_its_last_saved_state(street, tmp_path, monkeypatch):

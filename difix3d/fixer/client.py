@@ -13,7 +13,8 @@ from difix3d.fixer.runner import FixerRunner
 @runtime_checkable
 class FixerClient(Protocol):
     """``fix``: uint8 ``[B, H, W, 3]`` (+ optional refs of the same shape) -> fixed uint8 ``[B, H, W, 3]``;
-    ``submit``: the same, as a Future, so callers overlap fixing with their own work."""
+    ``submit``: the same, as a Future, so callers overlap fixing with their own work. Both clients also tell
+    ``checkpoint``, the URI of the weights they run (None where not known), which runs record."""
 
     def fix(self, images: np.ndarray, refs: np.ndarray | None = None) -> np.ndarray: ...
 
@@ -27,6 +28,11 @@ class LocalFixerClient:
     def __init__(self, runner: FixerRunner):
         self.runner = runner
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="difix-fixer")
+
+    @property
+    def checkpoint(self) -> str | None:
+        """The URI the runner was loaded from (None: built from a model object)."""
+        return self.runner.checkpoint
 
     def fix(self, images: np.ndarray, refs: np.ndarray | None = None) -> np.ndarray:
         images = np.asarray(images)

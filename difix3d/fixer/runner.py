@@ -77,6 +77,7 @@ class FixerRunner:
         self._cuda_graphs = self.compiled and self.device.type == "cuda" and compile_mode in CUDA_GRAPH_MODES
         self._forward = torch.compile(self.model, mode=compile_mode, dynamic=False) if compile else self.model
         self._lock = threading.Lock()
+        self.checkpoint: str | None = None  # the URI from_checkpoint loaded (None: built from a model object)
 
     @classmethod
     def from_checkpoint(cls, uri: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
@@ -85,8 +86,10 @@ class FixerRunner:
                         compile_mode: str = "default") -> "FixerRunner":
         from difix3d.fixer.checkpoint import load_checkpoint
 
-        return cls(load_checkpoint(uri, base=base), device, dtype, compile, channels_last, max_batch, nhwc_group_norm,
-                   compile_mode)
+        runner = cls(load_checkpoint(uri, base=base), device, dtype, compile, channels_last, max_batch, nhwc_group_norm,
+                     compile_mode)
+        runner.checkpoint = str(uri)  # runs record which weights fixed their views (ViewFixer.describe)
+        return runner
 
     def fix(self, images, refs=None):
         if isinstance(images, torch.Tensor):

@@ -32,12 +32,15 @@ class PoolClient:
     ``submit`` puts the frames in the object store and returns a ``concurrent.futures.Future`` of uint8
     ``[B, H, W, 3]``; it blocks while the pool already holds ``max_inflight_frames`` (and, if set here, while this
     client holds ``max_inflight_frames`` of its own), so a flooding caller slows down.
+
+    ``checkpoint``: the URI the pool's replicas load (asked of the router when not given), which runs record.
     """
 
     def __init__(self, name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE,
-                 max_inflight_frames: int | None = None):
+                 max_inflight_frames: int | None = None, checkpoint: str | None = None):
         self.name, self.namespace = name, namespace
         self.max_inflight_frames = max_inflight_frames
+        self._checkpoint = checkpoint
         self._init_local()
 
     def _init_local(self):
@@ -46,7 +49,8 @@ class PoolClient:
         self._cond = threading.Condition()
 
     def __getstate__(self):
-        return {"name": self.name, "namespace": self.namespace, "max_inflight_frames": self.max_inflight_frames}
+        return {"name": self.name, "namespace": self.namespace, "max_inflight_frames": self.max_inflight_frames,
+                "_checkpoint": self._checkpoint}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -81,6 +85,13 @@ class PoolClient:
             raise
         answer.future().add_done_callback(lambda f: self._on_answer(f, future, frames))
         return future
+
+    @property
+    def checkpoint(self) -> str:
+        """The fixer checkpoint URI the pool runs (its config's; one call to the router the first time)."""
+        if self._checkpoint is None:
+            self._checkpoint = ray.get(self._router().get_config.remote())["checkpoint"]
+        return self._checkpoint
 
     def stats(self) -> dict:
         """The pool's figures: queue depth, in-flight frames, batch-size histogram, latency p50/p95/p99, frames/s,
@@ -139,7 +150,7 @@ def start_pool(checkpoint: str, name: str = DEFAULT_NAME, *, config: PoolConfig 
     ``min_replicas`` replicas loaded the checkpoint. ``overrides``: any :class:`PoolConfig` field, e.g.
     ``min_replicas=1, max_replicas=4, num_gpus_per_replica=0.5, max_batch_size=4, max_wait_ms=10``."""
     base = config or PoolConfig()
-    cfg = dataclasses.replace(base, checkpoint=str(checkpoint), name=name, **overrides)
+    cfg = dataclasses.replace(base, checkpoint=_absolute_checkpoint(str(checkpoint)), name=name, **overrides)
     _check_checkpoint_exists(cfg.checkpoint)
     if cfg.num_gpus_per_replica is None:
         cfg.num_gpus_per_replica = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
@@ -164,7 +175,7 @@ def start_pool(checkpoint: str, name: str = DEFAULT_NAME, *, config: PoolConfig 
     except ray.exceptions.RayTaskError as e:
         shutdown_pool(cfg.name, cfg.namespace)
         raise _unwrap(e) from None
-    return PoolClient(cfg.name, cfg.namespace)
+    return PoolClient(cfg.name, cfg.namespace, checkpoint=cfg.checkpoint)
 
 
 def get_pool(name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE) -> PoolClient:
@@ -199,6 +210,15 @@ def request_key(images: Any, refs: Any) -> tuple[tuple, int]:
         raise ValueError(f"refs must be a numpy array of the images' shape {images.shape}, got "
                          f"{getattr(refs, 'shape', type(refs).__name__)}")
     return (int(images.shape[1]), int(images.shape[2]), refs is not None), int(images.shape[0])
+
+
+def _absolute_checkpoint(checkpoint: str) -> str:
+    """A relative local path made absolute here: replicas (and callers that join the pool) run in other working
+    folders. Hub ids stay as they are."""
+    from difix3d import storage
+    from difix3d.fixer.checkpoint import looks_like_hub_id
+
+    return checkpoint if looks_like_hub_id(checkpoint) else storage.absolute(checkpoint)
 
 
 def _check_checkpoint_exists(checkpoint: str) -> None:

@@ -9,11 +9,14 @@ project's ``FixerClient`` protocol (``submit(images, refs) -> Future``) to this 
 from __future__ import annotations
 
 import abc
+import os
+import posixpath
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from difix3d import storage
 from difix3d.scene.camera import Camera
 
 
@@ -38,12 +41,13 @@ class ViewFixer(abc.ABC):
 
 class ClientViewFixer(ViewFixer):
     """A ``FixerClient`` (``LocalFixerClient`` or the Ray pool client) as a ViewFixer; cameras are not needed.
-    ``checkpoint``: the weights the client runs, recorded by :meth:`describe` (None: not known here)."""
+    ``checkpoint``: the weights the client runs, recorded by :meth:`describe` in :func:`checkpoint_record`'s spelling;
+    None: the client's own ``checkpoint`` attribute (both clients tell theirs; None where not known)."""
 
     def __init__(self, client: Any, name: str = "difix", checkpoint: str | None = None):
         self.client = client
         self.name = name
-        self.checkpoint = checkpoint
+        self.checkpoint = checkpoint_record(getattr(client, "checkpoint", None) if checkpoint is None else checkpoint)
 
     def describe(self) -> dict:
         return {**super().describe(), "checkpoint": self.checkpoint}
@@ -106,12 +110,27 @@ def as_view_fixer(fixer: Any) -> ViewFixer:
         from difix3d.fixer.client import LocalFixerClient
         from difix3d.fixer.runner import FixerRunner
 
-        # recorded as "bundled", not by its path: the same fixer wherever difix3d is installed
-        return ClientViewFixer(LocalFixerClient(FixerRunner.from_checkpoint(str(default_checkpoint()))), "bundled",
-                               checkpoint="bundled")
+        return ClientViewFixer(LocalFixerClient(FixerRunner.from_checkpoint(str(default_checkpoint()))), "bundled")
     if hasattr(fixer, "submit"):
         return ClientViewFixer(fixer, name=getattr(fixer, "name", type(fixer).__name__))
     raise TypeError(f"not a fixer: {type(fixer).__name__} (expected a ViewFixer, a FixerClient or None)")
+
+
+def checkpoint_record(uri: str | None) -> str | None:
+    """How ``config.json`` names a fixer's weights, one spelling per checkpoint so a resume compares like with like:
+    ``"bundled"`` for the checkpoint shipped with difix3d (the same fixer wherever difix3d is installed, reached through
+    a pool or in-process), local paths absolute and normalized (``ckpt/a``, ``./ckpt/a/``, ``file://`` and the absolute
+    path agree), other URIs and hub ids without a trailing slash."""
+    if uri is None or str(uri) == "bundled":
+        return uri
+    from difix3d.fixer.bundled import BUNDLED_DIR
+    from difix3d.fixer.checkpoint import looks_like_hub_id
+
+    uri = str(uri)
+    if not storage.is_local(uri) or looks_like_hub_id(uri):
+        return uri.rstrip("/")
+    path = posixpath.normpath(storage.absolute(uri.removeprefix("file://")).replace("\\", "/"))
+    return "bundled" if os.path.realpath(path) == os.path.realpath(BUNDLED_DIR) else path
 
 
 def _done(value: Any) -> Future:
