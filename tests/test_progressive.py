@@ -383,7 +383,7 @@ def test_no_fixer_means_the_running_pool_else_the_bundled_one(monkeypatch):
     monkeypatch.setattr(pool_client, "get_pool", lambda: sentinel)
     found = as_view_fixer(None)
     assert found.name == "pool" and found.client is sentinel
-    assert found.describe() == {"kind": "ClientViewFixer", "checkpoint": None}  # the pool's weights are its own
+    assert found.describe() == {"kind": "ClientViewFixer", "checkpoint": None}  # a client that cannot tell its own
 
     def no_pool():
         raise PoolUnavailableError("no fixing pool")

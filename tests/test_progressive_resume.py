@@ -89,6 +89,27 @@ def test_a_resume_under_another_fixer_is_refused_naming_both(street, tmp_path):
     assert storage.read_json(str(tmp_path / "metrics.json"))["fixer"] == result.fixer
 
 
+def test_a_checkpoint_recorded_as_unknown_is_not_held_against_a_resume(street, tmp_path):
+    """Clients that could not tell their checkpoint were recorded with None; a resume through one that can is the
+    same run as far as anything recorded says, while a known checkpoint that changes is refused."""
+    from difix3d.errors import InputError
+    from difix3d.recon.view_fixers import IdentityViewFixer
+
+    class Told(IdentityViewFixer):
+        def __init__(self, checkpoint):
+            self.checkpoint = checkpoint
+
+        def describe(self):
+            return {"kind": "ClientViewFixer", "checkpoint": self.checkpoint}
+
+    cfg = tiny_config(iterations=16, baseline=False, post_render=False)
+    out = str(tmp_path)
+    reconstruct_scene(street, out, cfg, Told(None), progress=False, device="cpu")
+    reconstruct_scene(street, out, cfg, Told("/ckpt/a"), progress=False, device="cpu")
+    with pytest.raises(InputError, match=r"fixer\.checkpoint '/ckpt/a' -> '/ckpt/b'"):
+        reconstruct_scene(street, out, cfg, Told("/ckpt/b"), progress=False, device="cpu")
+
+
 def test_a_client_fixer_records_its_checkpoint_in_one_spelling(tmp_path, monkeypatch):
     from difix3d.recon.view_fixers import ClientViewFixer, as_view_fixer
 

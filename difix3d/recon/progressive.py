@@ -672,7 +672,8 @@ def _check_resumable(out: SceneOutputs, record: dict) -> None:
     now = json.loads(json.dumps(record, default=storage._json_default))
     idle = "gaussian" if now.get("representation") == "nerfacto" else "nerf"  # the backend config not run
     changes = [c for k in _TRAINING_KEYS if k != idle and (k in saved or k not in _RECORDED_LATER)
-               for c in nested_changes(saved.get(k), now.get(k), k, _NOT_TRAINING)]
+               for c in nested_changes(saved.get(k), now.get(k), k, _NOT_TRAINING)
+               if not (c[0] == "fixer.checkpoint" and c[1] is None)]  # recorded unknown (a client that could not tell)
     if changes:  # an InputError: the fleet records it and does not retry what would fail the same way
         sections = sorted({key.split(".")[0] for key, _, _ in changes}, key=_TRAINING_KEYS.index)
         details = "; ".join(f"{key} {a!r} -> {b!r}" for key, a, b in changes)
