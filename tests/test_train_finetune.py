@@ -65,6 +65,7 @@ def test_two_workers_train_checkpoint_survive_a_crash_and_resume(tmp_path, ray_l
         assert torch.equal(p, ckpt_model.state_dict()[name]), name
     state = torch.load(os.path.join(result.checkpoint_path, "train_state.pt"), weights_only=False)
     assert state["step"] == 12 and len(state["streams"]) == 2 and state["optimizer"]["state"]
+    assert len(state["param_names"]) == len(state["optimizer"]["param_groups"][0]["params"])  # resumable by name
     fixed = FixerRunner.from_checkpoint(result.final_uri, device="cpu").fix(np.zeros((32, 40, 3), np.uint8))
     assert fixed.shape == (32, 40, 3) and fixed.dtype == np.uint8
 
@@ -179,3 +180,102 @@ def test_fine_tuning_a_bf16_checkpoint_trains_fp32_master_weights(tmp_path):
     w.grad = torch.ones_like(w)
     torch.optim.AdamW([w], lr=5e-6, weight_decay=0.0).step()  # a fine-tuning step: lost to rounding in bf16
     assert bool((w.detach() != w0).all())
+
+
+def _checkpoint_before_decoder_only_lora(run, monkeypatch, train_vae):
+    """A checkpoint of a run started before the VAE's LoRA wrapped the decoder only: peft matched the target suffixes
+    in the whole VAE, and ``train_vae`` trained the encoder's adapters; its training state names no parameters.
+    Returns the checkpoint folder and the old model's moments by parameter name."""
+    import difix3d.fixer.model
+    from difix3d.fixer.checkpoint import save_checkpoint
+    from difix3d.fixer.model import build_model
+
+    with monkeypatch.context() as m:
+        m.setattr(difix3d.fixer.model, "decoder_lora_modules", lambda vae, targets: list(targets))
+        old = build_model("tiny", seed=0)
+    old.prepare_for_training(train_vae=train_vae)
+    assert any(".encoder." in n and "lora_" in n for n, _ in old.named_parameters())
+    opt = torch.optim.AdamW(old.trainable_parameters(), lr=1e-3)
+    for _ in range(2):
+        opt.zero_grad()
+        old(torch.rand(1, 3, 32, 32) * 2 - 1).square().mean().backward()
+        opt.step()
+    folder = run / "checkpoint_000000"
+    save_checkpoint(old, str(folder / "model"))
+    cfg = FinetuneConfig(train_vae=train_vae, name=run.name, storage_path=str(run.parent))
+    torch.save({"optimizer": opt.state_dict(), "step": 2, "streams": [[0, 2]], "config": cfg.to_dict()},
+               folder / "train_state.pt")
+    moments = {n: opt.state[p]["exp_avg"] for n, p in old.named_parameters() if p in opt.state}
+    return cfg, folder, moments
+
+
+@pytest.mark.parametrize("train_vae", [True, False], ids=["train-vae", "frozen-encoder"])
+def test_a_run_checkpointed_with_an_encoder_adapter_resumes_its_moments(tmp_path, monkeypatch, train_vae):
+    """Its model loads with the encoder adapter folded into the encoder (44 trained tensors fewer under ``train_vae``):
+    the optimizer keeps the moments of every parameter that remains and drops the adapter's."""
+    from ray.train import Checkpoint
+
+    from difix3d.train.loop import _initial_model_and_state, _load_optimizer, _state_uri
+    from difix3d.train.optim import build_optimizer, trained_parameter_names
+
+    cfg, folder, old_moments = _checkpoint_before_decoder_only_lora(tmp_path / "ft", monkeypatch, train_vae)
+    checkpoint = Checkpoint.from_directory(str(folder))
+    model, state = _initial_model_and_state(cfg, checkpoint)
+    model.prepare_for_training(train_vae=train_vae)
+    opt = build_optimizer("adamw", model.trainable_parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                          weight_decay=0.0, device=torch.device("cpu"))
+    assert _state_uri(cfg, checkpoint) == str(folder / "train_state.pt")
+    _load_optimizer(cfg, model, opt, state, _state_uri(cfg, checkpoint), torch.device("cpu"))
+
+    folded = {n for n in old_moments if ".encoder." in n and "lora_" in n}
+    assert len(folded) == (44 if train_vae else 0) and len(opt.state) == len(old_moments) - len(folded)
+    kept = {n.replace(".base_layer.", "."): v for n, v in old_moments.items() if n not in folded}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(opt.state[p]["exp_avg"], kept.pop(name.replace(".base_layer.", "."))), name
+            assert float(opt.state[p]["step"]) == 2
+    assert not kept
+    opt.zero_grad()
+    model(torch.rand(1, 3, 32, 32) * 2 - 1).square().mean().backward()
+    opt.step()  # trains on from the resumed state
+
+    # states written from now on name their parameters, and a later model maps them by name
+    named = {"optimizer": opt.state_dict(), "param_names": trained_parameter_names(model)} | {
+        k: state[k] for k in ("step", "streams", "config")}
+    resumed = build_optimizer("adamw", model.trainable_parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                              weight_decay=0.0, device=torch.device("cpu"))
+    _load_optimizer(cfg, model, resumed, named, "s", torch.device("cpu"))
+    assert all(torch.equal(resumed.state[p]["exp_avg"], opt.state[p]["exp_avg"]) for p in model.trainable_parameters())
+
+
+def test_an_optimizer_state_that_cannot_be_matched_is_recorded_bad_input(tmp_path, monkeypatch):
+    """A training state without names whose parameters are not those of the model of then: a CheckpointError naming
+    the file and the way on, recorded so that a restarted worker group fails at once instead of training again."""
+    from ray.train import Checkpoint
+
+    from difix3d.errors import CheckpointError
+    from difix3d.train import loop
+    from difix3d.train.optim import build_optimizer
+
+    cfg, folder, _ = _checkpoint_before_decoder_only_lora(tmp_path / "ft", monkeypatch, train_vae=True)
+    state = torch.load(folder / "train_state.pt", weights_only=False)
+    del state["optimizer"]["param_groups"][0]["params"][-1]  # one parameter too few
+    checkpoint = Checkpoint.from_directory(str(folder))
+    model, _ = loop._initial_model_and_state(cfg, checkpoint)
+    model.prepare_for_training(train_vae=True)
+    opt = build_optimizer("adamw", model.trainable_parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                          weight_decay=0.0, device=torch.device("cpu"))
+    calls = []
+
+    def train(c):
+        calls.append(c)
+        loop._load_optimizer(cfg, model, opt, state, loop._state_uri(cfg, checkpoint), torch.device("cpu"))
+
+    monkeypatch.setattr(loop, "_train", train)
+    message = (rf"{folder}/train_state.pt: its optimizer state names no parameters and holds 503: this model trains "
+               rf"460, 504 as built before .* start a new run: --init {folder}/model --name")
+    for _ in range(2):  # the first attempt records the error; a restart raises it before training
+        with pytest.raises(CheckpointError, match=message):
+            loop.train_loop_per_worker(cfg.to_dict())
+    assert len(calls) == 1
+    assert isinstance(loop.recorded_input_error(cfg), CheckpointError)

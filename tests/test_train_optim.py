@@ -76,3 +76,50 @@ def test_resumed_adamw_keeps_this_devices_kernel_choice_not_the_saved_one():
     assert opt.param_groups[0]["lr"] == 1e-3  # the rest of the saved state is the run's
     assert torch.equal(opt.state[param]["exp_avg"], saved.state[param]["exp_avg"])
     opt.step()
+
+
+def _stepped(model):
+    opt = build_optimizer("adamw", model.parameters(), **KW)
+    model(torch.ones(2, 4)).sum().backward()
+    opt.step()
+    return opt
+
+
+def test_a_saved_state_is_matched_to_the_parameters_by_name():
+    """Moments of parameters gone from the model are dropped, a new parameter starts without them, and a LoRA-wrapped
+    layer's ``base_layer.weight`` is the plain layer's ``weight``."""
+    torch.manual_seed(0)
+    old = torch.nn.ModuleDict({"a": torch.nn.Linear(4, 3), "gone": torch.nn.Linear(4, 5), "b": torch.nn.Linear(4, 2)})
+    old.forward = lambda x: old["a"](x).sum() + old["gone"](x).sum() + old["b"](x).sum()
+    old_opt = _stepped(old)
+    saved = old_opt.state_dict()
+    saved_names = ["a.base_layer.weight", "a.base_layer.bias", "gone.weight", "gone.bias", "b.weight", "b.bias"]
+    new = torch.nn.ModuleDict({"a": torch.nn.Linear(4, 3), "new": torch.nn.Linear(4, 1), "b": torch.nn.Linear(4, 2)})
+    names = [n for n, _ in new.named_parameters()]
+    opt = build_optimizer("adamw", new.parameters(), **KW)
+    load_optimizer_state(opt, saved, "adamw", torch.device("cpu"), names=names, saved_names=saved_names)
+    for layer in ("a", "b"):
+        for kind in ("weight", "bias"):
+            moments = opt.state[getattr(new[layer], kind)]
+            assert torch.equal(moments["exp_avg"], old_opt.state[getattr(old[layer], kind)]["exp_avg"])
+            assert float(moments["step"]) == 1
+    assert new["new"].weight not in opt.state and new["new"].bias not in opt.state
+    assert len(opt.state) == 4 and opt.param_groups[0]["lr"] == KW["lr"]
+    sum(new[k](torch.ones(1, 4)).sum() for k in new).backward()
+    opt.step()  # the new parameter gets its moments here
+
+
+def test_a_saved_state_that_does_not_fit_by_name_is_a_checkpoint_error():
+    from difix3d.errors import CheckpointError
+
+    old = torch.nn.Linear(4, 3)
+    saved = _stepped(old).state_dict()
+    new = torch.nn.Linear(4, 5)  # same names, other shapes
+    opt = build_optimizer("adamw", new.parameters(), **KW)
+    with pytest.raises(CheckpointError, match=r"s/train_state.pt: the optimizer's exp_avg of weight is \(3, 4\), "
+                                              r"the parameter \(5, 4\)"):
+        load_optimizer_state(opt, saved, "adamw", torch.device("cpu"), names=["weight", "bias"],
+                             saved_names=["weight", "bias"], source="s/train_state.pt")
+    with pytest.raises(CheckpointError, match="holds 2 parameters and names 3"):
+        load_optimizer_state(opt, saved, "adamw", torch.device("cpu"), names=["weight", "bias"],
+                             saved_names=["weight", "bias", "other"], source="s/train_state.pt")

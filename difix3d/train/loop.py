@@ -2,8 +2,9 @@
 
 Every rank runs :func:`train_loop_per_worker`; ``ray.train.report`` is a barrier, so all ranks report at the same
 steps (log, validation and checkpoint steps are decided by the step counter alone). A checkpoint folder holds
-``model/`` (our fixer format, loadable by ``load_checkpoint``) and ``train_state.pt`` (optimizer, step, every
-rank's data-stream position), so a restarted worker group or a re-run job continues where it stopped.
+``model/`` (our fixer format, loadable by ``load_checkpoint``) and ``train_state.pt`` (optimizer, the names of its
+parameters, step, every rank's data-stream position), so a restarted worker group or a re-run job continues where it
+stopped.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from difix3d.errors import CheckpointError, InputError
 from difix3d.train.config import FinetuneConfig
 from difix3d.train.data import PairStream, ShardIndex, batches, collate_pairs, read_rows
 from difix3d.train.losses import DifixLoss, build_perceptual_net
-from difix3d.train.optim import build_optimizer, load_optimizer_state
+from difix3d.train.optim import (build_optimizer, load_optimizer_state, trained_parameter_names,
+                                 trained_parameter_names_before_decoder_only_lora)
 from difix3d.train.validate import validation_sums, write_sample_grid
 from difix3d.train.views import AllViewsFixer, training_targets
 
@@ -92,7 +94,8 @@ def _train(cfg: FinetuneConfig) -> dict[str, Any]:
     if device.type == "cuda" and cfg.gpu_memory_limit_gib > 0:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.gpu_memory_limit_gib * 2**30 / total), device)
-    model, state = _initial_model_and_state(cfg, ray.train.get_checkpoint())
+    checkpoint = ray.train.get_checkpoint()
+    model, state = _initial_model_and_state(cfg, checkpoint)
     # paper: UNet full, decoder LoRA + skip convs, encoder frozen (train_vae: the whole VAE too, for random presets)
     counts = model.prepare_for_training(train_vae=cfg.train_vae)
     if cfg.gradient_checkpointing:
@@ -104,7 +107,7 @@ def _train(cfg: FinetuneConfig) -> dict[str, Any]:
     step, start = 0, (0, 0)
     if state is not None:
         _check_same_optimizer_setup(cfg, state.get("config", {}))
-        load_optimizer_state(opt, state["optimizer"], cfg.optimizer, device)
+        _load_optimizer(cfg, model, opt, state, _state_uri(cfg, checkpoint), device)
         step = int(state["step"])
         streams = state["streams"]
         start = tuple(streams[rank]) if len(streams) == world else (max(s[0] for s in streams) + 1, 0)
@@ -224,6 +227,38 @@ def _initial_weights(cfg: FinetuneConfig, checkpoint) -> tuple[torch.nn.Module, 
     return load_checkpoint(cfg.init, base=cfg.base), None
 
 
+def _state_uri(cfg: FinetuneConfig, checkpoint) -> str:
+    """Where the checkpoint's training state lies in the run storage (Ray Train's ``path`` drops the URI scheme)."""
+    return storage.join(cfg.run_uri(), os.path.basename(checkpoint.path.rstrip("/")), STATE_FILE)
+
+
+def _load_optimizer(cfg: FinetuneConfig, model, opt: torch.optim.Optimizer, state: dict, source: str,
+                    device: torch.device) -> None:
+    """The saved optimizer state into ``opt``, its moments matched to ``model``'s trained parameters by name (a
+    resumed model may train fewer: the VAE encoder's LoRA, trained under ``train_vae`` before the adapter wrapped the
+    decoder only, is folded into the encoder's weights on load). A state that does not fit is a CheckpointError
+    naming ``source``: bad input, which the run records and does not train again (see :func:`train_loop_per_worker`).
+    """
+    names = trained_parameter_names(model)
+    saved_names = state.get("param_names")
+    try:
+        if saved_names is None:  # saved before the names were recorded: ordered as the model of then
+            saved_names = trained_parameter_names_before_decoder_only_lora(model)
+            saved = sum(len(group["params"]) for group in state["optimizer"]["param_groups"])
+            if saved != len(saved_names):
+                raise CheckpointError(source, f"its optimizer state names no parameters and holds {saved}: this "
+                                              f"model trains {len(names)}, {len(saved_names)} as built before the "
+                                              f"VAE's LoRA wrapped the decoder only")
+        load_optimizer_state(opt, state["optimizer"], cfg.optimizer, device, names=names, saved_names=saved_names,
+                             source=source)
+    except ValueError as e:  # CheckpointError, or a ValueError of the old names' reconstruction or of torch
+        problem = e.problem if isinstance(e, CheckpointError) else str(e)
+        model_uri = storage.join(os.path.dirname(source), MODEL_DIR)
+        raise CheckpointError(source, f"{problem}; the run cannot resume its optimizer: to go on from its weights "
+                                      f"with new optimizer moments, start a new run: --init {model_uri} "
+                                      f"--name <new name>") from e
+
+
 def _report(metrics: dict, model, opt, step: int, stream: PairStream, cfg: FinetuneConfig, save: bool,
             rank: int) -> None:
     """``ray.train.report`` on every rank; on checkpoint steps rank 0 attaches model + optimizer + streams."""
@@ -240,8 +275,9 @@ def _report(metrics: dict, model, opt, step: int, stream: PairStream, cfg: Finet
 
     with tempfile.TemporaryDirectory() as d:
         save_checkpoint(model, os.path.join(d, MODEL_DIR))
-        torch.save({"optimizer": opt.state_dict(), "step": step, "streams": streams, "config": cfg.to_dict()},
-                   os.path.join(d, STATE_FILE))
+        # the parameters' names: a later model that trains others resumes the moments of those it still has
+        torch.save({"optimizer": opt.state_dict(), "param_names": trained_parameter_names(model), "step": step,
+                    "streams": streams, "config": cfg.to_dict()}, os.path.join(d, STATE_FILE))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
