@@ -123,3 +123,15 @@ def test_a_saved_state_that_does_not_fit_by_name_is_a_checkpoint_error():
     with pytest.raises(CheckpointError, match="holds 2 parameters and names 3"):
         load_optimizer_state(opt, saved, "adamw", torch.device("cpu"), names=["weight", "bias"],
                              saved_names=["weight", "bias", "other"], source="s/train_state.pt")
+
+
+def test_a_resume_with_another_optimizer_setup_is_bad_input_naming_the_run(tmp_path):
+    """An InputError is recorded by the worker, so a restarted worker group fails at once instead of retrying."""
+    from difix3d.errors import InputError
+    from difix3d.train.loop import _check_same_optimizer_setup
+
+    cfg = FinetuneConfig(train_shards=str(tmp_path), storage_path=str(tmp_path / "runs"), name="r1", train_vae=True)
+    _check_same_optimizer_setup(cfg, {"optimizer": "adamw", "train_vae": True})
+    with pytest.raises(InputError, match=r"r1: the run was started with train_vae=False and is resumed with "
+                                         r"train_vae=True"):
+        _check_same_optimizer_setup(cfg, {})  # a state saved before train_vae was recorded: its default

@@ -48,9 +48,10 @@ def _check_same_optimizer_setup(cfg: FinetuneConfig, saved: dict[str, Any]) -> N
     for name, default in _OPTIMIZER_SETUP.items():
         was, now = saved.get(name, default), getattr(cfg, name)
         if was != now:
-            raise ValueError(f"run {cfg.name!r} was started with {name}={was!r} and is resumed with {name}={now!r}: "
-                             "its saved optimizer state does not fit; resume with the same setting or start a new "
-                             "--name")
+            # an InputError: recorded, so a restarted worker group fails at once instead of Ray retrying it
+            raise InputError(cfg.run_uri(), f"the run was started with {name}={was!r} and is resumed with "
+                                            f"{name}={now!r}: its saved optimizer state does not fit; resume with the "
+                                            "same setting or start a new --name")
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
