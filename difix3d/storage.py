@@ -45,6 +45,15 @@ def absolute(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri))
 
 
+def normalized(uri: str) -> str:
+    """One spelling per location, for comparing and hashing recorded locations: local paths absolute and normalized
+    (``sc/a``, ``./sc/a/``, ``file://`` and the absolute path agree), URIs without a trailing slash."""
+    uri = str(uri)
+    if is_local(uri):
+        return posixpath.normpath(absolute(uri.removeprefix("file://")).replace("\\", "/"))
+    return uri.rstrip("/")
+
+
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a URI or a plain local path."""
     uri = str(uri)

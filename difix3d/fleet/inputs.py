@@ -131,12 +131,8 @@ def _unique_ids(pairs: list[tuple[str | None, str]]) -> list[SceneRef]:
 
 
 def same_scene_key(uri: str) -> str:
-    """One spelling per scene location: local paths absolute and normalized (``sc/a``, ``./sc/a/`` and its absolute
-    path agree), URIs without a trailing slash."""
-    uri = str(uri)
-    if storage.is_local(uri):
-        return posixpath.normpath(storage.absolute(uri.removeprefix("file://")).replace("\\", "/"))
-    return uri.rstrip("/")
+    """One spelling per scene location (:func:`difix3d.storage.normalized`)."""
+    return storage.normalized(uri)
 
 
 def adopt_recorded_ids(scenes: list[SceneRef], manifest: storage.Manifest) -> list[SceneRef]:

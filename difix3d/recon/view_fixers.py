@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import abc
 import os
-import posixpath
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
@@ -129,7 +128,7 @@ def checkpoint_record(uri: str | None) -> str | None:
     uri = str(uri)
     if not storage.is_local(uri) or looks_like_hub_id(uri):
         return uri.rstrip("/")
-    path = posixpath.normpath(storage.absolute(uri.removeprefix("file://")).replace("\\", "/"))
+    path = storage.normalized(uri)
     return "bundled" if os.path.realpath(path) == os.path.realpath(BUNDLED_DIR) else path
 
 
