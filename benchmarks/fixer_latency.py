@@ -41,6 +41,15 @@ def main() -> None:
                    help="with --profile: time the stages compiled too (one more compile each; default eager)")
     p.add_argument("--group-norm", default="auto", choices=["auto", "native", "nhwc"],
                    help="bf16 paths: nn.GroupNorm, or ours on NHWC views; auto = FixerRunner's default (nhwc)")
+    p.add_argument("--norm-stats", default="auto", choices=["auto", "group", "channel"],
+                   help="with --group-norm nhwc: statistics per group, or per channel combined per group; auto = "
+                        "ChannelsLastGroupNorm's default")
+    p.add_argument("--upsample", default="auto", choices=["auto", "native", "transposed"],
+                   help="bf16 paths: diffusers' nearest 2x + 3x3 conv, or one folded stride-2 transposed conv; "
+                        "auto = FixerRunner's default")
+    p.add_argument("--vae-attention", default="auto", choices=["auto", "sdpa", "wide"],
+                   help="bf16 paths: the VAE's 512-wide attention heads through SDPA, or two GEMMs and a float32 "
+                        "softmax; auto = FixerRunner's default")
     p.add_argument("--no-write", action="store_true", help="print only, do not append to results/")
     p.add_argument("--profile", metavar="FILE", default=None,
                    help="after timing, profile the last path at the first batch size without a reference and write "
@@ -59,14 +68,21 @@ def main() -> None:
     refs = [r == "true" for r in refs]
     iters, warmup = (3, 2) if args.quick else (args.iters, args.warmup)
     emitter = Emitter("fixer_latency", write=not args.no_write)
+    from difix3d.fixer.channels_last_norm import ChannelsLastGroupNorm
+
+    if args.norm_stats != "auto":
+        ChannelsLastGroupNorm.channel_statistics = args.norm_stats == "channel"
+    norm_stats = "channel" if ChannelsLastGroupNorm.channel_statistics else "group"
 
     from difix3d.fixer.model import build_model
 
     naive_ms = {}
     for path in args.paths.split(","):
         model = build_model(preset, seed=0).eval().requires_grad_(False)
-        group_norm = resolve_group_norm(args.group_norm, path, cuda)
-        fwd = prepare(model, path, device, args.compile_mode, group_norm)
+        group_norm = resolve_choice(args.group_norm, "nhwc", "native", path, cuda)
+        upsample = resolve_choice(args.upsample, "transposed", "native", path, cuda)
+        vae_attention = resolve_choice(args.vae_attention, "wide", "sdpa", path, cuda)
+        fwd = prepare(model, path, device, args.compile_mode, group_norm, upsample, vae_attention)
         dtype = torch.float32 if path == "naive" else (torch.bfloat16 if cuda else torch.float32)
         for batch in batches:
             for ref in refs:
@@ -74,7 +90,8 @@ def main() -> None:
                                   iters, warmup)
                 settings = dict(path=path, batch=batch, ref=ref, height=args.height, width=args.width,
                                 preset=preset, compile_mode=args.compile_mode if path == "optimized" else "none",
-                                group_norm=group_norm)
+                                group_norm=group_norm,
+                                norm_stats=norm_stats if group_norm == "nhwc" else "none", upsample=upsample, vae_attention=vae_attention)
                 emitter.emit("ms_per_frame", ms, "ms", **settings)
                 if path == "naive":
                     naive_ms[(batch, ref)] = ms
@@ -88,22 +105,33 @@ def main() -> None:
             torch.cuda.empty_cache()
 
 
-def resolve_group_norm(choice: str, path: str, cuda: bool) -> str:
-    """The group norm a path runs: native on the naive path and off CUDA; ``auto`` follows ``FixerRunner``."""
+def resolve_choice(choice: str, ours: str, original: str, path: str, cuda: bool) -> str:
+    """A serving rewrite's setting on a path: the original on the naive path and off CUDA; ``auto`` = ours, as
+    ``FixerRunner`` runs."""
     if path == "naive" or not cuda:
-        return "native"
-    return "nhwc" if choice == "auto" else choice
+        return original
+    return ours if choice == "auto" else choice
 
 
-def prepare(model, path: str, device: torch.device, compile_mode: str, group_norm: str = "native"):
+def prepare(model, path: str, device: torch.device, compile_mode: str, group_norm: str = "native",
+            upsample: str = "native", vae_attention: str = "sdpa"):
     """naive: fp32 eager, NCHW, LoRA unmerged (the original code). bf16_eager: LoRA merged, bf16 weights,
-    channels_last (with ``group_norm="nhwc"``, group norms computed on NHWC views). optimized: that plus
-    torch.compile."""
+    channels_last (with ``group_norm="nhwc"``, group norms computed on NHWC views; ``upsample="transposed"``,
+    upsamplers as folded transposed convs; ``vae_attention="wide"``, the VAE's wide heads as two GEMMs). optimized:
+    that plus torch.compile."""
     if path == "naive":
         return model.to(device)
     if path not in ("optimized", "bf16_eager"):
         raise SystemExit(f"unknown path {path!r}")
     model.merge_lora()  # decoder LoRA folded into the base convs: no extra low-rank kernels at full resolution
+    if upsample == "transposed":
+        from difix3d.fixer.transposed_upsample import use_transposed_upsample
+
+        use_transposed_upsample(model)  # folded in float32, before the cast
+    if vae_attention == "wide":
+        from difix3d.fixer.wide_head_attention import use_wide_head_attention
+
+        use_wide_head_attention(model)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

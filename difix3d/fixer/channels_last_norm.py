@@ -20,14 +20,26 @@ class ChannelsLastGroupNorm(nn.GroupNorm):
     channels_last (4-D); any other input takes ``nn.GroupNorm``'s path. Statistics and affine run in float32 (float64
     for float64 input), as PyTorch's own kernel does, and the output has the input's dtype and memory format."""
 
+    # statistics per channel (one coalesced reduction over the pixels, C contiguous), then combined per group;
+    # False: one reduction per group over [HW, C/G], whose rows are strided by C (each group reads every cache line)
+    channel_statistics = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
             return super().forward(x)
         b, c, h, w = x.shape
         g = self.num_groups
         acc = torch.promote_types(x.dtype, torch.float32)  # float32 statistics for bf16/fp16, float64 kept
-        xv = x.permute(0, 2, 3, 1).reshape(b, h * w, g, c // g).to(acc)  # NHWC memory seen as [B, HW, G, C/G]
-        var, mean = torch.var_mean(xv, dim=(1, 3), keepdim=True, correction=0)  # [B, 1, G, 1]
+        if self.channel_statistics:
+            xv = x.permute(0, 2, 3, 1).reshape(b, h * w, 1, c).to(acc)  # NHWC memory seen as [B, HW, 1, C]
+            var_c, mean_c = torch.var_mean(xv, dim=1, keepdim=True, correction=0)  # [B, 1, 1, C]
+            var_c, mean_c = var_c.view(b, 1, g, c // g), mean_c.view(b, 1, g, c // g)
+            mean = mean_c.mean(dim=3, keepdim=True)  # [B, 1, G, 1]; groups of equal-size channels (Chan et al.):
+            var = (var_c + (mean_c - mean).square()).mean(dim=3, keepdim=True)  # within + between channels
+            xv = xv.view(b, h * w, g, c // g)
+        else:
+            xv = x.permute(0, 2, 3, 1).reshape(b, h * w, g, c // g).to(acc)  # NHWC memory seen as [B, HW, G, C/G]
+            var, mean = torch.var_mean(xv, dim=(1, 3), keepdim=True, correction=0)  # [B, 1, G, 1]
         scale = torch.rsqrt(var + self.eps)
         if self.affine:
             scale = scale * self.weight.to(acc).view(1, 1, g, c // g)  # [B, 1, G, C/G]

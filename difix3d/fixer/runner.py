@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from difix3d.device import default_device, default_dtype
 from difix3d.fixer.channels_last_norm import use_channels_last_group_norm
 from difix3d.fixer.model import DifixModel
+from difix3d.fixer.transposed_upsample import use_transposed_upsample
+from difix3d.fixer.wide_head_attention import use_wide_head_attention
 
 MULTIPLE = 8  # the VAE downsamples by 8; the UNet copes with any latent size itself (upsample_size)
 MIN_SIDE = 32  # smaller frames are padded up (and cropped back): a narrow model's innermost group norms need >1x1
@@ -41,6 +43,14 @@ class FixerRunner:
     same results without the layout copies PyTorch's CUDA kernel makes. ``None`` (default) turns it on; measured per
     576x1024 frame on an H200 (``benchmarks/RESULTS.md``): eager 117 -> 81 ms, compiled 38.7 -> 37.0 ms.
 
+    ``transposed_upsample``: every nearest-2x-then-3x3-conv upsampler runs as one stride-2 transposed conv with folded
+    taps (:mod:`transposed_upsample`): the same results from 4/9 of its FLOPs, without the upsampled copy. ``None``
+    (default) turns it on.
+
+    ``wide_head_attention``: the VAE's 512-wide attention heads, too wide for flash and cuDNN attention, run as two
+    GEMMs and a float32 softmax (:mod:`wide_head_attention`) instead of PyTorch's generic kernel. ``None`` (default)
+    turns it on on CUDA.
+
     ``compile_mode``: torch.compile's mode when compiling. ``"reduce-overhead"`` adds CUDA graphs (31.2 ms per frame
     at batch 1 above): each new batch size or frame size records a graph, and the graphs keep their memory, so use it
     where shapes repeat (a pool replica, a fleet of one camera size).
@@ -48,7 +58,8 @@ class FixerRunner:
 
     def __init__(self, model: DifixModel, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                  compile: bool | None = False, channels_last: bool | None = None, max_batch: int | None = None,
-                 nhwc_group_norm: bool | None = None, compile_mode: str = "default"):
+                 nhwc_group_norm: bool | None = None, compile_mode: str = "default",
+                 transposed_upsample: bool | None = None, wide_head_attention: bool | None = None):
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode: expected one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
         self.device = default_device(device)
@@ -56,6 +67,13 @@ class FixerRunner:
         self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
         self.max_batch = max_batch or (4 if self.device.type == "cuda" else 8)
         model.merge_lora()  # in the checkpoint's precision, before any cast: LoRA adds nothing at inference
+        self.transposed_upsample = True if transposed_upsample is None else bool(transposed_upsample)
+        if self.transposed_upsample:
+            use_transposed_upsample(model)  # folded from the merged weights, before the cast
+        self.wide_head_attention = (self.device.type == "cuda" if wide_head_attention is None
+                                    else bool(wide_head_attention))
+        if self.wide_head_attention:
+            use_wide_head_attention(model)
         self.model = model.to(self.device, self.dtype).eval().requires_grad_(False)
         if self.device.type == "cuda":
             # a fixer sees few shapes (batch sizes up to max_batch, one padded frame size), so cuDNN's autotuned conv
@@ -83,11 +101,12 @@ class FixerRunner:
     def from_checkpoint(cls, uri: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                         compile: bool | None = False, channels_last: bool | None = None, max_batch: int | None = None,
                         base: str | None = None, nhwc_group_norm: bool | None = None,
-                        compile_mode: str = "default") -> "FixerRunner":
+                        compile_mode: str = "default", transposed_upsample: bool | None = None,
+                        wide_head_attention: bool | None = None) -> "FixerRunner":
         from difix3d.fixer.checkpoint import load_checkpoint
 
         runner = cls(load_checkpoint(uri, base=base), device, dtype, compile, channels_last, max_batch, nhwc_group_norm,
-                     compile_mode)
+                     compile_mode, transposed_upsample, wide_head_attention)
         runner.checkpoint = str(uri)  # runs record which weights fixed their views (ViewFixer.describe)
         return runner
 
