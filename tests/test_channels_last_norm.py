@@ -76,3 +76,15 @@ def test_runner_default_uses_the_nhwc_norm_on_channels_last_models():
     off = FixerRunner.from_checkpoint(default_checkpoint(), device="cpu", channels_last=True, compile=True,
                                       nhwc_group_norm=False)
     assert not off.nhwc_group_norm and nhwc_norms(off) == 0
+
+
+@pytest.mark.parametrize("groups,channels,hw", [(32, 128, (12, 20)), (4, 8, (1, 1)), (1, 6, (9, 3))])
+def test_per_channel_statistics_equal_the_per_group_ones(groups, channels, hw):
+    ref, ours = _pair(groups, channels, True)
+    ours.channel_statistics = True
+    torch.manual_seed(2)  # channel means far apart and far from zero: the between-channel term carries the variance
+    x = (torch.randn(2, channels, *hw) + torch.randn(1, channels, 1, 1) * 20 + 50).contiguous(
+        memory_format=torch.channels_last)
+    torch.testing.assert_close(ours(x), ref(x), atol=1e-4, rtol=1e-4)
+    x64, ref64, ours64 = x.double(), ref.double(), ours.double()
+    torch.testing.assert_close(ours64(x64), ref64(x64), atol=1e-12, rtol=1e-12)

@@ -20,9 +20,10 @@ class ChannelsLastGroupNorm(nn.GroupNorm):
     channels_last (4-D); any other input takes ``nn.GroupNorm``'s path. Statistics and affine run in float32 (float64
     for float64 input), as PyTorch's own kernel does, and the output has the input's dtype and memory format."""
 
-    # statistics per channel (one coalesced reduction over the pixels, C contiguous), then combined per group;
-    # False: one reduction per group over [HW, C/G], whose rows are strided by C (each group reads every cache line)
-    channel_statistics = False
+    # statistics per channel (one coalesced reduction over the pixels, C contiguous), then combined per group; False:
+    # one reduction per group over [HW, C/G], whose rows are strided by C, so every group reads every cache line.
+    # Compiled with SiLU on an H200 at 128x576x1024 (benchmarks/fixer_ops.py): 0.335 -> 0.198 ms
+    channel_statistics = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
