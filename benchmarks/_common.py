@@ -32,7 +32,8 @@ def device_name() -> str:
 
 def commit() -> str:
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+        # "-dirty" when tracked files differ from the commit: the figures then come from code no commit holds
+        return subprocess.check_output(["git", "describe", "--always", "--dirty", "--abbrev=7"], text=True,
                                        cwd=os.path.dirname(RESULTS_DIR), stderr=subprocess.DEVNULL).strip()
     except Exception:
         return "unknown"

@@ -21,7 +21,8 @@ MIN_SIDE = 32  # smaller frames are padded up (and cropped back): a narrow model
 # gains little and pays a compile per batch size and image size (minutes of stalls for the bundled 1.9 M demo fixer)
 COMPILE_MIN_PARAMS = 100_000_000
 # torch.compile's modes; the two with CUDA graphs replay recorded kernels without launching them one by one, which
-# took the compiled sd-turbo fixer from 37.0 to 31.2 ms per 576x1024 frame at batch 1 on an H200 (benchmarks/RESULTS.md)
+# took the compiled sd-turbo fixer from 37.0 to 31.2 ms per 576x1024 frame at batch 1 on an H200 (25.7 ms with the
+# serving rewrites below; benchmarks/RESULTS.md)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
@@ -45,7 +46,8 @@ class FixerRunner:
 
     ``transposed_upsample``: every nearest-2x-then-3x3-conv upsampler runs as one stride-2 transposed conv with folded
     taps (:mod:`transposed_upsample`): the same results from 4/9 of its FLOPs, without the upsampled copy. ``None``
-    (default) turns it on.
+    (default) turns it on. With ``wide_head_attention`` it took the compiled fixer (CUDA graphs) from 31.2 to 27.7 ms
+    per 576x1024 frame at batch 1 on an H200, and per-channel norm statistics on to 25.7 ms.
 
     ``wide_head_attention``: the VAE's 512-wide attention heads, too wide for flash and cuDNN attention, run as two
     GEMMs and a float32 softmax (:mod:`wide_head_attention`) instead of PyTorch's generic kernel. ``None`` (default)
