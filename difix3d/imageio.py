@@ -63,9 +63,19 @@ def read_image(uri: str) -> np.ndarray:
     return decode_image(data, source=uri)
 
 
+# what write_image encodes, by file extension
+WRITE_FORMATS = {"png": "png", "jpg": "jpeg", "jpeg": "jpeg", "webp": "webp", "bmp": "bmp", "tif": "tiff",
+                 "tiff": "tiff"}
+
+
 def write_image(uri: str, image: np.ndarray) -> None:
-    ext = str(uri).rsplit(".", 1)[-1] if "." in str(uri) else "png"
-    storage.write_bytes(uri, encode_image(image, fmt=ext))
+    """Encode ``image`` in the format its file name's extension names (PNG when it has none)."""
+    name = str(uri).replace("\\", "/").rsplit("/", 1)[-1]
+    ext = name.rsplit(".", 1)[-1].lower() if "." in name else "png"
+    if ext not in WRITE_FORMATS:
+        raise InputError(str(uri), f"cannot write images as .{ext}: use one of "
+                                   f"{', '.join('.' + e for e in WRITE_FORMATS)}")
+    storage.write_bytes(uri, encode_image(image, fmt=WRITE_FORMATS[ext]))
 
 
 def to_tensor(images: np.ndarray | list[np.ndarray]) -> torch.Tensor:

@@ -33,7 +33,7 @@ def is_local(uri: str) -> bool:
 
 def _local_path(uri: str) -> str:
     uri = str(uri)
-    return uri[len("file://"):] if uri.startswith("file://") else uri
+    return uri[len("file://"):] if uri.startswith("file://") else os.path.expanduser(uri)  # ~ as absolute() reads it
 
 
 def absolute(uri: str) -> str:

@@ -40,7 +40,7 @@ from difix3d import storage
 from difix3d.errors import InputError
 from difix3d.scene.camera import Camera
 from difix3d.scene.poses import check_rigid, rigid_inverse
-from difix3d.scene.scene import DEFAULT_TEST_EVERY, Scene
+from difix3d.scene.scene import DEFAULT_TEST_EVERY, Scene, finite_points
 
 # OpenCV camera axes -> dataset camera axes (drivestudio's OPENCV2DATASET); a signed permutation, so exact
 OPENCV2DATASET = np.array([[0, 0, 1, 0], [-1, 0, 0, 0], [0, -1, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
@@ -123,6 +123,7 @@ def write_driving(scene: Scene, out_uri: str, images: dict[int, np.ndarray] | No
                                                        "cam_to_ego meta: not a driving-rig camera")
         t = int(cam.meta["frame"])
         ego = np.asarray(cam.meta["ego_to_world"], dtype=np.float64)
+        _check_rig_pose(scene, cam, ego, rig.get(cam.camera_id))
         if t in ego_written and not np.array_equal(ego_written[t], ego):
             raise InputError(scene.root or scene.name, f"frame {t:03d}: cameras disagree on the ego pose")
         if t not in ego_written:
@@ -140,9 +141,9 @@ def write_driving(scene: Scene, out_uri: str, images: dict[int, np.ndarray] | No
             fname = f"{t:03d}_{cam.camera_id}.{image_format}"
             imageio.write_image(storage.join(out_uri, "images", fname), images[i])
         else:
-            ext = scene.image_uris[i].rsplit(".", 1)[-1].lower()
+            data, ext = scene.image_file(i)
             fname = f"{t:03d}_{cam.camera_id}.{ext}"
-            storage.write_bytes(storage.join(out_uri, "images", fname), storage.read_bytes(scene.image_uris[i]))
+            storage.write_bytes(storage.join(out_uri, "images", fname), data)
         files.append(fname)
     if scene.points is not None and len(scene.points):
         buf = io.BytesIO()
@@ -168,6 +169,14 @@ def _read_split_file(uri: str) -> dict | None:
     if not isinstance(meta, dict) or not isinstance(meta.get("splits"), dict) or not isinstance(
             meta.get("cameras"), dict):
         raise InputError(path, "expected {'cameras': {...}, 'splits': {...}}")
+    for cam, size in meta["cameras"].items():
+        w = size.get("width") if isinstance(size, dict) else None
+        h = size.get("height") if isinstance(size, dict) else None
+        if not (type(w) is int and type(h) is int and w > 0 and h > 0):
+            raise InputError(path, f"cameras[{cam!r}] needs positive integer width and height, got {size!r}")
+    for split, files in meta["splits"].items():
+        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+            raise InputError(path, f"splits[{split!r}] must be a list of image file names")
     return meta
 
 
@@ -233,6 +242,7 @@ def _read_points(uri: str, times: list[int], ego: dict, origin_inv, max_lidar_po
             points, colors = data["points"].astype(np.float64), data["colors"]
         except Exception as e:  # noqa: BLE001
             raise InputError(path, f"expected an npz with 'points' [N, 3] and 'colors' [N, 3] ({e})") from e
+        points, colors = finite_points(points, colors, path)
         if origin_inv is not None:
             points = points @ origin_inv[:3, :3].T + origin_inv[:3, 3]
         return points.astype(np.float32), colors
@@ -245,6 +255,7 @@ def _read_points(uri: str, times: list[int], ego: dict, origin_inv, max_lidar_po
         if len(raw) % (4 * LIDAR_COLUMNS):
             raise InputError(lpath, f"lidar file size {len(raw)} is not a multiple of {LIDAR_COLUMNS} float32")
         pts = np.frombuffer(raw, dtype=np.float32).reshape(-1, LIDAR_COLUMNS)[:, 3:6].astype(np.float64)
+        pts = finite_points(pts, None, lpath, allow_empty=True)[0]
         chunks.append(pts @ ego[t][:3, :3].T + ego[t][:3, 3])  # ego frame of t -> world
     if not chunks:
         return None, None
@@ -252,6 +263,27 @@ def _read_points(uri: str, times: list[int], ego: dict, origin_inv, max_lidar_po
     if len(points) > max_lidar_points:  # a deterministic even subsample
         points = points[np.linspace(0, len(points) - 1, max_lidar_points).astype(np.int64)]
     return points.astype(np.float32), None
+
+
+def _check_rig_pose(scene: Scene, cam: Camera, ego: np.ndarray, first: Camera | None) -> None:
+    """The layout stores a camera as its frame's ego pose times its rig camera's extrinsics and intrinsics: refuse a
+    camera that is not (moved off its rig with ``with_pose``, or intrinsics that differ within one camera id) rather
+    than write a pose or intrinsics other than its own."""
+    where = scene.root or scene.name
+    stored = ego @ np.asarray(cam.meta["cam_to_ego"], dtype=np.float64) @ OPENCV2DATASET
+    if not np.allclose(stored, cam.c2w, atol=1e-6, rtol=0):
+        raise InputError(where, f"camera {cam.name!r} is not at its rig pose (ego_to_world @ cam_to_ego): the driving "
+                                "layout cannot store a moved camera; write it with write_nerfstudio")
+    if first is not None and not (np.allclose(first.K, cam.K, atol=1e-9, rtol=0) and (first.width, first.height)
+                                  == (cam.width, cam.height) and _same_dist(first.dist, cam.dist)):
+        raise InputError(where, f"camera {cam.name!r} has other intrinsics or size than {first.name!r}, the first "
+                                f"of camera id {cam.camera_id!r}: the driving layout stores one per camera id")
+
+
+def _same_dist(a, b) -> bool:
+    a = np.zeros(5) if a is None else np.pad(np.asarray(a, float), (0, max(0, 5 - len(a))))[:5]
+    b = np.zeros(5) if b is None else np.pad(np.asarray(b, float), (0, max(0, 5 - len(b))))[:5]
+    return bool(np.allclose(a, b, atol=1e-12, rtol=0))
 
 
 def _fmt(v: float) -> str:

@@ -15,14 +15,14 @@ import io
 import posixpath
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from difix3d import storage
 from difix3d.errors import InputError
 from difix3d.imageio import IMAGE_EXTENSIONS
 from difix3d.scene.camera import Camera
 from difix3d.scene.poses import check_rigid, rigid_inverse
-from difix3d.scene.scene import DEFAULT_TEST_EVERY, Scene, every_nth_split
+from difix3d.scene.scene import DEFAULT_TEST_EVERY, Scene, every_nth_split, finite_points
 
 GL_TO_CV = np.diag([1.0, -1.0, -1.0, 1.0])  # flips y and z: OpenGL camera axes <-> OpenCV camera axes
 _DIST_KEYS = ("k1", "k2", "p1", "p2", "k3")  # OpenCV order, as Camera.dist
@@ -50,11 +50,14 @@ def load_nerfstudio(uri: str, test_every: int = DEFAULT_TEST_EVERY) -> Scene:
             raise InputError(uri, f"frame {i} has no file_path string")
         where = f"{uri} (frame {i}, {fp})"
         image_uri = _with_extension(storage.join(base, fp) if not fp.startswith(("/", "s3://", "gs://")) else fp)
-        c2w_gl = check_rigid(frame.get("transform_matrix", np.full((4, 4), np.nan)), where, "transform_matrix")
+        if "transform_matrix" not in frame:
+            raise InputError(where, "has no transform_matrix")
+        c2w_gl = check_rigid(frame["transform_matrix"], where, "transform_matrix")
         K, w, h, dist = _intrinsics(meta, frame, where, image_uri)
+        timestamp = _finite_number(frame.get("time", i), where, "time")
         name = stems[i] if unique_stems else fp.replace("/", "_")
         cameras.append(Camera(viewmat=rigid_inverse(c2w_gl @ GL_TO_CV), K=K, width=w, height=h, dist=dist, name=name,
-                              camera_id=str(frame.get("camera_id", "")), timestamp=float(frame.get("time", i)),
+                              camera_id=str(frame.get("camera_id", "")), timestamp=timestamp,
                               meta={"file_path": fp, "transform_matrix": c2w_gl.tolist()}))
         uris.append(image_uri)
         paths.append(fp)
@@ -75,9 +78,9 @@ def write_nerfstudio(scene: Scene, out_uri: str, images: str = "images") -> str:
     out_uri = str(out_uri).rstrip("/")
     frames, paths = [], []
     for i, cam in enumerate(scene.cameras):
-        ext = scene.image_uris[i].rsplit(".", 1)[-1].lower()
+        data, ext = scene.image_file(i)
         fp = f"{images}/{cam.name}.{ext}"
-        storage.write_bytes(storage.join(out_uri, fp), storage.read_bytes(scene.image_uris[i]))
+        storage.write_bytes(storage.join(out_uri, fp), data)
         c2w_gl = _c2w_gl(cam)
         frame = {"file_path": fp, "transform_matrix": c2w_gl.tolist(), "fl_x": cam.K[0, 0], "fl_y": cam.K[1, 1],
                  "cx": cam.K[0, 2], "cy": cam.K[1, 2], "w": cam.width, "h": cam.height}
@@ -133,39 +136,62 @@ def read_points_ply(uri: str) -> tuple[np.ndarray, np.ndarray | None]:
         data = storage.read_bytes(uri)
     except FileNotFoundError as e:
         raise InputError(uri, "point cloud PLY not found") from e
-    end = data.find(b"end_header\n")
-    if not data.startswith(b"ply") or end < 0:
+    end = data.find(b"end_header")
+    if not data.startswith(b"ply") or end < 0 or data[end + 10:end + 11] not in (b"\n", b"\r"):
         raise InputError(uri, "not a PLY file")
     header = data[:end].decode("ascii", "replace").splitlines()
+    body = data[end + 10:]
+    body = body[2:] if body.startswith(b"\r\n") else body[1:]  # the header ends with LF (or CRLF)
     fmt, count, props, in_vertex = "", 0, [], False
     for line in header:
         parts = line.split()
-        if parts[:1] == ["format"]:
-            fmt = parts[1]
-        elif parts[:1] == ["element"]:
-            in_vertex = parts[1] == "vertex"
-            count = int(parts[2]) if in_vertex else count
-        elif parts[:1] == ["property"] and in_vertex:
-            if parts[1] == "list":
-                raise InputError(uri, "list properties in the vertex element are not supported")
-            props.append((parts[2], "<" + _PLY_TYPES[parts[1]]))
-    body = data[end + len(b"end_header\n"):]
+        try:
+            if parts[:1] == ["format"]:
+                fmt = parts[1]
+            elif parts[:1] == ["element"]:
+                in_vertex = parts[1] == "vertex"
+                count = int(parts[2]) if in_vertex else count
+            elif parts[:1] == ["property"] and in_vertex:
+                if parts[1] == "list":
+                    raise InputError(uri, "list properties in the vertex element are not supported")
+                if parts[1] not in _PLY_TYPES:
+                    raise InputError(uri, f"vertex property type {parts[1]!r} is not supported "
+                                          f"({', '.join(sorted(_PLY_TYPES))})")
+                props.append((parts[2], "<" + _PLY_TYPES[parts[1]]))
+        except InputError:
+            raise
+        except (IndexError, ValueError):
+            raise InputError(uri, f"malformed PLY header line {line!r}") from None
+    if count < 0:
+        raise InputError(uri, f"negative vertex count {count}")
     names = [p for p, _ in props]
     if not {"x", "y", "z"} <= set(names):
         raise InputError(uri, f"vertex element lacks x/y/z (has {names})")
     if fmt == "binary_little_endian":
-        rec = np.frombuffer(body, dtype=np.dtype(props), count=count)
+        dtype = np.dtype(props)
+        if len(body) < count * dtype.itemsize:
+            raise InputError(uri, f"truncated: {count} vertices need {count * dtype.itemsize} bytes, the file holds "
+                                  f"{len(body)}")
+        rec = np.frombuffer(body, dtype=dtype, count=count)
         col = {n: rec[n] for n in names}
     elif fmt == "ascii":
-        table = np.loadtxt(io.StringIO(body.decode("ascii")), ndmin=2)[:count]
+        try:
+            table = np.loadtxt(io.StringIO(body.decode("ascii")), ndmin=2, max_rows=count)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InputError(uri, f"ascii vertex table is not numeric ({e})") from e
+        if count and (table.shape[0] < count or table.shape[1] < len(names)):
+            raise InputError(uri, f"ascii vertex table has {table.shape[0]} rows of {table.shape[1]} values, the "
+                                  f"header says {count} rows of {len(names)}")
         col = {n: table[:, j] for j, n in enumerate(names)}
     else:
         raise InputError(uri, f"unsupported PLY format {fmt!r}")
+    if count == 0:
+        return np.zeros((0, 3), np.float32), None
     points = np.stack([col["x"], col["y"], col["z"]], axis=1).astype(np.float32)
     colors = None
     if {"red", "green", "blue"} <= set(names):
         colors = np.stack([col["red"], col["green"], col["blue"]], axis=1).astype(np.uint8)
-    return points, colors
+    return finite_points(points, colors, uri)
 
 
 # --- helpers
@@ -183,10 +209,7 @@ def _c2w_gl(cam: Camera) -> np.ndarray:
 def _intrinsics(meta: dict, frame: dict, where: str, image_uri: str):
     def get(key):
         v = frame.get(key, meta.get(key))
-        try:
-            return None if v is None else float(v)
-        except (TypeError, ValueError):
-            raise InputError(where, f"{key} is {v!r}, not a number") from None
+        return None if v is None else _finite_number(v, where, key)  # json reads NaN and Infinity
 
     model = str(frame.get("camera_model", meta.get("camera_model", "OPENCV"))).upper()
     if model not in PINHOLE_MODELS:  # fisheye k1..k4 read as OpenCV k1 k2 p1 p2 k3 would be silently wrong
@@ -203,6 +226,10 @@ def _intrinsics(meta: dict, frame: dict, where: str, image_uri: str):
                 w, h = im.size
         except FileNotFoundError as e:
             raise InputError(image_uri, f"image of {where} not found (and no w/h given)") from e
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:  # PIL's errors for a damaged file
+            raise InputError(image_uri, f"cannot read the image size of {where} (no w/h given): {e}") from e
+    if w != int(w) or h != int(h):
+        raise InputError(where, f"w={w} h={h} must be whole numbers of pixels")
     w, h = int(w), int(h)
     if fx is None or fy is None:
         fx = fy = 0.5 * w / np.tan(0.5 * angle_x)
@@ -214,6 +241,16 @@ def _intrinsics(meta: dict, frame: dict, where: str, image_uri: str):
     K = np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
     dist = np.array([get(k) or 0.0 for k in _DIST_KEYS])
     return K, w, h, (dist if np.any(dist) else None)
+
+
+def _finite_number(value, where: str, key: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(where, f"{key} is {value!r}, not a number") from None
+    if not np.isfinite(number):
+        raise InputError(where, f"{key} is {value!r}, not a finite number")
+    return number
 
 
 def _with_extension(image_uri: str) -> str:
@@ -229,13 +266,18 @@ def _splits(meta: dict, paths: list[str], uri: str, test_every: int) -> dict[str
     index.update({p.removeprefix("./"): i for i, p in enumerate(paths)})
 
     def lookup(split: str, names: list[str]) -> list[int]:
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise InputError(uri, f"{split} must be a list of file paths")
         missing = [n for n in names if n not in index and n.removeprefix("./") not in index]
         if missing:
             raise InputError(uri, f"{split} names files that are not frames: {missing[:3]}")
         return [index.get(n, index.get(n.removeprefix("./"))) for n in names]
 
     splits = {s: lookup(k, meta[k]) for s, k in _SPLIT_KEYS.items() if k in meta}
-    for s, names in (meta.get("difix3d_splits") or {}).items():
+    extra = meta.get("difix3d_splits") or {}
+    if not isinstance(extra, dict):
+        raise InputError(uri, "difix3d_splits must map split names to lists of file paths")
+    for s, names in extra.items():
         splits[s] = lookup(f"difix3d_splits[{s!r}]", names)
     if "train" not in splits and "test" not in splits and "val" not in splits:
         splits.update(every_nth_split(len(paths), test_every))

@@ -6,6 +6,7 @@ folder holding it) or a driving segment folder (``images/``, ``ego_pose/``, ``ex
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,6 +14,8 @@ import numpy as np
 from difix3d import imageio, storage
 from difix3d.errors import InputError
 from difix3d.scene.camera import Camera
+
+log = logging.getLogger(__name__)
 
 # LLFF / Mip-NeRF 360 convention: every 8th view is held out for testing (also what gsplat's parser does)
 DEFAULT_TEST_EVERY = 8
@@ -53,6 +56,11 @@ class Scene:
         or not the size its camera says."""
         return read_view_image(self.image_uris[i], self.cameras[i])
 
+    def image_file(self, i: int) -> tuple[bytes, str]:
+        """(file bytes, extension without the dot) of view ``i`` as a writer should store it: the file as it is."""
+        uri = self.image_uris[i]
+        return storage.read_bytes(uri), uri.rsplit(".", 1)[-1].lower() if "." in uri.rsplit("/", 1)[-1] else "png"
+
     def subset(self, split: str) -> tuple[list[Camera], list[str]]:
         """(cameras, image URIs) of a split; KeyError listing the splits there are."""
         if split not in self.splits:
@@ -78,6 +86,26 @@ def read_view_image(uri: str, cam: Camera) -> np.ndarray:
         raise InputError(uri, f"frame {cam.name!r}: image is {image.shape[1]}x{image.shape[0]} but its camera "
                               f"is {cam.width}x{cam.height} (inconsistent sizes)")
     return image
+
+
+def finite_points(points: np.ndarray, colors: np.ndarray | None, uri: str,
+                  allow_empty: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Initial points [N, 3] (and their colors) without the rows holding NaN or infinity (lidar files mark missing
+    returns so), with a warning naming ``uri``; an error when none is left (unless ``allow_empty``: one lidar sweep
+    of many). Points only seed a reconstruction, so dropping a few beats failing the scene, while a non-finite one
+    would fail it later naming no file."""
+    points = np.asarray(points)
+    if points.ndim != 2 or points.shape[1] != 3:
+        raise InputError(uri, f"points must be [N, 3], got shape {list(points.shape)}")
+    if colors is not None and (np.shape(colors) != points.shape):
+        raise InputError(uri, f"colors shape {list(np.shape(colors))} does not match points {list(points.shape)}")
+    keep = np.isfinite(points).all(axis=1)
+    if keep.all():
+        return points, colors
+    if not keep.any() and not allow_empty:
+        raise InputError(uri, f"all {len(points)} points are NaN or infinite")
+    log.warning("%s: dropped %d of %d points holding NaN or infinity", uri, int((~keep).sum()), len(points))
+    return points[keep], None if colors is None else np.asarray(colors)[keep]
 
 
 def every_nth_split(n_views: int, test_every: int = DEFAULT_TEST_EVERY) -> dict[str, list[int]]:

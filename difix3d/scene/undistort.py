@@ -39,6 +39,15 @@ class UndistortedScene(Scene):
         map1, map2 = self.remaps[i]
         return cv2.remap(image, map1, map2, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
+    def image_file(self, i: int) -> tuple[bytes, str]:
+        """A remapped view is stored as its undistorted pixels (PNG): its file holds the distorted ones, which the
+        pinhole camera written beside it does not describe."""
+        if i not in self.remaps:
+            return super().image_file(i)
+        from difix3d.imageio import encode_image
+
+        return encode_image(self.load_image(i), fmt="png"), "png"
+
 
 def undistorted(scene: Scene) -> Scene:
     """``scene`` itself when no camera is distorted (or OpenCV is missing: then a warning), else an
