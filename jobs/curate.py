@@ -19,11 +19,11 @@ from difix3d.errors import exit_code_of_user_errors
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = build_job_parser()
-    config = config_from_args(parser.parse_args())
-    for name in config.strategies:
-        try:
+    try:
+        config = config_from_args(parser.parse_args())  # strategy settings are checked as they are built
+        for name in config.strategies:
             config.strategy(name)
-        except ValueError as e:
-            parser.error(str(e))  # usage and exit 2, before Ray starts
+    except ValueError as e:
+        parser.error(str(e))  # usage and exit 2, before Ray starts
     ray.init()  # under `ray job submit` joins the cluster (RAY_ADDRESS); on a laptop starts a local one
     sys.exit(exit_code_of_user_errors("curate", lambda: print_report(run_curation(config), config)))

@@ -232,3 +232,65 @@ def test_a_retry_leaves_no_shard_of_an_earlier_killed_attempt(segment, tmp_path)
                                                      shard_size=1))
     assert broken["status"] == "failed" and broken["shards"] == []
     assert list_shards(str(shards)) == [other_unit]  # a failed unit leaves none of its shards, old or new
+
+
+def test_the_reference_is_the_nearest_training_view_of_the_targets_size():
+    from types import SimpleNamespace
+
+    from difix3d.scene.camera import Camera
+
+    K = np.array([[20.0, 0, 16], [0, 20, 12], [0, 0, 1]])
+
+    def cam(name, cid, x, h):
+        viewmat = np.eye(4)
+        viewmat[0, 3] = -x
+        return Camera(viewmat, K, W, h, name=name, camera_id=cid)
+
+    # the target (a front camera), a shorter side camera right beside it, another front frame 1 m away
+    cams = [cam("000_front", "front", 0.0, H), cam("000_side", "side", 0.1, 16), cam("001_front", "front", 1.0, H)]
+    scene = SimpleNamespace(name="s", cameras=cams,
+                            load_image=lambda i: np.full((cams[i].height, W, 3), 10 * i, np.uint8))
+    pair = next(pairs_from_renders(scene, "underfit", [0], [np.zeros((H, W, 3), np.uint8)], train_idx=[1, 2]))
+    assert pair["reference_camera"] == "001_front" and pair["reference"].shape == (H, W, 3)
+    alone = next(pairs_from_renders(scene, "underfit", [0], [np.zeros((H, W, 3), np.uint8)], train_idx=[1]))
+    assert alone["reference"] is None and alone["reference_camera"] == ""
+
+
+def test_strategy_settings_are_checked_when_built():
+    with pytest.raises(ValueError, match="sparse.every_nth must be an integer >= 2, got 1"):
+        SparseReconstruction(every_nth=1)
+    with pytest.raises(ValueError, match=r"underfit.fraction_range must satisfy 0 < lo <= hi <= 1"):
+        UnderFitted(fraction_range=(0.0, 0.5))
+    from difix3d.curate.strategies import CycleReconstruction
+
+    with pytest.raises(ValueError, match="cycle.shift_range must satisfy 0 < lo <= hi"):
+        CycleReconstruction(shift_range=(2.0, 1.0))
+    with pytest.raises(ValueError, match="cycle.shift_range must be two numbers"):
+        CycleReconstruction(shift_range=(1.0,))
+
+
+def test_settings_may_change_while_no_unit_is_done(tmp_path):
+    from difix3d import storage
+    from difix3d.curate.job import CurateConfig, check_settings
+
+    first = CurateConfig(output=str(tmp_path), sparse=SparseReconstruction(every_nth=2))
+    storage.write_json(str(tmp_path / "config.json"), first.to_dict())
+    manifest = storage.Manifest(first.output)
+    manifest.mark("seg-a/sparse", "failed", 2, error="ValueError: broken")
+    other = dataclasses.replace(first, sparse=SparseReconstruction(every_nth=3))
+    check_settings(other, manifest)  # every unit failed: the folder holds no pairs to misdescribe
+    manifest.mark("seg-b/sparse", "done", 1)
+    with pytest.raises(InputError, match="sparse.every_nth 2 -> 3"):
+        check_settings(other, manifest)
+
+
+def test_scenes_keep_the_ids_an_earlier_run_curated_them_under(tmp_path):
+    from difix3d import storage
+    from difix3d.curate.job import adopt_recorded_scene_ids
+    from difix3d.fleet.inputs import SceneRef
+
+    manifest = storage.Manifest(str(tmp_path / "out"))
+    a, b = str(tmp_path / "cityA" / "seg1"), str(tmp_path / "cityB" / "seg1")
+    manifest.mark("seg1/sparse", "done", 1, scene="seg1", uri=a + "/")  # when seg1 was the only one of its name
+    scenes = [SceneRef("seg1-aaaa", a), SceneRef("seg1-bbbb", b)]  # now its name clashes: hashed ids
+    assert adopt_recorded_scene_ids(scenes, manifest) == [SceneRef("seg1", a), SceneRef("seg1-bbbb", b)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -22,6 +23,10 @@ from difix3d.fleet.inputs import SceneRef
 from difix3d.recon.gaussians import GaussianConfig
 from difix3d.scene.synthetic import make_segment
 from difix3d.train.pairs import list_shards, psnr_uint8, read_pair_shard
+
+import ray  # noqa: E402
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import this test module
 
 H, W = 24, 32
 STRATEGIES = ("sparse", "cross_camera", "underfit", "cycle")
@@ -135,3 +140,25 @@ def test_job_command_line_builds_the_config():
     assert config.recon.gaussian.sh_degree == 0
     with pytest.raises(ValueError, match="unknown strategy"):
         CurateConfig(strategies=("sparse", "nope")).strategy("nope")
+
+
+def _dies_after_one_shard(ref, name, config):
+    """A unit task killed after writing its first shard (an OOM kill): curate_unit never got to clean up."""
+    from difix3d.curate.job import _shard_uri
+    from difix3d.train.pairs import write_pair_shard
+
+    target = np.zeros((H, W, 3), np.uint8)
+    write_pair_shard(_shard_uri(config, ref.scene_id, name, 0), [
+        {"degraded": target + 9, "target": target, "scene": ref.scene_id, "camera": "000_front",
+         "strategy": name, "psnr": 20.0}])
+    raise RuntimeError("worker killed")
+
+
+def test_a_unit_whose_task_dies_leaves_no_shards(ray_local, scenes, tmp_path):
+    from difix3d.curate.job import _stream
+
+    config = tiny_config(str(tmp_path))
+    task = ray.remote(_dies_after_one_shard).options(max_retries=0)
+    results = list(_stream(task, [("seg-a/sparse", scenes[0], "sparse")], config, 1, progress=False))
+    assert results[0][1]["status"] == "failed" and "worker killed" in results[0][1]["error"]
+    assert not os.path.exists(os.path.join(str(tmp_path), "shards", "seg-a-sparse-00000.parquet"))

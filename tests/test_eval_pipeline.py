@@ -275,3 +275,24 @@ def test_input_problems_raised_before_any_ray_work(tmp_path):
     with pytest.raises(InputError, match=r"rows\.parquet.*\['gt_uri'\]"):
         evaluate(EvalConfig(input=str(tmp_path / "rows.parquet"), output=str(tmp_path / "out")))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_metric_that_fails_on_a_group_keeps_the_others_and_names_the_file(tmp_path):
+    from difix3d.eval.pipeline import MetricsUDF
+    from difix3d.imageio import write_image
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, size in enumerate([(64, 64), (24, 24)]):  # 24 px is below what AlexNet's LPIPS layers can take
+        gt = rng.integers(0, 255, (*size, 3), dtype=np.uint8)
+        render = np.clip(gt.astype(int) + rng.integers(-10, 10, gt.shape), 0, 255).astype(np.uint8)
+        write_image(str(tmp_path / f"gt{i}.png"), gt)
+        write_image(str(tmp_path / f"r{i}.png"), render)
+        rows.append(dict(segment="s", view=f"v{i}", method="m", render_uri=str(tmp_path / f"r{i}.png"),
+                         gt_uri=str(tmp_path / f"gt{i}.png")))
+    batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
+    out = MetricsUDF(("psnr", "ssim", "lpips"), lpips_weights="random")(batch)
+    assert out["status"][0] == "ok" and np.isfinite(out["lpips"][0])
+    assert out["status"][1] == "error" and np.isnan(out["lpips"][1])
+    assert 25 < out["psnr"][1] < 40 and 0 < out["ssim"][1] <= 1  # kept in the per-view table
+    assert out["error"][1].startswith(rows[1]["render_uri"]) and "lpips failed on 24x24 images" in out["error"][1]

@@ -123,3 +123,11 @@ def test_set_overrides_nested_config_fields():
     assert cfg == Outer(Inner(50), ("a", "b"), False)
     with pytest.raises(ValueError, match="inner.nope.*Inner has no field 'nope'"):
         _with_overrides(Outer(), {"inner.nope": 1})
+
+
+@pytest.mark.parametrize("scene_id", ["cityA/seg1", "..", " "])
+def test_a_scene_id_that_is_not_a_plain_name_is_refused(tmp_path, scene_id):
+    manifest = tmp_path / "scenes.json"
+    manifest.write_text(json.dumps([{"uri": str(tmp_path / "a"), "scene_id": scene_id}]))
+    with pytest.raises(InputError, match="must be a non-empty name without '/'"):
+        resolve_scenes(str(manifest))

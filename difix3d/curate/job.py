@@ -27,7 +27,7 @@ from difix3d.curate.strategies import (STRATEGIES, CrossCamera, CurationStrategy
                                        ReconstructionSettings, SparseReconstruction, UnderFitted)
 from difix3d.errors import InputError
 from difix3d.settings import nested_changes
-from difix3d.fleet.inputs import SceneRef, resolve_scenes
+from difix3d.fleet.inputs import SceneRef, adopt_ids, resolve_scenes
 from difix3d.train.pairs import SHARD_SUFFIX, SHARDS_DIR, write_pair_shard
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,9 @@ def run_curation(config: CurateConfig, scenes: list[SceneRef] | None = None, pro
     for name in config.strategies:
         config.strategy(name)  # unknown names fail before any work starts
     manifest = storage.Manifest(config.output)
-    check_settings(config)
+    check_settings(config, manifest)
     storage.write_json(storage.join(config.output, "config.json"), config.to_dict())
+    scenes = adopt_recorded_scene_ids(scenes, manifest)
     todo, skipped, given_up = plan(scenes, config, manifest)
     if not ray.is_initialized():
         ray.init()
@@ -127,12 +128,15 @@ def run_curation(config: CurateConfig, scenes: list[SceneRef] | None = None, pro
     return report
 
 
-def check_settings(config: CurateConfig) -> None:
+def check_settings(config: CurateConfig, manifest: storage.Manifest | None = None) -> None:
     """Refuse to curate into an output whose ``config.json`` records other pair settings (:data:`PAIR_SETTINGS`):
     its shards were made with those, and the new record would misdescribe them. Fields the old record lacks count
-    as unchanged; worker counts, resources and other fields that do not change the pairs are not compared."""
+    as unchanged; worker counts, resources and other fields that do not change the pairs are not compared. An
+    output with no finished unit in ``manifest`` holds no pairs yet: any settings may start over there."""
     uri = storage.join(config.output, "config.json")
     if not storage.exists(uri):
+        return
+    if manifest is not None and not any(e.status == "done" for e in manifest.entries()):
         return
     saved = storage.read_json(uri)
     if not isinstance(saved, dict):
@@ -143,6 +147,14 @@ def check_settings(config: CurateConfig) -> None:
     if changes:
         raise InputError(uri, f"this output holds pairs curated with other settings ({'; '.join(changes)}); "
                               "re-run with the earlier settings, or write to a new output folder")
+
+
+def adopt_recorded_scene_ids(scenes: list[SceneRef], manifest: storage.Manifest) -> list[SceneRef]:
+    """Scenes an earlier run curated under another id (a folder name that only now clashes with another scene's
+    gets a hash) keep that id: their units are found done instead of curated again beside their old shards."""
+    entries = [e for e in manifest.entries() if e.info.get("scene") and e.info.get("uri")]
+    recorded = {storage.normalized(e.info["uri"]): e.info["scene"] for e in entries}
+    return adopt_ids(scenes, recorded, {e.info["scene"] for e in entries})
 
 
 def plan(scenes: list[SceneRef], config: CurateConfig, manifest: storage.Manifest
@@ -245,6 +257,7 @@ def _stream(task, todo: list[tuple[str, SceneRef, str]], config: CurateConfig, l
             try:
                 result = ray.get(ref_done)
             except Exception as e:  # noqa: BLE001 — the task itself died
+                _delete_unit_shards(config, ref.scene_id, name)  # what it wrote before dying: not for the reader
                 result = {"status": "failed", "scene": ref.scene_id, "uri": ref.uri, "strategy": name, "shards": [],
                           "pairs": 0, "counts": {}, "error": f"{type(e).__name__}: {e}"}
             bar.update(1)

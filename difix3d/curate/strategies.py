@@ -93,10 +93,12 @@ class SparseReconstruction(CurationStrategy):
     name: ClassVar[str] = "sparse"
     every_nth: int = 4  # our default; the paper trains "on every n-th frame" without fixing n for all datasets
 
+    def __post_init__(self) -> None:  # checked where the job is set up, before any task runs
+        if isinstance(self.every_nth, bool) or not isinstance(self.every_nth, int) or self.every_nth < 2:
+            raise ValueError(f"sparse.every_nth must be an integer >= 2, got {self.every_nth!r}")
+
     def split_views(self, scene) -> tuple[list[int], list[int]]:
         """(training indices, target indices)."""
-        if self.every_nth < 2:
-            raise ValueError(f"every_nth must be >= 2, got {self.every_nth}")
         pool = _indices(scene, ("train", "test"))
         by_camera: dict[str, list[int]] = {}
         for i in pool:
@@ -157,11 +159,14 @@ class UnderFitted(CurationStrategy):
     name: ClassVar[str] = "underfit"
     fraction_range: tuple[float, float] = (0.25, 0.75)  # paper: 25-75 % of the training schedule
 
+    def __post_init__(self) -> None:
+        lo, hi = _range(self.fraction_range, "underfit.fraction_range")
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"underfit.fraction_range must satisfy 0 < lo <= hi <= 1, got {self.fraction_range!r}")
+
     def fraction(self, scene, seed: int = 0) -> float:
         """The scene's fraction: deterministic per (seed, scene), so re-runs repeat it."""
         lo, hi = self.fraction_range
-        if not 0.0 < lo <= hi <= 1.0:
-            raise ValueError(f"fraction_range must satisfy 0 < lo <= hi <= 1, got {self.fraction_range}")
         return float(np.random.default_rng(_seed(seed, scene.name, self.name)).uniform(lo, hi))
 
     def make_pairs(self, scene, recon: ReconstructionSettings) -> Iterator[dict]:
@@ -182,6 +187,11 @@ class CycleReconstruction(CurationStrategy):
     name: ClassVar[str] = "cycle"
     shift_range: tuple[float, float] = (1.0, 3.0)  # metres to the left, drawn per scene (our default: a lane change)
     both_sides: bool = False  # also shift to the right (mirror) and train the second model on both
+
+    def __post_init__(self) -> None:
+        lo, hi = _range(self.shift_range, "cycle.shift_range")
+        if not 0.0 < lo <= hi:
+            raise ValueError(f"cycle.shift_range must satisfy 0 < lo <= hi (metres), got {self.shift_range!r}")
 
     def shift(self, scene, seed: int = 0) -> float:
         lo, hi = self.shift_range
@@ -220,15 +230,17 @@ def shift_laterally(camera: Camera, metres: float) -> Camera:
 def pairs_from_renders(scene, strategy: str, targets: list[int], renders, train_idx: list[int]) -> Iterator[dict]:
     """Pair dicts: render ``renders[k]`` of view ``targets[k]``, its captured image, and the nearest training
     image (by pose) that is not the target itself."""
-    train_cams = [scene.cameras[i] for i in train_idx]
     for i, degraded in zip(targets, renders):
         cam = scene.cameras[i]
         target = scene.load_image(i)
-        candidates = [j for j, c in zip(train_idx, train_cams) if c.name != cam.name]
+        # the shard format keeps triplets of one size: the nearest training view of the target's size (a rig's
+        # cameras may differ: Waymo's side cameras are shorter than its front ones)
+        candidates = [j for j in train_idx if scene.cameras[j].name != cam.name
+                      and (scene.cameras[j].width, scene.cameras[j].height) == (cam.width, cam.height)]
         ref_i = candidates[nearest_camera(cam, [scene.cameras[j] for j in candidates])] if candidates else None
         reference = scene.load_image(ref_i) if ref_i is not None else None
         if reference is not None and reference.shape != target.shape:
-            reference = None  # the shard format keeps triplets of one size
+            reference, ref_i = None, None  # a file not the size its camera says (read_view_image refuses those)
         yield {"degraded": degraded, "target": target, "reference": reference, "scene": scene.name,
                "camera": cam.name, "strategy": strategy, "psnr": psnr_uint8(degraded, target),
                "reference_camera": "" if ref_i is None else scene.cameras[ref_i].name}
@@ -237,6 +249,14 @@ def pairs_from_renders(scene, strategy: str, targets: list[int], renders, train_
 def load_training_views(scene, indices: list[int]) -> list[TrainingView]:
     """Decode views once into [3, H, W] float tensors (errors name the image file)."""
     return [TrainingView(scene.cameras[i], to_tensor(scene.load_image(i))[0]) for i in indices]
+
+
+def _range(value, name: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be two numbers (lo, hi), got {value!r}") from None
+    return lo, hi
 
 
 def _indices(scene, splits) -> list[int]:

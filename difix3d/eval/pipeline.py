@@ -220,13 +220,13 @@ class MetricsUDF:
             out["gt_features"] = np.zeros((n, self.features.num_features), np.float32)
 
         pairs = self._load_pairs(out, n)  # {(H, W): [(row, render, gt)]}
-        for rows_in_group in pairs.values():
+        for (h, w), rows_in_group in pairs.items():
             idx = [i for i, _, _ in rows_in_group]
-            try:
-                self._score(out, idx, [r for _, r, _ in rows_in_group], [g for _, _, g in rows_in_group])
-            except Exception as e:  # noqa: BLE001 - one bad group must not end the job; recorded per row
+            failed = self._score(out, idx, [r for _, r, _ in rows_in_group], [g for _, _, g in rows_in_group])
+            if failed:  # recorded per row; the metrics that worked keep their values in the per-view table
+                problem = "; ".join(f"{m} failed on {w}x{h} images ({e!r})" for m, e in failed.items())
                 for i in idx:
-                    out["status"][i], out["error"][i] = "error", f"metric computation failed: {e!r}"
+                    out["status"][i], out["error"][i] = "error", f"{out['render_uri'][i]}: {problem}"
         return out
 
     def _load_pairs(self, out: dict, n: int) -> dict[tuple[int, int], list]:
@@ -251,21 +251,28 @@ class MetricsUDF:
         return groups
 
     @torch.no_grad()
-    def _score(self, out: dict, idx: list[int], renders: list[np.ndarray], gts: list[np.ndarray]) -> None:
+    def _score(self, out: dict, idx: list[int], renders: list[np.ndarray], gts: list[np.ndarray]) -> dict:
+        """Each metric of one same-size group into ``out``, each on its own: one that fails (LPIPS on images too
+        small for its network, say) is returned as ``{metric: exception}`` and leaves the others' values."""
         preds = to_tensor(renders).to(self.device)  # [b, 3, H, W]
         target = to_tensor(gts).to(self.device)  # [b, 3, H, W]
-        results = {}
-        if "psnr" in self.metrics:
-            results["psnr"] = M.psnr(preds, target)
-        if "ssim" in self.metrics:
-            results["ssim"] = M.ssim(preds, target)
-        if self.lpips is not None:
-            results["lpips"] = M.lpips(self.lpips, preds, target)
+        steps = {"psnr": lambda: M.psnr(preds, target), "ssim": lambda: M.ssim(preds, target),
+                 "lpips": lambda: M.lpips(self.lpips, preds, target)}
+        failed = {}
+        for name, step in steps.items():
+            if name not in self.metrics or (name == "lpips" and self.lpips is None):
+                continue
+            try:
+                out[name][idx] = step().double().cpu().numpy()
+            except Exception as e:  # noqa: BLE001 - one bad group must not end the job
+                failed[name] = e
         if self.features is not None:
-            out["render_features"][idx] = self.features(preds).float().cpu().numpy()
-            out["gt_features"][idx] = self.features(target).float().cpu().numpy()
-        for name, values in results.items():
-            out[name][idx] = values.double().cpu().numpy()
+            try:
+                out["render_features"][idx] = self.features(preds).float().cpu().numpy()
+                out["gt_features"][idx] = self.features(target).float().cpu().numpy()
+            except Exception as e:  # noqa: BLE001
+                failed["features"] = e
+        return failed
 
 
 def _read_per_view(uri: str) -> pa.Table:

@@ -121,6 +121,10 @@ def _unique_ids(pairs: list[tuple[str | None, str]]) -> list[SceneRef]:
     if len(set(given)) != len(given):
         dup = next(g for g in given if given.count(g) > 1)
         raise InputError(dup, "the scene manifest gives this scene_id to two scenes")
+    for g in given:
+        if "/" in g or "\\" in g or g in (".", "..") or not g.strip():
+            raise InputError(g, "a scene_id names files and folders of the outputs: it must be a non-empty name "
+                                "without '/' or '\\'")
     bases = [str(g) if g else scene_id_of(u) for g, u in pairs]
     refs = []
     for (g, uri), base in zip(pairs, bases):
@@ -138,14 +142,20 @@ def same_scene_key(uri: str) -> str:
 def adopt_recorded_ids(scenes: list[SceneRef], manifest: storage.Manifest) -> list[SceneRef]:
     """Scenes whose location an earlier run recorded under another id (an older id scheme, or a basename that only
     now clashes) keep that id, so their finished work is found instead of redone beside it."""
-    missing = {s.scene_id for s in scenes if manifest.get(s.scene_id) is None}
-    if not missing:
+    entries = list(manifest.entries())
+    recorded = {same_scene_key(e.info["scene_uri"]): e.unit for e in entries if e.info.get("scene_uri")}
+    return adopt_ids(scenes, recorded, {e.unit for e in entries})
+
+
+def adopt_ids(scenes: list[SceneRef], recorded: dict[str, str], known: set[str]) -> list[SceneRef]:
+    """``scenes`` with each one whose id ``known`` (the ids an earlier run recorded) lacks renamed to the id
+    ``recorded`` holds for its location (``same_scene_key`` -> id), unless another scene of this run has that id."""
+    if all(s.scene_id in known for s in scenes):
         return scenes
-    recorded = {same_scene_key(e.info["scene_uri"]): e.unit for e in manifest.entries() if e.info.get("scene_uri")}
     taken = {s.scene_id for s in scenes}
     out = []
     for s in scenes:
-        old = recorded.get(same_scene_key(s.uri)) if s.scene_id in missing else None
+        old = recorded.get(same_scene_key(s.uri)) if s.scene_id not in known else None
         if old is not None and old != s.scene_id and old not in taken:
             taken.add(old)
             s = SceneRef(old, s.uri)
