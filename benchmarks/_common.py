@@ -31,12 +31,18 @@ def device_name() -> str:
 
 
 def commit() -> str:
+    """The short commit, with "-dirty" when tracked files other than the recorded results differ from it: the figures
+    then come from code no commit holds."""
+    root = os.path.dirname(RESULTS_DIR)
     try:
-        # "-dirty" when tracked files differ from the commit: the figures then come from code no commit holds
-        return subprocess.check_output(["git", "describe", "--always", "--dirty", "--abbrev=7"], text=True,
-                                       cwd=os.path.dirname(RESULTS_DIR), stderr=subprocess.DEVNULL).strip()
+        head = subprocess.check_output(["git", "rev-parse", "--short=7", "HEAD"], text=True, cwd=root,
+                                       stderr=subprocess.DEVNULL).strip()
+        changed = subprocess.check_output(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results",
+             ":(exclude)benchmarks/RESULTS.md"], text=True, cwd=os.path.dirname(root), stderr=subprocess.DEVNULL)
     except Exception:
         return "unknown"
+    return head + ("-dirty" if changed.strip() else "")
 
 
 class Emitter:

@@ -76,3 +76,13 @@ def test_runner_with_folded_upsamplers_matches_the_plain_one():
     assert folded.model.state_dict().keys() == plain.model.state_dict().keys()
     t = torch.rand(2, 3, 40, 56, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(folded.fix(t), plain.fix(t), atol=1e-4, rtol=1e-4)
+
+
+def test_the_fold_is_rounded_once_to_the_serving_dtype():
+    up = _upsampler(8, 8).float()  # a float32 checkpoint...
+    ref = copy.deepcopy(up).double()  # ...served in float64: the diffusers path computes from its exact weights
+    use_transposed_upsample(torch.nn.Sequential(up))
+    assert up.folded_weight.dtype == torch.float64
+    up.double()
+    x = torch.randn(1, 8, 5, 7, dtype=torch.float64)
+    torch.testing.assert_close(up(x), ref(x), atol=1e-12, rtol=1e-12)

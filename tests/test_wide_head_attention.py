@@ -59,3 +59,25 @@ def test_bf16_on_cuda_matches_sdpa():
     with torch.no_grad():
         expected, out = ref(x).float(), ours(x).float()
     assert (out - expected).abs().max().item() <= 0.02 * expected.abs().max().item()
+
+
+def test_chunking_counts_the_score_dtype_and_many_chunks_go_to_sdpa():
+    from difix3d.fixer import wide_head_attention as wha
+
+    q = torch.zeros(2, 40, 8)
+    assert wha.score_chunks(q, q, max_score_bytes=2 * 40 * 4 * 10) == 4  # float32 scores: 10 rows a chunk
+    assert wha.score_chunks(q.double(), q.double(), max_score_bytes=2 * 40 * 4 * 10) == 8  # float64: 5 rows
+    ref = _vae_attention()
+    ours = copy.deepcopy(ref)
+    use_wide_head_attention(ours, min_head_dim=64)
+    ours.processor.max_score_bytes = 1  # one query row a chunk: far more than MAX_CHUNKS
+    x = torch.randn(1, 64, 6, 10, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x))
+
+
+def test_eager_softmax_in_place_matches_torch_softmax():
+    q, k, v = torch.randn(3, 2, 30, 16).mul(4).unbind(0)  # large logits: the max subtraction matters
+    expected = torch.softmax(q @ k.transpose(1, 2) / 4.0, dim=-1) @ v
+    torch.testing.assert_close(wide_head_attention(q, k, v, max_score_bytes=2 * 30 * 4 * 7), expected,
+                               atol=1e-5, rtol=1e-5)

@@ -6,7 +6,7 @@ equals a transposed conv (kernel 4, stride 2, padding 1) whose taps are sums of 
 input pixel: 16 instead of 36 multiply-adds per input pixel and channel pair, and no upsampled copy. In sd-turbo's
 decoder at 576x1024 the three upsampler convs are 1.57 of its 5.83 TFLOP; folded they are 0.70, and compiled in bf16
 on an H200 the three take 1.22 instead of 2.40 ms (``benchmarks/fixer_ops.py``). Exact up to rounding (the folded taps
-are summed once, in the weights' precision before any cast). For serving: the fold is computed
+are summed in float64 and rounded once, to the dtype the model is then cast to). For serving: the fold is computed
 from the weights when switched on, so weights changed later are not seen.
 """
 
@@ -70,7 +70,8 @@ def _conv_of(upsample: Upsample2D) -> nn.Conv2d | None:
 def use_transposed_upsample(model: nn.Module) -> int:
     """Switch every foldable ``Upsample2D`` in ``model`` to :class:`TransposedUpsample2D` in place (parameters and
     keys unchanged; the folded weight is a non-persistent buffer that follows ``.to()``); returns how many were
-    switched. Call after merging LoRA and before casting to a low precision."""
+    switched. Call after merging LoRA; the fold stays in float64 until the model is cast (``FixerRunner`` casts it
+    to the dtype it serves in)."""
     switched = 0
     for module in model.modules():
         if type(module) is not Upsample2D:
@@ -78,7 +79,8 @@ def use_transposed_upsample(model: nn.Module) -> int:
         conv = _conv_of(module)
         if conv is None:
             continue
-        module.register_buffer("folded_weight", fold_upsample_conv_weight(conv.weight).to(conv.weight.dtype),
+        # kept in float64 until the model is cast to the dtype it serves in: the folded taps are rounded once, there
+        module.register_buffer("folded_weight", fold_upsample_conv_weight(conv.weight.to(torch.float64)),
                                persistent=False)
         module.register_buffer("folded_bias", None if conv.bias is None else conv.bias.detach().clone(),
                                persistent=False)

@@ -5,7 +5,8 @@ and cuDNN attention stop at 256 channels a head, so PyTorch runs it with its gen
 TFLOP/s on an H200). Here the scores are a bf16 GEMM with a float32 output (as the fused kernels keep them), the
 softmax runs in float32, and the probabilities meet the values in the input's precision: the fused kernels' numerics,
 with the query rows split so the float32 scores stay within ``max_score_bytes``. One such attention block, compiled,
-bf16, batch 1 on an H200 (``benchmarks/fixer_ops.py``): 1.55 -> 0.57 ms.
+bf16, batch 1 on an H200 (``benchmarks/fixer_ops.py``): 1.55 -> 0.57 ms. Frames that would need more than
+``MAX_CHUNKS`` splits go to SDPA.
 """
 
 from __future__ import annotations
@@ -16,25 +17,44 @@ from torch import nn
 
 FUSED_MAX_HEAD_DIM = 256  # flash and cuDNN attention take heads up to this width
 MAX_SCORE_BYTES = 512 * 1024 * 1024
+# more chunks than this (frames above ~1.5 MPixel at batch 4) go to SDPA instead: torch.compile unrolls the chunk loop,
+# and its compile time grows with each chunk
+MAX_CHUNKS = 8
+
+
+def score_chunks(q: torch.Tensor, k: torch.Tensor, max_score_bytes: int = MAX_SCORE_BYTES) -> int:
+    """How many query-row chunks :func:`wide_head_attention` splits ``q`` [N, L, D] into."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    row_bytes = q.shape[0] * k.shape[1] * torch.empty((), dtype=acc).element_size()
+    rows = max(1, min(q.shape[1], max_score_bytes // max(1, row_bytes)))
+    return -(-q.shape[1] // rows)
 
 
 def wide_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         max_score_bytes: int = MAX_SCORE_BYTES) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v for q, k, v ``[N, L, D]`` (any float dtype) -> ``[N, L, D]``."""
+    """softmax(q k^T / sqrt(d)) v for q, k, v ``[N, L, D]`` (any float dtype) -> ``[N, L, D]``. Eager, it holds one
+    chunk of float32 scores (at most ``max_score_bytes``) and its probabilities in ``v``'s dtype at a time."""
     n, length, d = q.shape
     scale = d ** -0.5
     kt = k.transpose(1, 2)
-    rows = max(1, min(length, max_score_bytes // max(1, n * k.shape[1] * 4)))
+    rows = -(-length // score_chunks(q, k, max_score_bytes))
+    acc = torch.promote_types(q.dtype, torch.float32)
     outs = []
     for i in range(0, length, rows):
         qi = q[:, i:i + rows]
         if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
             scores = torch.bmm(qi, kt, out_dtype=torch.float32)  # low-precision GEMM, float32 accumulate and output
         else:
-            acc = torch.promote_types(q.dtype, torch.float32)
             scores = torch.bmm(qi.to(acc), kt.to(acc))
-        probs = torch.softmax(scores * scale, dim=-1).to(v.dtype)
+        if torch.compiler.is_compiling():  # Inductor fuses scale and softmax into one kernel and plans the memory
+            probs = torch.softmax(scores * scale, dim=-1).to(v.dtype)
+        else:  # eager: softmax in place, one block of scores alive instead of three
+            scores.mul_(scale)
+            scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
+            probs = scores.div_(scores.sum(dim=-1, keepdim=True)).to(v.dtype)
+        del scores
         outs.append(torch.bmm(probs, v))
+        del probs
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
@@ -66,8 +86,12 @@ class WideHeadAttnProcessor:
         def split(t):  # [B, L, heads*d] -> [B*heads, L, d]
             return t.view(b, length, heads, d).transpose(1, 2).reshape(b * heads, length, d)
 
-        out = wide_head_attention(split(query), split(key), split(value), self.max_score_bytes)
-        out = out.view(b, heads, length, d).transpose(1, 2).reshape(b, length, heads * d).to(query.dtype)
+        query, key, value = split(query), split(key), split(value)
+        if score_chunks(query, key, self.max_score_bytes) > MAX_CHUNKS:
+            out = torch.nn.functional.scaled_dot_product_attention(query, key, value)
+        else:
+            out = wide_head_attention(query, key, value, self.max_score_bytes)
+        out = out.view(b, heads, length, d).transpose(1, 2).reshape(b, length, heads * d)
         out = attn.to_out[1](attn.to_out[0](out))
         if four_d:
             out = out.transpose(1, 2).reshape(b, c, h, w)
