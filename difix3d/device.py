@@ -8,10 +8,13 @@ import torch
 def default_device(prefer: str | torch.device | None = None) -> torch.device:
     """``prefer`` if given ("cpu", "cuda", "cuda:1"), else CUDA when available, else CPU."""
     if prefer is not None:
-        device = torch.device(prefer)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            from difix3d.errors import Difix3DError
+        from difix3d.errors import Difix3DError
 
+        try:
+            device = torch.device(prefer)
+        except (RuntimeError, TypeError):
+            raise Difix3DError(f"device {str(prefer)!r} is not a torch device: use cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
             raise Difix3DError(f"device {str(prefer)!r} was asked for, but torch sees no CUDA GPU here "
                                "(torch.cuda.is_available() is False): use the CPU (--device cpu) or a GPU host")
         return device

@@ -12,8 +12,8 @@ import sys
 
 import ray
 
-from difix3d.errors import exit_code_of_user_errors
-from difix3d.eval.cli import add_arguments, run
+from difix3d.errors import InputError, exit_code_of_user_errors
+from difix3d.eval.cli import add_arguments, checked_config, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        checked_config(args)  # settings checked before Ray starts
+    except InputError as e:
+        parser.error(e.problem)
     ray.init()  # joins the cluster under `ray job submit`, starts a local one otherwise
     return exit_code_of_user_errors("evaluate", run, args)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from difix3d.argtypes import positive_int
+
 
 def add_parser(subparsers) -> None:
     pairs = subparsers.add_parser("pairs", help="inspect curated pair shards")
@@ -11,15 +13,13 @@ def add_parser(subparsers) -> None:
     show = sub.add_parser("show", help="write a contact sheet (degraded | target | reference per row) as a PNG")
     show.add_argument("shard", help="pair shard URI (.parquet)")
     show.add_argument("-o", "--output", required=True, help="PNG to write")
-    show.add_argument("--rows", type=int, default=8, help="pairs shown (default 8)")
+    show.add_argument("--rows", type=positive_int, default=8, help="pairs shown (default 8)")
     show.set_defaults(func=_show)
 
 
 def _show(args: argparse.Namespace) -> int:
     from difix3d.curate.contact import write_contact_sheet
 
-    if args.rows < 1:
-        raise SystemExit("difix3d pairs show: --rows must be >= 1")
     for i, meta in enumerate(write_contact_sheet(args.shard, args.output, args.rows)):
         print(f"row {i}: {meta['scene']} {meta['camera']} {meta['strategy']} psnr {meta['psnr']:.2f} dB")
     print(f"wrote {args.output}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from difix3d.errors import InputError
 from difix3d.eval.config import EvalConfig
 from difix3d.eval.metrics import ALL_METRICS
 
@@ -39,10 +40,20 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
                       bootstrap_resamples=args.bootstrap_resamples, overwrite=args.overwrite)
 
 
+def checked_config(args: argparse.Namespace) -> EvalConfig:
+    """:func:`config_from_args`, with a bad setting (an unknown metric, no workers) an :class:`InputError`."""
+    try:
+        return config_from_args(args)
+    except InputError:
+        raise
+    except ValueError as e:
+        raise InputError("evaluate arguments", str(e)) from e
+
+
 def run(args: argparse.Namespace) -> int:
     from difix3d.eval.pipeline import evaluate
 
-    result = evaluate(config_from_args(args))
+    result = evaluate(checked_config(args))
     print(f"evaluate: {result.n_views} views ({result.n_errors} errors) in {result.seconds:.1f} s -> {result.output}"
           + (" (reused existing per-view outputs)" if result.skipped else ""))
     return 0

@@ -10,6 +10,7 @@ from collections import defaultdict
 import numpy as np
 
 from difix3d import storage
+from difix3d.argtypes import positive_int
 from difix3d.errors import InputError
 from difix3d.imageio import IMAGE_EXTENSIONS, read_image, write_image
 
@@ -27,7 +28,7 @@ def add_parser(subparsers) -> None:
                                         "folder); default: the bundled tiny demo one")
     p.add_argument("--base", help="SD-Turbo folder, for official .pkl checkpoints")
     p.add_argument("-o", "--output", required=True, help="output folder (URI)")
-    p.add_argument("--batch", type=_positive_int, default=4, help="images per forward pass (default 4)")
+    p.add_argument("--batch", type=positive_int, default=4, help="images per forward pass (default 4)")
     p.add_argument("--device", help="cuda, cuda:1 or cpu (default: CUDA when present)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on many images)")
     p.set_defaults(func=run_fix)
@@ -144,10 +145,3 @@ def _same_size(image, shape, source: str):
 def _batches(items: list, n: int):
     for i in range(0, len(items), n):
         yield items[i:i + n]
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value

@@ -57,7 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     from .driver import run_fleet
     from .scene_task import check_scene_settings
 
-    config = config_from_args(build_parser().parse_args(argv))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))  # usage and exit 2
     try:
         config.validate()
         check_scene_settings(config)
@@ -88,7 +93,7 @@ def field_docs(cls: type) -> dict[str, str]:
 
 def _parse_override(item: str) -> tuple[str, typing.Any]:
     if "=" not in item:
-        raise SystemExit(f"--set expects FIELD=VALUE, got {item!r}")
+        raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
     key, raw = item.split("=", 1)
     try:
         return key.strip(), json.loads(raw)

@@ -5,19 +5,35 @@ from __future__ import annotations
 import argparse
 import time
 
+from difix3d.argtypes import number_list, positive_int
+
+RIG = ("front", "left", "right")  # the synthetic rig's cameras
+
+
+def _holdout(text: str) -> tuple[str, ...]:
+    names = tuple(c.strip() for c in text.split(",") if c.strip())
+    unknown = sorted(set(names) - set(RIG))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown rig cameras {unknown} (the rig has {', '.join(RIG)})")
+    if set(names) >= set(RIG):
+        raise argparse.ArgumentTypeError("holding out every rig camera leaves none to train on")
+    return names
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("synth", help="write synthetic driving segments with exact ground truth",
                               description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("out", help="output folder URI; segments go to OUT/segment-000, OUT/segment-001, ...")
-    p.add_argument("--segments", type=int, default=1, help="number of segments (seeds seed .. seed+N-1)")
-    p.add_argument("--frames", type=int, default=64, help="frames per segment")
-    p.add_argument("--height", type=int, default=576)
-    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--segments", type=positive_int, default=1, help="number of segments (seeds seed .. seed+N-1)")
+    p.add_argument("--frames", type=positive_int, default=64, help="frames per segment")
+    p.add_argument("--height", type=positive_int, default=576)
+    p.add_argument("--width", type=positive_int, default=1024)
     p.add_argument("--seed", type=int, default=0, help="seed of the first segment")
-    p.add_argument("--every-nth-train", type=int, default=2, help="train on every Nth frame (sparse views)")
-    p.add_argument("--shifts", default="1,2,3", help="lane-change offsets in metres (comma-separated, '' for none)")
-    p.add_argument("--holdout", default="", help="rig cameras held out as the cross_camera split (comma-separated)")
+    p.add_argument("--every-nth-train", type=positive_int, default=2, help="train on every Nth frame (sparse views)")
+    p.add_argument("--shifts", type=number_list, default="1,2,3",
+                   help="lane-change offsets in metres (comma-separated, '' for none)")
+    p.add_argument("--holdout", type=_holdout, default="",
+                   help="rig cameras held out as the cross_camera split (comma-separated)")
     p.add_argument("--points", type=int, default=100_000, help="initial surface points per segment")
     p.add_argument("--device", default=None, help="render device (default: CUDA when present)")
     p.set_defaults(func=run)
@@ -27,10 +43,9 @@ def run(args: argparse.Namespace) -> int:
     from difix3d import storage
     from difix3d.scene.synthetic import make_segment
 
-    shifts = tuple(float(s) for s in args.shifts.split(",") if s.strip())
-    shifts = tuple(int(s) if s.is_integer() else s for s in shifts)
-    holdout = tuple(c.strip() for c in args.holdout.split(",") if c.strip())
-    cameras = tuple(c for c in ("front", "left", "right") if c not in holdout)
+    shifts = tuple(int(s) if s.is_integer() else s for s in args.shifts)
+    holdout = args.holdout
+    cameras = tuple(c for c in RIG if c not in holdout)
     for k in range(args.segments):
         uri = storage.join(args.out, f"segment-{k:03d}")
         t0 = time.perf_counter()

@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 
+from difix3d.errors import InputError
 from difix3d.train.config import FinetuneConfig, LossWeights
 
 _HELP = {
@@ -65,7 +66,10 @@ def run(args: argparse.Namespace) -> int:
 
     from difix3d.train.trainer import finetune
 
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+    except ValueError as e:  # unknown fields, bad values, a --config that is not JSON: before Ray starts
+        raise InputError(args.config or "finetune arguments", str(e)) from e
     ray.init()  # joins the cluster under `ray job submit`, else starts a local one
     result = finetune(config)
     print(json.dumps({"final": result.final_uri, "checkpoint": result.checkpoint_path, "metrics": result.metrics},

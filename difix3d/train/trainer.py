@@ -54,6 +54,20 @@ def worker_env(config: FinetuneConfig) -> dict[str, str]:
             "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")}
 
 
+def check_init(config: FinetuneConfig) -> None:
+    """A new run's ``init`` checkpoint exists and is one the loaders know: checked on the driver, since a worker
+    finding it missing fails every restart of the worker group alike. A run with checkpoints of its own resumes
+    from those and needs no ``init``."""
+    from difix3d.fixer.checkpoint import detect_format
+    from difix3d.fixer.config import PRESETS
+
+    if config.init in PRESETS or config.init == "bundled":
+        return
+    if any(os.path.basename(u.rstrip("/")).startswith("checkpoint_") for u in storage.list_dir(config.run_uri())):
+        return
+    detect_format(config.init)  # MissingWeightsError / CheckpointError naming the location
+
+
 def finetune(config: FinetuneConfig) -> FinetuneResult:
     """Run (or resume) a fine-tuning job on the Ray cluster this process is connected to."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -69,6 +83,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     list_shards(config.train_shards)  # fail here, naming the URI, rather than inside every worker
     if config.val_shards:
         list_shards(config.val_shards)
+    check_init(config)
     storage.delete(storage.join(config.run_uri(), INPUT_ERROR_FILE))  # a re-run after fixing the data starts clean
     if config.perceptual_weights != "random" and (config.loss.lpips > 0 or config.loss.gram > 0):
         build_perceptual_net(config.perceptual_weights)  # MissingWeightsError before any worker starts

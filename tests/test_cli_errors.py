@@ -1,0 +1,87 @@
+"""Bad command-line input is a one-line error with exit status 2 (argparse's usage errors included), raised before
+any Ray work starts, never a traceback."""
+
+import os
+import sys
+
+import pytest
+
+from difix3d.cli import main as difix3d_main
+from difix3d.errors import Difix3DError, MissingWeightsError
+
+JOBS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs")
+
+
+def _exit_code(run, argv) -> int:
+    try:
+        return run(argv)
+    except SystemExit as e:  # argparse's usage errors
+        return e.code
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["synth", "OUT", "--height", "-5"], "argument --height: must be at least 1, got -5"),
+    (["synth", "OUT", "--shifts", "a,b"], "argument --shifts: expected comma-separated numbers"),
+    (["synth", "OUT", "--holdout", "back"], "unknown rig cameras ['back']"),
+    (["synth", "OUT", "--holdout", "front,left,right"], "leaves none to train on"),
+    (["synth", "OUT", "--every-nth-train", "0"], "argument --every-nth-train: must be at least 1"),
+    (["pairs", "show", "x.parquet", "-o", "y.png", "--rows", "0"], "argument --rows: must be at least 1"),
+    (["evaluate", "--input", "IN", "--output", "OUT", "--workers", "0"], "need 1 <= min_workers <= workers"),
+    (["finetune", "--train-shards", "S", "--optimizer", "sgd"], "optimizer 'sgd': expected one of adamw"),
+])
+def test_bad_arguments_exit_2_with_one_line(argv, message, capsys, tmp_path):
+    argv = [str(tmp_path / a) if a in ("OUT", "IN", "S") else a for a in argv]
+    assert _exit_code(difix3d_main, argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "OUT")  # nothing written
+
+
+def test_finetune_config_files_that_are_not_valid_are_named(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    for text, problem in (('{"stepz": 3}', "unknown FinetuneConfig fields: ['stepz']"), ("{bad", "Expecting")):
+        bad.write_text(text)
+        assert difix3d_main(["finetune", "--train-shards", str(tmp_path), "--config", str(bad)]) == 2
+        assert f"{bad}: {problem}" in capsys.readouterr().err
+
+
+def test_fleet_job_settings_are_checked_before_work(tmp_path, capsys):
+    from difix3d.fleet.cli import main as fleet_main
+
+    assert _exit_code(fleet_main, ["--set", "foo"]) == 2
+    assert "--set expects FIELD=VALUE, got 'foo'" in capsys.readouterr().err
+    out = tmp_path / "fleet"
+    assert fleet_main(["--scene-num-cpus", "-1", "--output", str(out)]) == 2
+    assert "scene_num_cpus must be > 0, got -1.0" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_evaluate_job_checks_its_settings_before_ray_starts(tmp_path, capsys, monkeypatch):
+    sys.path.insert(0, JOBS)
+    try:
+        import evaluate as evaluate_job
+    finally:
+        sys.path.remove(JOBS)
+    monkeypatch.setattr(evaluate_job.ray, "init", lambda *a, **k: pytest.fail("ray.init before the settings check"))
+    argv = ["--input", str(tmp_path), "--output", str(tmp_path / "ev"), "--metrics", "psnr,bogus"]
+    assert _exit_code(evaluate_job.main, argv) == 2
+    assert "unknown metrics ['bogus']" in capsys.readouterr().err
+
+
+def test_a_device_that_is_not_one_is_named():
+    from difix3d.device import default_device
+
+    with pytest.raises(Difix3DError, match="device 'bogus' is not a torch device"):
+        default_device("bogus")
+
+
+def test_a_new_runs_init_checkpoint_is_checked_on_the_driver(tmp_path):
+    from difix3d.train.config import FinetuneConfig
+    from difix3d.train.trainer import check_init
+
+    config = FinetuneConfig(train_shards="x", storage_path=str(tmp_path), name="run", init=str(tmp_path / "nockpt"))
+    with pytest.raises(MissingWeightsError, match="nockpt: no such checkpoint"):
+        check_init(config)
+    os.makedirs(tmp_path / "run" / "checkpoint_000001")  # a run that resumes from its own checkpoints
+    check_init(config)
+    check_init(FinetuneConfig(train_shards="x", storage_path=str(tmp_path), name="other", init="tiny"))
