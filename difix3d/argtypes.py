@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def positive_int(text: str) -> int:
@@ -16,8 +17,11 @@ def positive_int(text: str) -> int:
 
 
 def number_list(text: str) -> tuple[float, ...]:
-    """``"1,2,3"`` -> (1.0, 2.0, 3.0); ``""`` -> ()."""
+    """``"1,2,3"`` -> (1.0, 2.0, 3.0); ``""`` -> (). Finite numbers only."""
     try:
-        return tuple(float(s) for s in text.split(",") if s.strip())
+        values = tuple(float(s) for s in text.split(",") if s.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
+    return values

@@ -24,6 +24,8 @@ def _exit_code(run, argv) -> int:
     (["synth", "OUT", "--shifts", "a,b"], "argument --shifts: expected comma-separated numbers"),
     (["synth", "OUT", "--holdout", "back"], "unknown rig cameras ['back']"),
     (["synth", "OUT", "--holdout", "front,left,right"], "leaves none to train on"),
+    (["synth", "OUT", "--shifts", "1,nan"], "argument --shifts: expected finite numbers"),
+    (["synth", "OUT", "--shifts", "1,1.0"], "argument --shifts: repeated shifts"),
     (["synth", "OUT", "--every-nth-train", "0"], "argument --every-nth-train: must be at least 1"),
     (["pairs", "show", "x.parquet", "-o", "y.png", "--rows", "0"], "argument --rows: must be at least 1"),
     (["evaluate", "--input", "IN", "--output", "OUT", "--workers", "0"], "need 1 <= min_workers <= workers"),
@@ -39,10 +41,19 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, capsys, tmp_path):
 
 def test_finetune_config_files_that_are_not_valid_are_named(tmp_path, capsys):
     bad = tmp_path / "bad.json"
-    for text, problem in (('{"stepz": 3}', "unknown FinetuneConfig fields: ['stepz']"), ("{bad", "Expecting")):
+    for text, problem in (('{"stepz": 3}', "unknown FinetuneConfig fields: ['stepz']"),
+                          ('{"loss": {"lpip": 1.0}}', "unknown LossWeights fields: ['lpip']"),
+                          ('{"loss": 1}', "loss must be an object of LossWeights fields"),
+                          ("[1, 2]", f"{bad}: expected a JSON object of FinetuneConfig fields, got list"),
+                          ("{bad", f"{bad}: not valid JSON")):
         bad.write_text(text)
         assert difix3d_main(["finetune", "--train-shards", str(tmp_path), "--config", str(bad)]) == 2
-        assert f"{bad}: {problem}" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert problem in err and "Traceback" not in err
+    good = tmp_path / "good.json"
+    good.write_text("{}")
+    assert difix3d_main(["finetune", "--train-shards", str(tmp_path), "--config", str(good), "--optimizer", "sgd"]) == 2
+    assert f"finetune settings (--config {good} and the options): optimizer 'sgd'" in capsys.readouterr().err
 
 
 def test_fleet_job_settings_are_checked_before_work(tmp_path, capsys):
@@ -52,8 +63,12 @@ def test_fleet_job_settings_are_checked_before_work(tmp_path, capsys):
     assert "--set expects FIELD=VALUE, got 'foo'" in capsys.readouterr().err
     out = tmp_path / "fleet"
     assert fleet_main(["--scene-num-cpus", "-1", "--output", str(out)]) == 2
-    assert "scene_num_cpus must be > 0, got -1.0" in capsys.readouterr().err
+    assert "scene_num_cpus must be >= 0, got -1.0" in capsys.readouterr().err
     assert not out.exists()
+    from difix3d.fleet.config import FleetConfig
+
+    FleetConfig(scene_num_cpus=0.0).validate()  # GPU-share scheduling: scene tasks take no CPU of their own
+    FleetConfig(scenes="s/", synthetic_frames=0).validate()  # synthetic sizes only matter without --scenes
 
 
 def test_evaluate_job_checks_its_settings_before_ray_starts(tmp_path, capsys, monkeypatch):

@@ -256,17 +256,22 @@ def test_the_reference_is_the_nearest_training_view_of_the_targets_size():
     assert alone["reference"] is None and alone["reference_camera"] == ""
 
 
-def test_strategy_settings_are_checked_when_built():
-    with pytest.raises(ValueError, match="sparse.every_nth must be an integer >= 2, got 1"):
-        SparseReconstruction(every_nth=1)
-    with pytest.raises(ValueError, match=r"underfit.fraction_range must satisfy 0 < lo <= hi <= 1"):
-        UnderFitted(fraction_range=(0.0, 0.5))
+def test_settings_of_the_strategies_that_run_are_checked_before_any_task():
+    from difix3d.curate.job import CurateConfig
     from difix3d.curate.strategies import CycleReconstruction
 
-    with pytest.raises(ValueError, match="cycle.shift_range must satisfy 0 < lo <= hi"):
-        CycleReconstruction(shift_range=(2.0, 1.0))
-    with pytest.raises(ValueError, match="cycle.shift_range must be two numbers"):
-        CycleReconstruction(shift_range=(1.0,))
+    config = CurateConfig(strategies=("cycle",), sparse=SparseReconstruction(every_nth=1),
+                          underfit=UnderFitted(fraction_range=(0.0, 0.5)),
+                          cycle=CycleReconstruction(shift_range=(-3.0, 0.0)))  # to the right: allowed
+    config.strategy("cycle")  # the strategies that do not run are not held to their settings
+    with pytest.raises(ValueError, match="sparse.every_nth must be an integer >= 2, got 1"):
+        config.strategy("sparse")
+    with pytest.raises(ValueError, match=r"underfit.fraction_range must satisfy 0 < lo <= hi <= 1"):
+        config.strategy("underfit")
+    with pytest.raises(ValueError, match="cycle.shift_range must satisfy lo <= hi"):
+        CycleReconstruction(shift_range=(2.0, 1.0)).check()
+    with pytest.raises(ValueError, match="cycle.shift_range must be finite"):
+        CycleReconstruction(shift_range=(1.0, float("nan"))).check()
 
 
 def test_settings_may_change_while_no_unit_is_done(tmp_path):
@@ -294,3 +299,17 @@ def test_scenes_keep_the_ids_an_earlier_run_curated_them_under(tmp_path):
     manifest.mark("seg1/sparse", "done", 1, scene="seg1", uri=a + "/")  # when seg1 was the only one of its name
     scenes = [SceneRef("seg1-aaaa", a), SceneRef("seg1-bbbb", b)]  # now its name clashes: hashed ids
     assert adopt_recorded_scene_ids(scenes, manifest) == [SceneRef("seg1", a), SceneRef("seg1-bbbb", b)]
+
+
+def test_an_id_recorded_for_another_scene_location_is_refused(segment, tmp_path):
+    from difix3d import storage
+    from difix3d.curate.job import CurateConfig, plan
+    from difix3d.fleet.inputs import SceneRef
+
+    config = CurateConfig(output=str(tmp_path / "out"), strategies=("sparse",))
+    manifest = storage.Manifest(config.output)
+    manifest.mark("seg1/sparse", "done", 1, scene="seg1", uri=str(tmp_path / "x" / "seg1"))
+    with pytest.raises(InputError, match=r"scene id 'seg1' was curated from .*x/seg1, not .*y/seg1"):
+        plan([SceneRef("seg1", str(tmp_path / "y" / "seg1"))], config, manifest)
+    todo, skipped, _ = plan([SceneRef("seg1", str(tmp_path / "x" / "seg1") + "/")], config, manifest)
+    assert skipped == ["seg1/sparse"] and not todo

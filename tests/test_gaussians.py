@@ -294,3 +294,39 @@ def test_lens_distortion_is_reported_with_its_size_in_pixels(scene, caplog):
     with caplog.at_level("WARNING", logger="difix3d.recon.gaussians"):
         GaussianSplat.from_scene(scene, GaussianConfig.tiny(), "cpu")
     assert "lens distortion" not in caplog.text
+
+
+def test_a_checkpoint_of_other_gaussian_settings_is_refused_naming_them(scene, tmp_path):
+    ckpt = str(tmp_path / "g.ckpt")
+    train(_model(scene, iterations=24), scene, TrainerConfig(iterations=3, seed=0), checkpoint_uri=ckpt,
+          progress=False, eval_views={})
+    with pytest.raises(CheckpointError, match=r"g.ckpt: .*other Gaussian settings \(iterations 24 -> 3000"):
+        load_checkpoint(ckpt, _model(scene, iterations=3000))
+    load_checkpoint(ckpt, _model(scene, iterations=24, render_chunk=2))  # how it renders is not what it trains
+
+
+def test_a_model_built_from_a_live_state_shares_nothing_with_it(scene):
+    model = _model(scene)
+    views = load_views(scene, "train")
+    model.train_step([views[0].camera], views[0].image[None])
+    clone = GaussianSplat.from_state_dict(model.state_dict(), device="cpu")
+    before = {k: {n: v.clone() for n, v in s.items()} for k, s in clone.optimizers["means"].state.items()}
+    model.train_step([views[1].camera], views[1].image[None])  # the source trains on
+    for k, s in clone.optimizers["means"].state.items():
+        for n, v in s.items():
+            torch.testing.assert_close(v, before[k][n], rtol=0, atol=0)
+
+
+def test_point_colours_and_training_images_are_checked(scene, tmp_path):
+    points = np.random.default_rng(0).normal(size=(8, 3))
+    as_int64 = GaussianSplat.from_points(points, np.full((8, 3), 255, np.int64), GaussianConfig(iterations=10))
+    as_uint8 = GaussianSplat.from_points(points, np.full((8, 3), 255, np.uint8), GaussianConfig(iterations=10))
+    torch.testing.assert_close(as_int64.params["sh0"], as_uint8.params["sh0"])  # 0..255 whatever the integer type
+    with pytest.raises(ValueError, match=r"colours must be \[N, 3\] \(RGB\), got shape \[8, 4\]"):
+        GaussianSplat.from_points(points, np.zeros((8, 4), np.uint8))
+    views = load_views(scene, "train")
+    with pytest.raises(ValueError, match="expected float values in"):
+        _model(scene).train_step([views[0].camera], (views[0].image[None] * 255).to(torch.uint8))
+    empty = {k: v[:0] for k, v in _model(scene).params.items()}
+    write_ply(str(tmp_path / "empty.ply"), empty)
+    assert read_ply(str(tmp_path / "empty.ply"))["shN"].shape == (0, empty["shN"].shape[1], 3)

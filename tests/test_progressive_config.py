@@ -75,6 +75,11 @@ def test_a_run_recorded_before_the_budget_was_derived_resumes_on_its_own_schedul
     record = storage.read_json(str(tmp_path / "config.json"))
     record["gaussian"]["iterations"] = 8  # what such a run recorded: the preset's budget, not the run's 16
     storage.write_json(str(tmp_path / "config.json"), record)
+    for path in tmp_path.rglob("*.pt"):  # and what its saved states hold: the model was built with that budget
+        state = torch.load(path, weights_only=False)
+        if isinstance(state, dict) and "representation" in state:
+            state["representation"]["config"]["iterations"] = 8
+            torch.save(state, path)
     with caplog.at_level(logging.WARNING, logger="difix3d.recon.progressive"):
         reconstruct_scene(street, str(tmp_path), cfg, fixer, progress=False, device="cpu")
     assert "keeps the schedules it started with" in caplog.text

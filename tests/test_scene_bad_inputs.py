@@ -86,6 +86,15 @@ def test_malformed_ply_files_are_named(tmp_path, header, body, problem):
     assert str(e.value).startswith(path)
 
 
+def test_ply_header_comments_and_empty_vertex_tables_read(tmp_path):
+    path = _ply(tmp_path, "ply\nformat ascii 1.0\ncomment written before end_header by a tool\nelement vertex 1\n"
+                          "property float x\nproperty float y\nproperty float z\nend_header\n", b"1 2 3\n")
+    np.testing.assert_array_equal(read_points_ply(path)[0], [[1, 2, 3]])
+    path = _ply(tmp_path, "ply\nformat ascii 1.0\nelement vertex 0\nproperty float x\nproperty float y\n"
+                          "property float z\nelement face 0\nproperty list uchar int vertex_indices\nend_header\n", b"")
+    assert read_points_ply(path)[0].shape == (0, 3)
+
+
 def test_ply_with_crlf_header_reads_and_non_finite_points_are_dropped(tmp_path, caplog):
     points = np.array([[0, 1, 2], [np.nan, 0, 0], [3, 4, 5]], np.float32)
     path = str(tmp_path / "a.ply")

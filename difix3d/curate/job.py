@@ -55,9 +55,12 @@ class CurateConfig:
     max_in_flight: int = 0  # tasks submitted at once (0: as many as the cluster can run)
 
     def strategy(self, name: str) -> CurationStrategy:
+        """The settings of strategy ``name``, checked (ValueError naming a bad one)."""
         if name not in STRATEGIES:
             raise ValueError(f"unknown strategy {name!r} (known: {sorted(STRATEGIES)})")
-        return getattr(self, name)
+        strategy = getattr(self, name)
+        strategy.check()
+        return strategy
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "strategies": list(self.strategies)}
@@ -99,7 +102,7 @@ def run_curation(config: CurateConfig, scenes: list[SceneRef] | None = None, pro
     t0 = time.perf_counter()
     scenes = scenes if scenes is not None else resolve_scenes(config.scenes)
     for name in config.strategies:
-        config.strategy(name)  # unknown names fail before any work starts
+        config.strategy(name)  # unknown names and bad settings fail before any work starts
     manifest = storage.Manifest(config.output)
     check_settings(config, manifest)
     storage.write_json(storage.join(config.output, "config.json"), config.to_dict())
@@ -165,6 +168,11 @@ def plan(scenes: list[SceneRef], config: CurateConfig, manifest: storage.Manifes
         for name in config.strategies:
             unit = unit_name(ref.scene_id, name)
             entry = manifest.get(unit)
+            recorded = entry.info.get("uri") if entry is not None else None
+            if recorded and storage.normalized(recorded) != storage.normalized(ref.uri):
+                raise InputError(storage.join(config.output, "_manifest"),
+                                 f"scene id {ref.scene_id!r} was curated from {recorded}, not {ref.uri}: give the "
+                                 "scenes distinct scene_ids, or write to a new output folder")
             if entry is not None and entry.status == "done":
                 skipped.append(unit)
             elif entry is not None and entry.status == "failed" and entry.attempts >= config.max_attempts:

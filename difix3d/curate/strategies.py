@@ -78,6 +78,9 @@ class CurationStrategy(abc.ABC):
 
     name: ClassVar[str] = ""
 
+    def check(self) -> None:
+        """ValueError naming a bad setting; called for the strategies a job runs, before any task starts."""
+
     @abc.abstractmethod
     def make_pairs(self, scene, recon: ReconstructionSettings) -> Iterator[dict]:
         """Pairs for one scene (see the module docstring for the dict); :class:`NotApplicable` when the scene
@@ -93,12 +96,13 @@ class SparseReconstruction(CurationStrategy):
     name: ClassVar[str] = "sparse"
     every_nth: int = 4  # our default; the paper trains "on every n-th frame" without fixing n for all datasets
 
-    def __post_init__(self) -> None:  # checked where the job is set up, before any task runs
+    def check(self) -> None:
         if isinstance(self.every_nth, bool) or not isinstance(self.every_nth, int) or self.every_nth < 2:
             raise ValueError(f"sparse.every_nth must be an integer >= 2, got {self.every_nth!r}")
 
     def split_views(self, scene) -> tuple[list[int], list[int]]:
         """(training indices, target indices)."""
+        self.check()
         pool = _indices(scene, ("train", "test"))
         by_camera: dict[str, list[int]] = {}
         for i in pool:
@@ -159,13 +163,14 @@ class UnderFitted(CurationStrategy):
     name: ClassVar[str] = "underfit"
     fraction_range: tuple[float, float] = (0.25, 0.75)  # paper: 25-75 % of the training schedule
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         lo, hi = _range(self.fraction_range, "underfit.fraction_range")
         if not 0.0 < lo <= hi <= 1.0:
             raise ValueError(f"underfit.fraction_range must satisfy 0 < lo <= hi <= 1, got {self.fraction_range!r}")
 
     def fraction(self, scene, seed: int = 0) -> float:
         """The scene's fraction: deterministic per (seed, scene), so re-runs repeat it."""
+        self.check()
         lo, hi = self.fraction_range
         return float(np.random.default_rng(_seed(seed, scene.name, self.name)).uniform(lo, hi))
 
@@ -188,12 +193,13 @@ class CycleReconstruction(CurationStrategy):
     shift_range: tuple[float, float] = (1.0, 3.0)  # metres to the left, drawn per scene (our default: a lane change)
     both_sides: bool = False  # also shift to the right (mirror) and train the second model on both
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         lo, hi = _range(self.shift_range, "cycle.shift_range")
-        if not 0.0 < lo <= hi:
-            raise ValueError(f"cycle.shift_range must satisfy 0 < lo <= hi (metres), got {self.shift_range!r}")
+        if not lo <= hi:  # negative: to the right
+            raise ValueError(f"cycle.shift_range must satisfy lo <= hi (metres), got {self.shift_range!r}")
 
     def shift(self, scene, seed: int = 0) -> float:
+        self.check()
         lo, hi = self.shift_range
         return float(np.random.default_rng(_seed(seed, scene.name, self.name)).uniform(lo, hi))
 
@@ -256,6 +262,8 @@ def _range(value, name: str) -> tuple[float, float]:
         lo, hi = (float(v) for v in value)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be two numbers (lo, hi), got {value!r}") from None
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError(f"{name} must be finite, got {value!r}")
     return lo, hi
 
 

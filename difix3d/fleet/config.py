@@ -95,14 +95,12 @@ class FleetConfig:
             raise ValueError(f"recon_preset must be 'tiny' or 'paper', not {self.recon_preset!r}")
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
-        if not self.scene_num_cpus > 0:
-            raise ValueError(f"scene_num_cpus must be > 0, got {self.scene_num_cpus}")
-        for name in ("scene_num_gpus", "scene_memory_gb", "replica_num_gpus", "pool_replicas", "pool_max_replicas",
+        for name in ("scene_num_cpus", "scene_num_gpus", "scene_memory_gb", "replica_num_gpus", "pool_replicas", "pool_max_replicas",
                      "max_in_flight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("synthetic_frames", "synthetic_height", "synthetic_width"):
-            if getattr(self, name) < 1:
+            if self.scenes is None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.scenes is None and self.synthetic_scenes < 1:
             raise ValueError("no --scenes given and synthetic_scenes < 1: nothing to run")

@@ -116,7 +116,14 @@ class GaussianSplat(Representation):
         """Gaussians at points [N, 3] with colours [N, 3] (uint8 or float in [0, 1]), as simple_trainer inits."""
         config = config or GaussianConfig()
         points = torch.as_tensor(np.asarray(points), dtype=torch.float32).reshape(-1, 3)
-        colors = torch.as_tensor(np.asarray(colors)).reshape(-1, 3)
+        colors = np.asarray(colors)
+        if colors.ndim != 2 or colors.shape[-1] != 3:
+            raise ValueError(f"from_points: colours must be [N, 3] (RGB), got shape {list(colors.shape)}")
+        if np.issubdtype(colors.dtype, np.integer):  # 0..255 whatever the integer type
+            if colors.size and (colors.min() < 0 or colors.max() > 255):
+                raise ValueError(f"from_points: integer colours outside 0..255 ({colors.min()}..{colors.max()})")
+            colors = colors.astype(np.uint8)
+        colors = torch.as_tensor(colors)
         if points.shape[0] == 0 or points.shape[0] != colors.shape[0]:
             raise ValueError(f"from_points: {points.shape[0]} points and {colors.shape[0]} colours")
         if not torch.isfinite(points).all():
@@ -178,6 +185,10 @@ class GaussianSplat(Representation):
         missing = [k for k in self.PARAM_NAMES if k not in params]
         if missing:
             raise ValueError(f"Gaussian parameters missing {missing}")
+        rest = (cfg.sh_degree + 1) ** 2 - 1
+        if params["shN"].ndim != 3 or params["shN"].shape[1] != rest:
+            raise ValueError(f"shN has shape {tuple(params['shN'].shape)}: SH degree {cfg.sh_degree} needs "
+                             f"[N, {rest}, 3]")
         self.params = torch.nn.ParameterDict(
             {k: torch.nn.Parameter(params[k].detach().to(self.device, torch.float32).clone())
              for k in self.PARAM_NAMES})
@@ -231,6 +242,8 @@ class GaussianSplat(Representation):
         W, H = common_size(cameras)
         if images.shape != (len(cameras), 3, H, W):
             raise ValueError(f"images {tuple(images.shape)}: expected {(len(cameras), 3, H, W)} for these cameras")
+        if not images.is_floating_point():
+            raise ValueError(f"images: expected float values in [0, 1], got dtype {images.dtype}")
         step = self._step
         images = images.to(self.device, torch.float32)
         weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float32, device=self.device)
@@ -277,11 +290,28 @@ class GaussianSplat(Representation):
             "config": asdict(self.config),
         }
 
+    # how a model renders, not what it trains on: may differ between a saved state and the model it loads into
+    _NOT_TRAINING = ("render_chunk", "backend")
+
     def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict`. A state saved under another :class:`GaussianConfig` (SH degree, budget,
+        schedules) is a ValueError naming the fields: resumed, it would train on a mix of both schedules."""
+        saved = state.get("config")
+        if saved is not None:
+            now = asdict(self.config)
+            changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
+                       if k in saved and k not in self._NOT_TRAINING and _as_list(saved[k]) != _as_list(now[k])]
+            if changed:
+                raise ValueError(f"saved with other Gaussian settings ({'; '.join(changed)}): resume with the "
+                                 "settings it was saved with")
         self.scene_scale = float(state["scene_scale"])
         self._build(state["params"])
         for k, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"][k])
+            for moments in o.state.values():  # loaded on the same device, torch keeps the given tensors: copy them
+                for name, v in moments.items():
+                    if torch.is_tensor(v):
+                        moments[name] = v.clone()
         self.means_scheduler.load_state_dict(state["means_scheduler"])
         self.strategy_state = {k: v.detach().to(self.device, copy=True) if torch.is_tensor(v) else v
                                for k, v in state["strategy_state"].items()}  # never shared with the state's owner
@@ -312,6 +342,11 @@ def random_points_in_frusta(cameras: list[Camera], n: int, far: float, near: flo
         pc = (uv1 @ np.linalg.inv(cam.K).T) * depth  # camera-frame points
         points[sel] = pc @ cam.rotation_c2w.T + cam.position
     return points.astype(np.float32), rng.integers(0, 256, (n, 3)).astype(np.uint8)
+
+
+def _as_list(value):
+    """Tuples as lists, for comparing configs saved and rebuilt."""
+    return [_as_list(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def _mean_knn_distance(points: np.ndarray, k: int = 3) -> Tensor:

@@ -18,8 +18,9 @@ def write_ply(uri: str, params: dict[str, torch.Tensor]) -> None:
     means = _np(params["means"])
     N = means.shape[0]
     f_dc = _np(params["sh0"]).reshape(N, 3)
-    shN = _np(params["shN"]).reshape(N, -1, 3)
-    f_rest = shN.transpose(0, 2, 1).reshape(N, -1)  # [N, 3·(K−1)] channel-major
+    shN = _np(params["shN"])
+    shN = shN.reshape(N, shN.shape[1] if shN.ndim == 3 else 0, 3)  # [N, K-1, 3]; K-1 = 0 at SH degree 0
+    f_rest = shN.transpose(0, 2, 1).reshape(N, 3 * shN.shape[1])  # [N, 3·(K−1)] channel-major
     columns = {"x": means[:, 0], "y": means[:, 1], "z": means[:, 2],
                "nx": np.zeros(N, np.float32), "ny": np.zeros(N, np.float32), "nz": np.zeros(N, np.float32)}
     columns.update({f"f_dc_{i}": f_dc[:, i] for i in range(3)})

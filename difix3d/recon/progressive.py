@@ -601,7 +601,11 @@ def _checked_answer(fixer: ViewFixer, fixed: Any, cameras: list[Camera], what: s
         raise ValueError(f"fixer {fixer.name!r} ({fixer.describe()['kind']}) answered {what} "
                          f"(views {[c.name for c in cameras]}) with an array of shape {fixed.shape}; the renders are "
                          f"{expected}")
-    return fixed.astype(np.uint8, copy=False)
+    if fixed.dtype != np.uint8:  # a float image in [0, 1] cast to uint8 would train the scene toward black
+        raise ValueError(f"fixer {fixer.name!r} ({fixer.describe()['kind']}) answered {what} "
+                         f"(views {[c.name for c in cameras]}) with {fixed.dtype} images; fixers answer uint8 "
+                         "[B, H, W, 3] (0..255)")
+    return fixed
 
 
 def _score(renders: dict, evals: dict, want_lpips: bool, device) -> tuple[dict, dict]:

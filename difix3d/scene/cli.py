@@ -10,6 +10,13 @@ from difix3d.argtypes import number_list, positive_int
 RIG = ("front", "left", "right")  # the synthetic rig's cameras
 
 
+def _shifts(text: str) -> tuple[float, ...]:
+    values = number_list(text)
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"repeated shifts in {text!r}: each names its own cameras")
+    return values
+
+
 def _holdout(text: str) -> tuple[str, ...]:
     names = tuple(c.strip() for c in text.split(",") if c.strip())
     unknown = sorted(set(names) - set(RIG))
@@ -30,7 +37,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--width", type=positive_int, default=1024)
     p.add_argument("--seed", type=int, default=0, help="seed of the first segment")
     p.add_argument("--every-nth-train", type=positive_int, default=2, help="train on every Nth frame (sparse views)")
-    p.add_argument("--shifts", type=number_list, default="1,2,3",
+    p.add_argument("--shifts", type=_shifts, default="1,2,3",
                    help="lane-change offsets in metres (comma-separated, '' for none)")
     p.add_argument("--holdout", type=_holdout, default="",
                    help="rig cameras held out as the cross_camera split (comma-separated)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import posixpath
+import re
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -136,12 +137,11 @@ def read_points_ply(uri: str) -> tuple[np.ndarray, np.ndarray | None]:
         data = storage.read_bytes(uri)
     except FileNotFoundError as e:
         raise InputError(uri, "point cloud PLY not found") from e
-    end = data.find(b"end_header")
-    if not data.startswith(b"ply") or end < 0 or data[end + 10:end + 11] not in (b"\n", b"\r"):
+    end = re.search(rb"(?m)^end_header[ \t]*\r?\n", data)  # a line of its own (LF or CRLF), not in a comment
+    if not data.startswith(b"ply") or end is None:
         raise InputError(uri, "not a PLY file")
-    header = data[:end].decode("ascii", "replace").splitlines()
-    body = data[end + 10:]
-    body = body[2:] if body.startswith(b"\r\n") else body[1:]  # the header ends with LF (or CRLF)
+    header = data[:end.start()].decode("ascii", "replace").splitlines()
+    body = data[end.end():]
     fmt, count, props, in_vertex = "", 0, [], False
     for line in header:
         parts = line.split()
@@ -167,6 +167,10 @@ def read_points_ply(uri: str) -> tuple[np.ndarray, np.ndarray | None]:
     names = [p for p, _ in props]
     if not {"x", "y", "z"} <= set(names):
         raise InputError(uri, f"vertex element lacks x/y/z (has {names})")
+    if fmt not in ("binary_little_endian", "ascii"):
+        raise InputError(uri, f"unsupported PLY format {fmt!r}")
+    if count == 0:
+        return np.zeros((0, 3), np.float32), None
     if fmt == "binary_little_endian":
         dtype = np.dtype(props)
         if len(body) < count * dtype.itemsize:
@@ -179,14 +183,10 @@ def read_points_ply(uri: str) -> tuple[np.ndarray, np.ndarray | None]:
             table = np.loadtxt(io.StringIO(body.decode("ascii")), ndmin=2, max_rows=count)
         except (ValueError, UnicodeDecodeError) as e:
             raise InputError(uri, f"ascii vertex table is not numeric ({e})") from e
-        if count and (table.shape[0] < count or table.shape[1] < len(names)):
+        if (table.shape[0] < count or table.shape[1] < len(names)):
             raise InputError(uri, f"ascii vertex table has {table.shape[0]} rows of {table.shape[1]} values, the "
                                   f"header says {count} rows of {len(names)}")
         col = {n: table[:, j] for j, n in enumerate(names)}
-    else:
-        raise InputError(uri, f"unsupported PLY format {fmt!r}")
-    if count == 0:
-        return np.zeros((0, 3), np.float32), None
     points = np.stack([col["x"], col["y"], col["z"]], axis=1).astype(np.float32)
     colors = None
     if {"red", "green", "blue"} <= set(names):

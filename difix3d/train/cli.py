@@ -37,8 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
-    d = json.load(open(args.config)) if args.config else {}
-    loss = dict(d.pop("loss", {}))
+    d = read_config_file(args.config) if args.config else {}
+    loss = d.pop("loss", {})
+    loss = dict(loss) if isinstance(loss, dict) else loss
     for f in dataclasses.fields(FinetuneConfig):
         value = getattr(args, f.name, None)
         if value is not None:
@@ -55,6 +56,18 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     return FinetuneConfig.from_dict(d)
 
 
+def read_config_file(path: str) -> dict:
+    """The JSON object of a ``--config`` file; an :class:`InputError` naming it when it is not one."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except ValueError as e:
+        raise InputError(path, f"not valid JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise InputError(path, f"expected a JSON object of FinetuneConfig fields, got {type(d).__name__}")
+    return d
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("finetune", help="fine-tune Difix on pair shards with Ray Train (DDP)")
     add_arguments(p)
@@ -68,8 +81,11 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config = config_from_args(args)
-    except ValueError as e:  # unknown fields, bad values, a --config that is not JSON: before Ray starts
-        raise InputError(args.config or "finetune arguments", str(e)) from e
+    except InputError:
+        raise
+    except (ValueError, TypeError) as e:  # unknown fields, bad values: before Ray starts
+        where = f"finetune settings (--config {args.config} and the options)" if args.config else "finetune arguments"
+        raise InputError(where, str(e)) from e
     ray.init()  # joins the cluster under `ray job submit`, else starts a local one
     result = finetune(config)
     print(json.dumps({"final": result.final_uri, "checkpoint": result.checkpoint_path, "metrics": result.metrics},

@@ -118,8 +118,16 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FinetuneConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"a FinetuneConfig is a JSON object of fields, got {type(d).__name__}")
         d = dict(d)
-        loss = LossWeights(**d.pop("loss", {}))
+        loss = d.pop("loss", {})
+        if not isinstance(loss, dict):
+            raise ValueError(f"loss must be an object of LossWeights fields, got {loss!r}")
+        unknown_loss = sorted(set(loss) - {f.name for f in dataclasses.fields(LossWeights)})
+        if unknown_loss:
+            raise ValueError(f"unknown LossWeights fields: {unknown_loss}")
+        loss = LossWeights(**loss)
         if "betas" in d:
             d["betas"] = tuple(d["betas"])
         known = {f.name for f in dataclasses.fields(cls)}
