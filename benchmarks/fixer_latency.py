@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -41,9 +42,9 @@ def main() -> None:
                    help="with --profile: time the stages compiled too (one more compile each; default eager)")
     p.add_argument("--group-norm", default="auto", choices=["auto", "native", "nhwc"],
                    help="bf16 paths: nn.GroupNorm, or ours on NHWC views; auto = FixerRunner's default (nhwc)")
-    p.add_argument("--norm-stats", default="auto", choices=["auto", "group", "channel"],
-                   help="with --group-norm nhwc: statistics per group, or per channel combined per group; auto = "
-                        "ChannelsLastGroupNorm's default")
+    p.add_argument("--norm-stats", default="auto", choices=["auto", "group", "channel", "triton"],
+                   help="with --group-norm nhwc: statistics per group, or per channel combined per group (channel: "
+                        "Inductor's reduction, triton: our kernel); auto = ChannelsLastGroupNorm's default")
     p.add_argument("--upsample", default="auto", choices=["auto", "native", "transposed"],
                    help="bf16 paths: diffusers' nearest 2x + 3x3 conv, or one folded stride-2 transposed conv; "
                         "auto = FixerRunner's default")
@@ -71,8 +72,10 @@ def main() -> None:
     from difix3d.fixer.channels_last_norm import ChannelsLastGroupNorm
 
     if args.norm_stats != "auto":
-        ChannelsLastGroupNorm.channel_statistics = args.norm_stats == "channel"
-    norm_stats = "channel" if ChannelsLastGroupNorm.channel_statistics else "group"
+        ChannelsLastGroupNorm.channel_statistics = args.norm_stats != "group"
+        ChannelsLastGroupNorm.triton_statistics = args.norm_stats == "triton"
+    norm_stats = ("group" if not ChannelsLastGroupNorm.channel_statistics else
+                  "triton" if ChannelsLastGroupNorm.triton_statistics and cuda else "channel")
 
     from difix3d.fixer.model import build_model
 
@@ -182,11 +185,51 @@ def write_profile(fwd, batch, h, w, device, dtype, channels_last, path: str, ite
             fwd(x, None)
         sync(device)
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90)
+    averages = prof.key_averages()
+    table = averages.table(sort_by=sort, row_limit=40, max_name_column_width=90)
+    kinds = kernel_kinds(averages, iters * batch) if device.type == "cuda" else ""
+    head = f"# {iters} forwards, batch {batch}, {h}x{w}, no reference\n"
+    with open(path, "w") as f:  # the kernel tables first: the stage timings below compile and may fail alone
+        f.write(f"{head}{kinds}\n{table}\n")
+    print(kinds, table, sep="\n", flush=True)
     stages = stage_breakdown(getattr(fwd, "_orig_mod", fwd), x, compiled=stage_compile and hasattr(fwd, "_orig_mod"))
     with open(path, "w") as f:
-        f.write(f"# {iters} forwards, batch {batch}, {h}x{w}, no reference\n{stages}\n{table}\n")
-    print(stages, table, sep="\n", flush=True)
+        f.write(f"{head}{stages}\n{kinds}\n{table}\n")
+    print(stages, flush=True)
+
+
+# kernel name -> kind, first match wins (cuDNN's attention kernels also say "fprop", so attention goes first)
+KERNEL_KINDS = (("attention", re.compile(r"fmha|sdpa|flash|attention", re.I)),
+                ("convolution", re.compile(r"fprop|dgrad|conv|implicit_gemm", re.I)),
+                ("gemm", re.compile(r"gemm|nvjet|cutlass|cublas", re.I)),
+                ("inductor reduction", re.compile(r"^triton_(red|per)_")),
+                ("inductor pointwise", re.compile(r"^triton_poi_")),
+                ("other", re.compile(r"")))
+
+
+def kernel_kinds(averages, frames: int) -> str:
+    """GPU milliseconds per frame by kind of kernel (leaf kernels only, not the aten ops that launch them), and the
+    20 costliest kernels of each of the two Inductor kinds: where the time above the convolutions goes."""
+    totals: dict[str, float] = {}
+    top: dict[str, list] = {}
+    for event in averages:
+        us = getattr(event, "self_device_time_total", 0.0)
+        if us <= 0 or event.key.startswith("aten::") or event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        kind = next(k for k, pattern in KERNEL_KINDS if pattern.search(event.key))
+        totals[kind] = totals.get(kind, 0.0) + us
+        top.setdefault(kind, []).append((us, event.count, event.key))
+    total = sum(totals.values()) or 1.0
+    lines = [f"{'kernel kind':20s} {'ms/frame':>9s} {'share':>6s}"]
+    for kind, us in sorted(totals.items(), key=lambda kv: -kv[1]):
+        lines.append(f"{kind:20s} {us / 1000 / frames:9.3f} {us / total:6.1%}")
+    lines.append(f"{'all kernels':20s} {total / 1000 / frames:9.3f}")
+    for kind in ("inductor reduction", "inductor pointwise", "other"):
+        rows = sorted(top.get(kind, []), reverse=True)[:20]
+        if rows:
+            lines.append(f"\n{kind}: us/frame  calls/frame  kernel")
+            lines += [f"  {us / frames:9.1f} {count / frames:6.1f}  {key[:110]}" for us, count, key in rows]
+    return "\n".join(lines) + "\n"
 
 
 @torch.no_grad()
@@ -200,9 +243,12 @@ def stage_breakdown(model, x, compiled: bool, iters: int = 5) -> str:
     stages = {"encode": (model.encode, (x,)), "denoise": (model.denoise, (z,)), "decode": (model.decode, (z0, skips))}
     lines = [f"{'stage':8s} {'ms':>8s} {'TFLOP':>8s} {'TFLOP/s':>8s}"]
     for name, (fn, args) in stages.items():
-        with FlopCounterMode(display=False) as counter:
-            fn(*args)
-        flops = counter.get_total_flops()
+        try:
+            with FlopCounterMode(display=False) as counter:
+                fn(*args)
+            flops = counter.get_total_flops()
+        except TypeError:  # torch's counter rejects some calls (bmm with out_dtype, wide-head attention's GEMMs)
+            flops = float("nan")
         run = torch.compile(fn, dynamic=False) if compiled else fn
         for _ in range(3):
             run(*args)

@@ -4,13 +4,13 @@
   transposed conv with folded taps) at the three upsamplers of sd-turbo's VAE decoder for a 576x1024 frame.
 - ``group_norm``: group norm + SiLU (a resnet's first half) at the VAE's largest activations: ``nn.GroupNorm``, and
   ``ChannelsLastGroupNorm`` with statistics per group (a reduction over strided rows) or per channel (coalesced, then
-  combined per group).
+  combined per group), the per-channel moments from Inductor's reduction or from our Triton kernel.
 - ``vae_attention``: the VAE mid-block attention (one 512-wide head over 9216 latent pixels) through diffusers'
   ``AttnProcessor2_0`` (PyTorch's SDPA) vs ``WideHeadAttnProcessor`` (two GEMMs and a float32 softmax).
 
 bf16, channels_last, eager and torch.compile'd, ms per call (CUDA events, after warm-up).
 
-    python benchmarks/fixer_ops.py [--batches 1,4] [--no-compile]
+    python benchmarks/fixer_ops.py [--batches 1,4] [--no-compile] [--ops group_norm]
 
 Figures go to benchmarks/results/fixer_ops.jsonl (metric ms_per_call; settings op, impl, shape, batch, compiled).
 """
@@ -54,6 +54,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-compile", action="store_true", help="eager only")
+    p.add_argument("--ops", default="upsample,group_norm,vae_attention", help="comma list of the operations to time")
     p.add_argument("--no-write", action="store_true", help="print only, do not append to results/")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -78,11 +79,12 @@ def main() -> None:
             yield "upsample", f"{c}x{h}x{w}", (c, h, w), {"diffusers": base, "transposed": ours}
         for c, h, w in NORMS:
             impls = {}
-            for name in ("native", "nhwc_group_stats", "nhwc_channel_stats"):
+            for name in ("native", "nhwc_group_stats", "nhwc_channel_stats", "nhwc_triton_stats"):
                 norm = torch.nn.GroupNorm(32, c, eps=1e-6)
                 if name != "native":
                     use_channels_last_group_norm(norm)
-                    norm.channel_statistics = name == "nhwc_channel_stats"
+                    norm.channel_statistics = name != "nhwc_group_stats"
+                    norm.triton_statistics = name == "nhwc_triton_stats"
                 impls[name] = torch.nn.Sequential(norm, torch.nn.SiLU())
             yield "group_norm", f"{c}x{h}x{w}", (c, h, w), impls
         attn = Attention(512, heads=1, dim_head=512, norm_num_groups=32, residual_connection=True, bias=True,
@@ -91,7 +93,10 @@ def main() -> None:
         assert use_wide_head_attention(ours) == 1
         yield "vae_attention", "512x72x128", (512, 72, 128), {"sdpa": attn, "wide": ours}
 
+    ops = set(args.ops.split(","))
     for op, shape, (c, h, w), impls in cases():
+        if op not in ops:
+            continue
         for batch in batches:
             x = torch.randn(batch, c, h, w, device="cuda", dtype=torch.bfloat16)
             x = x.contiguous(memory_format=torch.channels_last)

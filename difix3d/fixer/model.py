@@ -113,9 +113,11 @@ class DifixModel(nn.Module):
             z = self.vae.post_quant_conv(z)
         h = self._run_block(dec.mid_block, dec.conv_in(z), None)
         h = h.to(next(iter(dec.up_blocks.parameters())).dtype)
+        gamma = self.config.skip_gamma
         for i, block in enumerate(dec.up_blocks):
-            skip_conv = getattr(dec, f"skip_conv_{i + 1}")
-            h = h + skip_conv(skips[-1 - i] * self.config.skip_gamma)
+            skip = skips[-1 - i]
+            # gamma 1 (the default) needs no scaled copy of a full-resolution activation
+            h = h + getattr(dec, f"skip_conv_{i + 1}")(skip if gamma == 1.0 else skip * gamma)
             h = self._run_block(block, h, None)
         return dec.conv_out(dec.conv_act(dec.conv_norm_out(h)))
 
