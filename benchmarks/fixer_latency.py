@@ -51,6 +51,8 @@ def main() -> None:
     p.add_argument("--vae-attention", default="auto", choices=["auto", "sdpa", "wide"],
                    help="bf16 paths: the VAE's 512-wide attention heads through SDPA, or two GEMMs and a float32 "
                         "softmax; auto = FixerRunner's default")
+    p.add_argument("--freezing", action="store_true",
+                   help="optimized path: compile with Inductor's freezing (weights as constants, folded)")
     p.add_argument("--no-write", action="store_true", help="print only, do not append to results/")
     p.add_argument("--profile", metavar="FILE", default=None,
                    help="after timing, profile the last path at the first batch size without a reference and write "
@@ -85,7 +87,7 @@ def main() -> None:
         group_norm = resolve_choice(args.group_norm, "nhwc", "native", path, cuda)
         upsample = resolve_choice(args.upsample, "transposed", "native", path, cuda)
         vae_attention = resolve_choice(args.vae_attention, "wide", "sdpa", path, cuda)
-        fwd = prepare(model, path, device, args.compile_mode, group_norm, upsample, vae_attention)
+        fwd = prepare(model, path, device, args.compile_mode, group_norm, upsample, vae_attention, args.freezing)
         dtype = torch.float32 if path == "naive" else (torch.bfloat16 if cuda else torch.float32)
         for batch in batches:
             for ref in refs:
@@ -94,7 +96,8 @@ def main() -> None:
                 settings = dict(path=path, batch=batch, ref=ref, height=args.height, width=args.width,
                                 preset=preset, compile_mode=args.compile_mode if path == "optimized" else "none",
                                 group_norm=group_norm,
-                                norm_stats=norm_stats if group_norm == "nhwc" else "none", upsample=upsample, vae_attention=vae_attention)
+                                norm_stats=norm_stats if group_norm == "nhwc" else "none", upsample=upsample,
+                                vae_attention=vae_attention, freezing=args.freezing and path == "optimized")
                 emitter.emit("ms_per_frame", ms, "ms", **settings)
                 if path == "naive":
                     naive_ms[(batch, ref)] = ms
@@ -117,7 +120,7 @@ def resolve_choice(choice: str, ours: str, original: str, path: str, cuda: bool)
 
 
 def prepare(model, path: str, device: torch.device, compile_mode: str, group_norm: str = "native",
-            upsample: str = "native", vae_attention: str = "sdpa"):
+            upsample: str = "native", vae_attention: str = "sdpa", freezing: bool = False):
     """naive: fp32 eager, NCHW, LoRA unmerged (the original code). bf16_eager: LoRA merged, bf16 weights,
     channels_last (with ``group_norm="nhwc"``, group norms computed on NHWC views; ``upsample="transposed"``,
     upsamplers as folded transposed convs; ``vae_attention="wide"``, the VAE's wide heads as two GEMMs). optimized:
@@ -147,7 +150,13 @@ def prepare(model, path: str, device: torch.device, compile_mode: str, group_nor
     else:
         model = model.to(device)
     if compile_mode != "none" and path == "optimized":
-        model = torch.compile(model, mode=compile_mode, dynamic=False)
+        if freezing:  # Inductor folds what depends only on weights (the time embedding, the prompt's keys/values)
+            from torch._inductor import list_mode_options
+
+            options = {**list_mode_options(compile_mode), "freezing": True}
+            model = torch.compile(model, options=options, dynamic=False)
+        else:
+            model = torch.compile(model, mode=compile_mode, dynamic=False)
     return model
 
 
