@@ -42,9 +42,9 @@ def main() -> None:
                    help="with --profile: time the stages compiled too (one more compile each; default eager)")
     p.add_argument("--group-norm", default="auto", choices=["auto", "native", "nhwc"],
                    help="bf16 paths: nn.GroupNorm, or ours on NHWC views; auto = FixerRunner's default (nhwc)")
-    p.add_argument("--norm-stats", default="auto", choices=["auto", "group", "channel", "triton"],
-                   help="with --group-norm nhwc: statistics per group, or per channel combined per group (channel: "
-                        "Inductor's reduction, triton: our kernel); auto = ChannelsLastGroupNorm's default")
+    p.add_argument("--norm-stats", default="auto", choices=["auto", "group", "channel"],
+                   help="with --group-norm nhwc: statistics per group, or per channel combined per group; auto = "
+                        "ChannelsLastGroupNorm's default")
     p.add_argument("--upsample", default="auto", choices=["auto", "native", "transposed"],
                    help="bf16 paths: diffusers' nearest 2x + 3x3 conv, or one folded stride-2 transposed conv; "
                         "auto = FixerRunner's default")
@@ -74,10 +74,8 @@ def main() -> None:
     from difix3d.fixer.channels_last_norm import ChannelsLastGroupNorm
 
     if args.norm_stats != "auto":
-        ChannelsLastGroupNorm.channel_statistics = args.norm_stats != "group"
-        ChannelsLastGroupNorm.triton_statistics = args.norm_stats == "triton"
-    norm_stats = ("group" if not ChannelsLastGroupNorm.channel_statistics else
-                  "triton" if ChannelsLastGroupNorm.triton_statistics and cuda else "channel")
+        ChannelsLastGroupNorm.channel_statistics = args.norm_stats == "channel"
+    norm_stats = "channel" if ChannelsLastGroupNorm.channel_statistics else "group"
 
     from difix3d.fixer.model import build_model
 

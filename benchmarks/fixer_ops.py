@@ -4,7 +4,7 @@
   transposed conv with folded taps) at the three upsamplers of sd-turbo's VAE decoder for a 576x1024 frame.
 - ``group_norm``: group norm + SiLU (a resnet's first half) at the VAE's largest activations: ``nn.GroupNorm``, and
   ``ChannelsLastGroupNorm`` with statistics per group (a reduction over strided rows) or per channel (coalesced, then
-  combined per group), the per-channel moments from Inductor's reduction or from our Triton kernel.
+  combined per group).
 - ``vae_attention``: the VAE mid-block attention (one 512-wide head over 9216 latent pixels) through diffusers'
   ``AttnProcessor2_0`` (PyTorch's SDPA) vs ``WideHeadAttnProcessor`` (two GEMMs and a float32 softmax).
 
@@ -79,12 +79,11 @@ def main() -> None:
             yield "upsample", f"{c}x{h}x{w}", (c, h, w), {"diffusers": base, "transposed": ours}
         for c, h, w in NORMS:
             impls = {}
-            for name in ("native", "nhwc_group_stats", "nhwc_channel_stats", "nhwc_triton_stats"):
+            for name in ("native", "nhwc_group_stats", "nhwc_channel_stats"):
                 norm = torch.nn.GroupNorm(32, c, eps=1e-6)
                 if name != "native":
                     use_channels_last_group_norm(norm)
-                    norm.channel_statistics = name != "nhwc_group_stats"
-                    norm.triton_statistics = name == "nhwc_triton_stats"
+                    norm.channel_statistics = name == "nhwc_channel_stats"
                 impls[name] = torch.nn.Sequential(norm, torch.nn.SiLU())
             yield "group_norm", f"{c}x{h}x{w}", (c, h, w), impls
         attn = Attention(512, heads=1, dim_head=512, norm_num_groups=32, residual_connection=True, bias=True,
