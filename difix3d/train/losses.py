@@ -84,9 +84,12 @@ def gram_loss(pred_feats: dict[str, torch.Tensor], target_feats: dict[str, torch
     """
     total = 0.0
     for layer, weight in layer_weights.items():
-        fp, ft = pred_feats[layer].float(), target_feats[layer].float()  # [N, C, h, w]; Gram in fp32 (bf16 overflows)
+        fp, ft = pred_feats[layer].float(), target_feats[layer].float()  # [N, C, h, w]
         _, c, h, wd = fp.shape
-        total = total + weight * torch.mean((gram_matrix(fp) - gram_matrix(ft)) ** 2) / (c * h * wd)
+        # Gram matrices in fp32 even inside a bf16 autocast region (autocast would run bmm in bf16): the loss is the
+        # small difference of two large, nearly equal matrices, which bf16 rounding swamps
+        with torch.autocast(device_type=fp.device.type, enabled=False):
+            total = total + weight * torch.mean((gram_matrix(fp) - gram_matrix(ft)) ** 2) / (c * h * wd)
     return total
 
 
