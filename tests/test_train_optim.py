@@ -135,3 +135,42 @@ def test_a_resume_with_another_optimizer_setup_is_bad_input_naming_the_run(tmp_p
     with pytest.raises(InputError, match=r"r1: the run was started with train_vae=False and is resumed with "
                                          r"train_vae=True"):
         _check_same_optimizer_setup(cfg, {})  # a state saved before train_vae was recorded: its default
+
+
+def test_a_resume_that_would_read_the_pairs_in_another_order_is_bad_input(tmp_path):
+    """The saved stream position means rows of one order: another seed, shuffle window or shard set would train
+    some rows twice and skip others."""
+    from difix3d.errors import InputError
+    from difix3d.train.loop import _check_same_optimizer_setup
+
+    cfg = FinetuneConfig(train_shards=str(tmp_path), storage_path=str(tmp_path / "runs"), name="r1", seed=1)
+    saved = {"optimizer": "adamw", "train_vae": False, "train_shards": str(tmp_path), "seed": 1, "shuffle_window": 64}
+    _check_same_optimizer_setup(cfg, saved)
+    _check_same_optimizer_setup(cfg, {})  # saved before these were recorded: not checked
+    for name, value in (("seed", 0), ("shuffle_window", 16), ("train_shards", str(tmp_path / "other"))):
+        with pytest.raises(InputError, match=rf"r1: the run was started with {name}=.* saved position in the "
+                                             "training pairs"):
+            _check_same_optimizer_setup(cfg, {**saved, name: value})
+
+
+def test_a_resumed_optimizer_trains_with_the_new_settings_not_the_saved_ones(caplog):
+    from difix3d.train.loop import _apply_optimizer_settings
+
+    m = torch.nn.Linear(4, 4)
+    dev = torch.device("cpu")
+    opt = build_optimizer("adamw", m.parameters(), lr=2e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                          device=dev)
+    m(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    cfg = FinetuneConfig(lr=1e-6, weight_decay=0.0, betas=(0.8, 0.99), eps=1e-6)
+    resumed = build_optimizer("adamw", m.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                              weight_decay=cfg.weight_decay, device=dev)
+    load_optimizer_state(resumed, saved, "adamw", dev)
+    assert resumed.param_groups[0]["lr"] == 2e-5  # what loading alone does
+    with caplog.at_level("WARNING"):
+        _apply_optimizer_settings(cfg, resumed)
+    group = resumed.param_groups[0]
+    assert (group["lr"], group["weight_decay"], tuple(group["betas"]), group["eps"]) == (1e-6, 0.0, (0.8, 0.99), 1e-6)
+    assert "lr 2e-05 -> 1e-06" in caplog.text
+    assert resumed.state_dict()["state"][0]["exp_avg"].abs().sum() > 0  # the moments are kept

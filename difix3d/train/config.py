@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from difix3d import storage
+
+MIXED_PRECISIONS = ("bf16", "no")  # bf16 autocast on CUDA with fp32 master weights, or fp32 throughout
 
 
 # Per-layer Gram weights of the original Difix loss (nv-tlabs/Difix3D src/loss.py, STYLE_WEIGHTS).
@@ -70,7 +73,7 @@ class FinetuneConfig:
     weight_decay: float = 1e-2
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max gradient norm; 0 = no clipping
     steps: int = 10_000
     batch_size: int = 4  # per worker
     height: int = 512  # training crop (``--resolution 512``)
@@ -98,7 +101,7 @@ class FinetuneConfig:
     skip_corrupt: bool = False  # a corrupt image: False = fail naming it, True = log and skip the row
 
     # cadence
-    log_every: int = 10
+    log_every: int = 10  # 0 (for these three): only at the last step
     val_every: int = 2000  # official --eval_freq 2000
     val_rows: int = 16  # validation rows (per run, split over workers)
     ckpt_every: int = 1000  # official --checkpointing_steps 1000
@@ -112,6 +115,19 @@ class FinetuneConfig:
 
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise ValueError(f"mixed_precision {self.mixed_precision!r}: expected one of {', '.join(MIXED_PRECISIONS)}")
+        at_least = {"num_workers": 1, "batch_size": 1, "height": 8, "width": 8, "shuffle_window": 1, "steps": 0,
+                    "log_every": 0, "val_every": 0, "ckpt_every": 0, "val_rows": 0, "sample_grid_rows": 0,
+                    "num_to_keep": 1, "max_failures": -1, "lr": 0.0, "weight_decay": 0.0, "eps": 0.0,
+                    "grad_clip": 0.0, "cpus_per_worker": 0.0, "gpu_memory_limit_gib": 0.0}
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+                    or value < low:
+                raise ValueError(f"{name}: expected a number >= {low}, got {value!r}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas: expected two numbers in [0, 1), got {self.betas!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -41,17 +42,52 @@ MAX_RECORDED_IDS = 10_000  # rows named in a worker's summary (enough to audit s
 
 # settings a saved optimizer state depends on, with their values in checkpoints written before they existed
 _OPTIMIZER_SETUP = {"optimizer": "adamw", "train_vae": False}
+# settings the saved position in the pair stream depends on: another row order would train some rows twice and
+# skip others (None: not recorded by older checkpoints, not checked)
+_STREAM_SETUP = ("train_shards", "seed", "shuffle_window")
 
 
 def _check_same_optimizer_setup(cfg: FinetuneConfig, saved: dict[str, Any]) -> None:
-    """A resumed run must train the same parameters with the same optimizer, or its saved state does not fit."""
-    for name, default in _OPTIMIZER_SETUP.items():
-        was, now = saved.get(name, default), getattr(cfg, name)
+    """A resumed run must train the same parameters with the same optimizer, or its saved state does not fit, and
+    read the same shards in the same order, or its saved stream position means other rows."""
+    checks = [(name, saved.get(name, default), "its saved optimizer state does not fit")
+              for name, default in _OPTIMIZER_SETUP.items()]
+    checks += [(name, saved.get(name), "its saved position in the training pairs would point at other rows")
+               for name in _STREAM_SETUP if name in saved]
+    for name, was, why in checks:
+        now = getattr(cfg, name)
         if was != now:
             # an InputError: recorded, so a restarted worker group fails at once instead of Ray retrying it
             raise InputError(cfg.run_uri(), f"the run was started with {name}={was!r} and is resumed with "
-                                            f"{name}={now!r}: its saved optimizer state does not fit; resume with the "
-                                            "same setting or start a new --name")
+                                            f"{name}={now!r}: {why}; resume with the same setting or start a new "
+                                            "--name")
+
+
+def _due(step: int, every: int, steps: int) -> bool:
+    """A cadence: every ``every`` steps and at the last one (``every`` 0: only at the last)."""
+    return step == steps or (every > 0 and step % every == 0)
+
+
+def _apply_optimizer_settings(cfg: FinetuneConfig, opt: torch.optim.Optimizer) -> None:
+    """The configured lr, betas, eps and weight decay on every param group: loading a saved state restores the saved
+    ones, and a resumed run is told to train with its new settings (a changed lr is logged)."""
+    wanted = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay}
+    changed = set()
+    for group in opt.param_groups:
+        for key, value in wanted.items():
+            if key not in group:
+                continue
+            old = group[key]
+            if isinstance(old, torch.Tensor):  # torchao keeps lr as a tensor (no recompile when it changes)
+                if float(old) != value:
+                    changed.add(f"{key} {float(old):g} -> {value:g}")
+                old.fill_(value)
+            else:
+                if (tuple(old) if isinstance(old, (tuple, list)) else old) != value:
+                    changed.add(f"{key} {old} -> {value}")
+                group[key] = value
+    if changed:
+        log.warning("resumed with new optimizer settings: %s", ", ".join(sorted(changed)))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -109,6 +145,7 @@ def _train(cfg: FinetuneConfig) -> dict[str, Any]:
     if state is not None:
         _check_same_optimizer_setup(cfg, state.get("config", {}))
         _load_optimizer(cfg, model, opt, state, _state_uri(cfg, checkpoint), device)
+        _apply_optimizer_settings(cfg, opt)
         step = int(state["step"])
         streams = state["streams"]
         start = tuple(streams[rank]) if len(streams) == world else (max(s[0] for s in streams) + 1, 0)
@@ -127,7 +164,7 @@ def _train(cfg: FinetuneConfig) -> dict[str, Any]:
                             use_reference=cfg.use_reference)
     val_batches = _validation_batches(cfg, rank, world)
     autocast = _autocast(cfg, device)
-    logger = _RankZeroLogger(cfg, rank) if rank == 0 else None
+    logger = _RankZeroLogger(cfg, rank, start_step) if rank == 0 else None
     if logger:
         logger.console(f"fine-tuning {cfg.init} from step {step} on {world} worker(s) ({device.type}); "
                        f"trainable {counts['trainable']:,} (unet {counts['unet']:,}, decoder LoRA "
@@ -150,7 +187,8 @@ def _train(cfg: FinetuneConfig) -> dict[str, Any]:
             losses = loss_fn(pred.flatten(0, 1), training_targets(target, ref).flatten(0, 1), step)
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        # grad_clip 0: no clipping (the norm is still measured for the log)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         opt.step()
         step += 1
         samples += x.shape[0]
@@ -161,9 +199,8 @@ def _train(cfg: FinetuneConfig) -> dict[str, Any]:
         if logger:
             logger.step_loss(step, float(losses["total"].detach()))
 
-        is_log = step % cfg.log_every == 0 or step == cfg.steps
-        is_val = step % cfg.val_every == 0 or step == cfg.steps
-        is_ckpt = step % cfg.ckpt_every == 0 or step == cfg.steps
+        is_log, is_val, is_ckpt = (_due(step, every, cfg.steps) for every in (cfg.log_every, cfg.val_every,
+                                                                             cfg.ckpt_every))
         if not (is_log or is_val or is_ckpt):
             continue
         elapsed = time.perf_counter() - t0
@@ -373,14 +410,16 @@ def _maybe_fail(cfg: FinetuneConfig, step: int, rank: int) -> None:
 class _RankZeroLogger:
     """Console lines, TensorBoard scalars/images and a ``history.json`` of per-step losses (rank 0 only)."""
 
-    def __init__(self, cfg: FinetuneConfig, rank: int):
+    def __init__(self, cfg: FinetuneConfig, rank: int, start_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
         self.cfg = cfg
         self.history_uri = storage.join(cfg.run_uri(), "history.json")
         self.history = storage.read_json(self.history_uri) if storage.exists(self.history_uri) else {}
-        self.history.setdefault("loss", {})
-        self.history.setdefault("metrics", [])
+        # steps after the checkpoint this run resumes from were logged by an attempt that did not save them: they
+        # are trained (and logged) again
+        self.history["loss"] = {k: v for k, v in self.history.get("loss", {}).items() if int(k) <= start_step}
+        self.history["metrics"] = [m for m in self.history.get("metrics", []) if m.get("step", 0) <= start_step]
         self.local_dir = _tensorboard_dir(cfg)
         self.writer = SummaryWriter(log_dir=self.local_dir)
 
