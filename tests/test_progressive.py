@@ -442,3 +442,22 @@ def test_training_goes_on_while_a_round_is_being_fixed(street, tmp_path, monkeyp
         stop.set()
     assert result.frames_fixed > 0 and len(joined) == len(submitted) == result.num_rounds
     assert all(j >= s + 3 for s, j in zip(submitted, joined))  # the views joined after training went on
+
+
+def test_the_baseline_trains_real_views_at_weight_one_and_the_progressive_run_at_real_weight(street, tmp_path,
+                                                                                            monkeypatch):
+    """The plain baseline is plain 3DGS: sampling.real_weight (1.5, Difix3D's) also scales the screen-space
+    gradients that densification thresholds, so the baseline must not inherit it."""
+    weights: list[float] = []
+    real_step = GaussianSplat.train_step
+
+    def recording_step(self, cameras, images, view_weights, *args, **kwargs):
+        weights.append(float(view_weights[0]))
+        return real_step(self, cameras, images, view_weights, *args, **kwargs)
+
+    monkeypatch.setattr(GaussianSplat, "train_step", recording_step)
+    config = tiny_config(iterations=12)
+    config = dataclasses.replace(config, schedule=dataclasses.replace(config.schedule, pretrain_iters=100))
+    reconstruct_scene(street, str(tmp_path / "o"), config, IdentityViewFixer(), progress=False, device="cpu")
+    assert len(weights) == 24  # 12 baseline steps, then 12 progressive steps before any round
+    assert set(weights[:12]) == {1.0} and set(weights[12:]) == {config.sampling.real_weight}

@@ -88,3 +88,21 @@ def test_sampling_mixes_pseudo_views_at_the_configured_rate_from_the_latest_roun
 def test_pseudo_view_mask_drops_pixels_with_alpha_at_or_below_the_threshold():
     alpha = torch.tensor([0.0, 0.5, 0.51, 1.0]).reshape(1, 1, 2, 2)
     assert PseudoViewSampling().mask(alpha).flatten().tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("section, field, value", [("schedule", "step_size", 0.0), ("schedule", "round_every", 0),
+                                                   ("schedule", "pretrain_iters", -1),
+                                                   ("sampling", "rounds", "last"),
+                                                   ("sampling", "probability", 1.5)])
+def test_schedule_and_sampling_settings_out_of_range_are_named_before_training(section, field, value):
+    """budgeted() runs on the fleet's driver: a bad round setting is refused before any scene trains its baseline
+    (step size 0 failed after the whole baseline, naming no setting; a negative pretrain_iters ran no round)."""
+    import dataclasses
+
+    from difix3d.recon.progressive import ProgressiveConfig
+
+    config = ProgressiveConfig()
+    config = dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **{field: value})})
+    with pytest.raises(ValueError, match=rf"{section}\.{field}"):
+        config.budgeted()
+    ProgressiveConfig().budgeted()

@@ -117,8 +117,11 @@ class ProgressiveConfig:
         """This config with the representation's ``iterations`` set to the loop's budget, ``trainer.iterations``.
         The representation scales its schedules to its own ``iterations``, so with another number LR decay and
         densification would end before the run does, or never: None there is filled in (and logged), a different
-        number is a ValueError naming both fields, and so is a batch size other than 1 (the loop steps on one view).
+        number is a ValueError naming both fields, and so is a batch size other than 1 (the loop steps on one view)
+        or a schedule or sampling setting out of range.
         """
+        self.schedule.check()
+        self.sampling.check()
         budget = int(self.trainer.iterations)
         name = "nerf" if self.representation == "nerfacto" else "gaussian"
         backend = getattr(self, name)
@@ -513,7 +516,9 @@ BASELINE_STATE = "baseline.pt"
 
 def _baseline(scene, data: _SceneData, config: ProgressiveConfig, out: SceneOutputs, device,
               progress: bool) -> tuple[dict[str, list[np.ndarray]], dict[str, float]]:
-    """Plain training with the same budget and sampling of real views → (renders, timings). Its state is saved every
+    """Plain training with the same budget and sampling of real views, at loss weight 1 (plain 3DGS / NeRF: the
+    progressive run's ``sampling.real_weight`` is Difix3D's own, and scaling the loss also scales the screen-space
+    gradients densification thresholds) → (renders, timings). Its state is saved every
     ``config.baseline_save_every`` iterations, so an interrupted baseline resumes from the last one; a finished one
     is cached (its renders and state/baseline.json, its state file deleted) for re-runs."""
     done = out.state("baseline.json")
@@ -533,6 +538,7 @@ def _baseline(scene, data: _SceneData, config: ProgressiveConfig, out: SceneOutp
         run.update({k: state[k] for k in run})
 
     iterations, every = int(config.trainer.iterations), max(0, config.baseline_save_every)
+    train = [dataclasses.replace(view, weight=1.0) for view in data.train]
     batches = _StepBatches(device, config.images_on_device)
     with BackgroundWriter(enabled=config.background_writes) as writer:
         state_file = StateFile(out.state(BASELINE_STATE), writer, device, config.save_every_round,
@@ -548,7 +554,7 @@ def _baseline(scene, data: _SceneData, config: ProgressiveConfig, out: SceneOutp
                                          "save_s": run["save_s"], "rng": rng.getstate(),
                                          "torch_rng": global_rng_state(), "representation": rep.state_dict()})
                 run["save_s"] += time.perf_counter() - t_save
-            view = data.train[rng.randrange(len(data.train))]
+            view = train[rng.randrange(len(train))]
             rep.train_step([view.camera], *batches.get(view))
             if bar is not None:
                 bar.update(1)

@@ -41,6 +41,15 @@ class ProgressiveSchedule:
     max_rounds: int | None = None
     """Cap on the number of rounds; None: every round that fits in the iteration budget."""
 
+    def check(self) -> None:
+        """ValueError naming the setting out of range (checked before any scene trains)."""
+        _check_number("schedule.pretrain_iters", self.pretrain_iters, 0)
+        _check_number("schedule.round_every", self.round_every, 1)
+        _check_number("schedule.step_size", self.step_size, 0.0, strict=True)
+        _check_number("schedule.rotation_weight", self.rotation_weight, 0.0)
+        if self.max_rounds is not None:
+            _check_number("schedule.max_rounds", self.max_rounds, 0)
+
     def round_starts(self, iterations: int) -> list[int]:
         """Iteration counts (optimizer steps taken) at which the rounds start, within a budget of ``iterations``."""
         if self.round_every <= 0:
@@ -92,6 +101,15 @@ class PseudoViewSampling:
     rounds: str = "latest"
     """Pseudo views drawn from: ``latest`` round only (original code: ``novelloaders[-1]``) or ``all`` rounds."""
 
+    def check(self) -> None:
+        """ValueError naming the setting out of range (checked before any scene trains)."""
+        _check_number("sampling.probability", self.probability, 0.0, 1.0)
+        _check_number("sampling.weight", self.weight, 0.0)
+        _check_number("sampling.real_weight", self.real_weight, 0.0)
+        _check_number("sampling.alpha_threshold", self.alpha_threshold, 0.0, 1.0)
+        if self.rounds not in ("latest", "all"):
+            raise ValueError(f"sampling.rounds: expected 'latest' or 'all', got {self.rounds!r}")
+
     def pool(self, pseudo_by_round: Sequence[Sequence[V]]) -> list[V]:
         """The pseudo views an iteration may draw from."""
         if self.rounds not in ("latest", "all"):
@@ -114,6 +132,14 @@ class PseudoViewSampling:
     def mask(self, alpha: Tensor) -> Tensor:
         """Rendered alpha ``[B, 1, H, W]`` → float mask ``[B, 1, H, W]`` of the pixels a pseudo view supervises."""
         return (alpha > self.alpha_threshold).float()
+
+
+def _check_number(name: str, value, low: float, high: float | None = None, strict: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if strict else value >= low) and (high is None or value <= high)
+    if not ok:
+        bound = f"> {low}" if strict else f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name}: expected a number {bound}, got {value!r}")
 
 
 def expected_rounds(distance: float, step_size: float) -> int:
