@@ -101,3 +101,54 @@ def test_config_validates_bounds():
         PoolConfig(min_replicas=3, max_replicas=2)
     with pytest.raises(ValueError, match="max_inflight_frames"):
         PoolConfig(max_inflight_frames=0)
+
+
+def test_a_caller_cancelled_while_waiting_for_admission_does_not_wedge_the_pool():
+    """Ray cancels a dead caller's fix() coroutine: the request must leave the admission line, or the next release
+    admits it for no one (failing on its cancelled future) and its frames are never given back."""
+    import asyncio
+
+    from difix3d.pool.router import PoolRouter
+
+    async def scenario():
+        router = PoolRouter(PoolConfig(name="t", max_inflight_frames=1).to_dict())
+        router._wake = asyncio.Event()  # no dispatch or control loops: this drives admission alone
+        router.inflight_frames = 1  # one frame in flight (a replica is working on it)
+        key = request_key(np.zeros((1, 8, 8, 3), np.uint8), None)[0]
+        waiting = asyncio.ensure_future(router.fix("b", key, 1, [None, None]))
+        await asyncio.sleep(0)
+        assert len(router._admission) == 1
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert not router._admission and "b" not in router.requests
+        router._release(1)  # the frame in flight is answered
+        assert router.inflight_frames == 0
+        nxt = asyncio.ensure_future(router.fix("c", key, 1, [None, None]))
+        await asyncio.sleep(0)
+        assert router.requests["c"].admitted and router.inflight_frames == 1 and len(router.queues) == 1
+        nxt.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_a_caller_cancelled_just_after_admission_gives_its_frames_back():
+    import asyncio
+
+    from difix3d.pool.router import PoolRouter
+
+    async def scenario():
+        router = PoolRouter(PoolConfig(name="t", max_inflight_frames=1).to_dict())
+        router._wake = asyncio.Event()
+        router.inflight_frames = 1
+        key = request_key(np.zeros((1, 8, 8, 3), np.uint8), None)[0]
+        waiting = asyncio.ensure_future(router.fix("b", key, 1, [None, None]))
+        await asyncio.sleep(0)
+        router._release(1)  # admits b (its frame now counted) ...
+        assert router.requests["b"].admitted and router.inflight_frames == 1
+        waiting.cancel()  # ... but its caller is gone before fix() resumes
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert router.inflight_frames == 0 and not router.requests
+
+    asyncio.run(scenario())

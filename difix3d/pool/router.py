@@ -81,7 +81,11 @@ class PoolRouter:
             req = PendingRequest(request_id, tuple(key), int(frames), inputs, arrived_at=time.monotonic())
             req.answer = asyncio.get_running_loop().create_future()
             self.requests[request_id] = req
-            await self._admit(req)
+            try:
+                await self._admit(req)
+            except asyncio.CancelledError:  # the caller died or gave up while it waited: nobody wants the answer
+                self._drop_unqueued(req)
+                raise
             if not req.done:  # answered while it waited for admission (shutdown, pool unavailable)
                 req.enqueued_at = time.monotonic()
                 self.queues.push(req)
@@ -157,6 +161,19 @@ class PoolRouter:
         self._admission.append((req, waiter))
         await waiter
 
+    def _drop_unqueued(self, req: PendingRequest) -> None:
+        """Forget a request cancelled before it was queued; give back its frames if it had been admitted. (Left in
+        the admission line, it was admitted later for no one: its frames were never released, and the pool stopped
+        admitting anything.)"""
+        if req.done:
+            return
+        req.done = True
+        self.requests.pop(req.request_id, None)
+        self._admission = collections.deque((r, w) for r, w in self._admission if r is not req)
+        self._wake_admitted(req.request_id)
+        if req.admitted:
+            self._release(req.frames)
+
     def _fits(self, frames: int) -> bool:
         # a request larger than the bound is admitted alone, or it would never be
         return self.inflight_frames + frames <= self.config.max_inflight_frames or self.inflight_frames == 0
@@ -176,6 +193,8 @@ class PoolRouter:
         self.inflight_frames -= frames
         while self._admission and self._fits(self._admission[0][0].frames):
             req, waiter = self._admission.popleft()
+            if waiter.done():  # its fix() was cancelled: _drop_unqueued forgets it
+                continue
             self._take(req)
             waiter.set_result(None)
         self.stats.inflight(self.inflight_frames)
