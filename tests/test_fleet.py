@@ -201,6 +201,9 @@ def test_a_rerun_with_other_result_settings_is_refused(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "config.json").write_text(json.dumps({**FleetConfig(output=str(out)).to_dict(), "max_in_flight": 3}))
+    # no scene recorded yet (a run that stopped before any, e.g. at a mistyped checkpoint): settings may change
+    check_same_results_settings(FleetConfig(output=str(out), recon_preset="paper", checkpoint="ck"))
+    storage.Manifest(str(out)).mark("seg1", "running", attempts=1)
     check_same_results_settings(FleetConfig(output=str(out), max_in_flight=8, retry_failed=True))  # not results
     with pytest.raises(InputError, match=r"config.json: .*checkpoint None -> 'ck'; recon_preset 'tiny' -> 'paper'"):
         check_same_results_settings(FleetConfig(output=str(out), recon_preset="paper", checkpoint="ck"))
@@ -316,3 +319,13 @@ def test_killed_driver_rerun_keeps_finished_scenes(ray_local, tmp_path):
     assert report.counts == {"done": 3}
     assert calls_of(tmp_path, "s0") == 1  # not recomputed
     assert storage.Manifest(out).get("s1").attempts == 2  # the interrupted try plus the resumed one
+
+
+def test_a_missing_representation_backend_is_bad_input_in_one_line(ray_local, tmp_path, monkeypatch):
+    import difix3d.fleet.driver as driver
+
+    monkeypatch.setattr(driver, "backend_problem", lambda name: f"{name} needs nerfstudio: pip install ...")
+    cfg = FleetConfig(output=str(tmp_path / "out"), synthetic_scenes=1, synthetic_frames=2, synthetic_height=32,
+                      synthetic_width=48, representation="nerfacto")
+    with pytest.raises(InputError, match="representation nerfacto: nerfacto needs nerfstudio"):
+        run_fleet(cfg, echo=lambda line: None)

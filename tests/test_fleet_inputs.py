@@ -131,3 +131,16 @@ def test_a_scene_id_that_is_not_a_plain_name_is_refused(tmp_path, scene_id):
     manifest.write_text(json.dumps([{"uri": str(tmp_path / "a"), "scene_id": scene_id}]))
     with pytest.raises(InputError, match="must be a non-empty name without '/'"):
         resolve_scenes(str(manifest))
+
+
+def test_one_scene_spelled_two_ways_is_listed_twice_not_run_twice(tmp_path, monkeypatch):
+    """a/seg1 and ./a/seg1/ are one location: two tasks would write one scenes/<id>/ folder at once."""
+    seg = tmp_path / "a" / "seg1"
+    seg.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match="twice"):
+        resolve_scenes("a/seg1,./a/seg1/")
+    j = tmp_path / "m.json"
+    j.write_text(json.dumps([{"uri": "s3://b/x/seg1", "scene_id": "seg1-b"}, "s3://b/seg1", "s3://c/seg1"]))
+    ids = [r.scene_id for r in resolve_scenes(str(j))]
+    assert len(set(ids)) == 3

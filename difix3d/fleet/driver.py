@@ -88,8 +88,8 @@ def run_fleet(config: FleetConfig, *, scene_fn: SceneFn | None = None, fixer: An
     if todo and scene_fn is None and config.representation != "3dgs":  # checked where scene tasks run, not here
         problem = ray.get(ray.remote(backend_problem).options(**scene_task_options(config, use_gpu)).remote(
             config.representation))
-        if problem:
-            raise ValueError(problem)
+        if problem:  # bad input, said in one line by the command line (a ValueError was a traceback)
+            raise InputError(f"representation {config.representation}", problem)
     close = lambda: None  # noqa: E731
     if todo and fixer is None:
         checkpoint, notice = resolve_checkpoint(config.checkpoint)
@@ -122,8 +122,8 @@ def check_same_results_settings(config: FleetConfig) -> None:
     """Refuse a run whose result settings differ from the output's ``config.json``: finished scenes are skipped, so
     the summary would mix scenes made under two settings while config.json named only the new ones."""
     uri = storage.join(config.output, "config.json")
-    if not storage.exists(uri):
-        return
+    if not storage.exists(uri) or not any(True for _ in storage.Manifest(config.output).entries()):
+        return  # no scene recorded yet (e.g. the pool could not start): the settings may be corrected
     saved, now = storage.read_json(uri), config.to_dict()
     changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in RESULT_FIELDS if k in saved and saved[k] != now[k]]
     if changed:

@@ -113,9 +113,9 @@ def _relative_to(manifest_uri: str, scene_uri: str) -> str:
 def _unique_ids(pairs: list[tuple[str | None, str]]) -> list[SceneRef]:
     """Ids from the given ``scene_id`` or the folder name; folder names shared by several scenes (``cityA/seg1``,
     ``cityB/seg1``) get a short hash of their URI, the same in every run whatever the manifest's order."""
-    uris = [u for _, u in pairs]
-    if len(set(uris)) != len(uris):
-        dup = next(u for u in uris if uris.count(u) > 1)
+    keys = [same_scene_key(u) for _, u in pairs]  # one spelling per location: a/seg1 and ./a/seg1/ are one scene
+    if len(set(keys)) != len(keys):
+        dup = next(u for (_, u), k in zip(pairs, keys) if keys.count(k) > 1)
         raise InputError(dup, "the scene manifest lists this scene twice")
     given = [str(g) for g, _ in pairs if g]
     if len(set(given)) != len(given):
@@ -131,6 +131,10 @@ def _unique_ids(pairs: list[tuple[str | None, str]]) -> list[SceneRef]:
         clash = not g and bases.count(base) > 1
         digest = hashlib.sha1(same_scene_key(uri).encode()).hexdigest()[:8]
         refs.append(SceneRef(f"{base}-{digest}" if clash else base, uri))
+    ids = [r.scene_id for r in refs]
+    if len(set(ids)) != len(ids):  # a given scene_id equal to another scene's folder-name id
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise InputError(dup, "two scenes of the manifest would share this scene_id; give them scene_ids")
     return refs
 
 
