@@ -329,3 +329,15 @@ def test_a_missing_representation_backend_is_bad_input_in_one_line(ray_local, tm
                       synthetic_width=48, representation="nerfacto")
     with pytest.raises(InputError, match="representation nerfacto: nerfacto needs nerfstudio"):
         run_fleet(cfg, echo=lambda line: None)
+
+
+def test_the_pool_admits_enough_frames_to_keep_every_replica_busy(monkeypatch):
+    from difix3d import pool
+    from difix3d.fleet.fixers import inflight_frames, open_fixer
+
+    assert inflight_frames(1) == 64 and inflight_frames(16) == 2 * 16 * 4 * 2
+    seen = {}
+    monkeypatch.setattr(pool, "get_pool", lambda name: (_ for _ in ()).throw(pool.PoolUnavailableError(name)))
+    monkeypatch.setattr(pool, "start_pool", lambda checkpoint, **kw: seen.update(kw) or object())
+    open_fixer(FleetConfig(pool_replicas=12), "ck", cluster_gpus=12)
+    assert seen["max_replicas"] == 12 and seen["max_inflight_frames"] == 192

@@ -42,6 +42,15 @@ def pool_size(config, cluster_gpus: float) -> tuple[int, int, float]:
     return n, max(n, config.pool_max_replicas), gpus_per_replica
 
 
+def inflight_frames(max_replicas: int) -> int:
+    """The pool-wide admission bound for ``max_replicas`` replicas: a full batch computing and one waiting on each,
+    twice over for the requests queued behind them (``PoolConfig``'s fixed 64 left replicas idle beyond 8)."""
+    from difix3d.pool import PoolConfig
+
+    base = PoolConfig()
+    return max(base.max_inflight_frames, 2 * max_replicas * base.max_batch_size * base.max_batches_per_replica)
+
+
 def open_fixer(config, checkpoint: str, cluster_gpus: float) -> tuple[Any, Callable[[], None]]:
     """(fixer handed to every scene task, close()) for ``config.fixer_mode``."""
     use_gpu = cluster_gpus > 0 and config.device != "cpu"
@@ -57,7 +66,8 @@ def open_fixer(config, checkpoint: str, cluster_gpus: float) -> tuple[Any, Calla
         joined = False
     # an autoscaling pool may ask for replicas the cluster does not have yet: the cluster autoscaler adds nodes
     client = pool.start_pool(checkpoint, name=config.pool_name, min_replicas=lo, max_replicas=hi,
-                             num_gpus_per_replica=gpus, scale_beyond_free_resources=hi > lo)
+                             num_gpus_per_replica=gpus, scale_beyond_free_resources=hi > lo,
+                             max_inflight_frames=inflight_frames(hi))
     if joined:
         log.warning("joined the running fixing pool %r: it is left running at the end of this job", config.pool_name)
         return client, lambda: None
