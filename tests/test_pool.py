@@ -245,3 +245,23 @@ def test_starting_a_running_pool_again_joins_it(ray_local):
         assert first.stats()["replicas_started"] == 1
     finally:
         assert pool.shutdown_pool("test-pool-join")
+
+
+def test_a_replica_that_hangs_is_replaced_and_its_batch_answered(ray_local, runner):
+    """A stuck kernel keeps a replica alive and ready: without batch_timeout_s its callers waited forever."""
+    import os
+    import signal
+
+    client = pool.start_pool(default_checkpoint(), name="test-pool-hang", min_replicas=1, max_replicas=1,
+                             num_cpus_per_replica=0.5, batch_timeout_s=3.0, control_period_s=0.05)
+    try:
+        pid = ray.get(client.replica_handles()[0].ready.remote())["pid"]
+        client.fix(*_request(0))  # warm
+        os.kill(pid, signal.SIGSTOP)  # alive, but answers nothing
+        t0 = time.monotonic()
+        _assert_close(client.fix(*_request(1)), _expected(runner, 1))
+        assert time.monotonic() - t0 < 60
+        stats = client.stats()
+        assert stats["replica_deaths"] == 1 and stats["requests_failed"] == 0
+    finally:
+        pool.shutdown_pool("test-pool-hang")

@@ -61,6 +61,11 @@ class PoolConfig:
     """Queued requests fail with PoolUnavailableError once no replica has been ready for this long (replicas that
     keep failing to start, a lost node never replaced), rather than leaving their callers blocked forever."""
 
+    batch_timeout_s: float = 900.0
+    """A batch its replica has not answered in this long means the replica hangs (a stuck kernel, a deadlock): it
+    is killed and the batch re-queued, as when a replica dies. Generous by default: a replica's first batch of a
+    new size may compile the model for minutes. 0: wait forever."""
+
     health_check_s: float = 5.0
     """An idle replica is pinged this often, so one that died between batches is replaced before work needs it."""
 
@@ -92,8 +97,9 @@ class PoolConfig:
         for field in ("max_batch_size", "max_inflight_frames", "max_attempts", "max_batches_per_replica"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
-        if self.max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        for field in ("max_wait_ms", "batch_timeout_s"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
         from difix3d.fixer.runner import COMPILE_MODES
 
         if self.compile_mode not in COMPILE_MODES:

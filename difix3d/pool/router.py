@@ -41,6 +41,10 @@ class _Replica:
     bundle: int | None = None  # index in the router's placement group, for the replicas it reserves
 
 
+class ReplicaHung(Exception):
+    """A replica kept a batch past ``batch_timeout_s``: handled as its death."""
+
+
 class PoolRouter:
     """Async actor (``max_concurrency`` high: every waiting request is one coroutine). Pixels never pass through
     it: requests carry ObjectRefs of the caller's frames, and answers are ObjectRefs of the replica's outputs."""
@@ -260,8 +264,8 @@ class PoolRouter:
         frames = sum(r.frames for r in batch)
         try:
             refs = replica.actor.fix_batch.options(num_returns=len(batch) + 1).remote([r.inputs for r in batch])
-            status = await refs[0]
-        except RayActorError as e:  # the replica died: its batch goes to another one
+            status = await self._batch_status(refs[0])
+        except (RayActorError, ReplicaHung) as e:  # the replica died or hangs: its batch goes to another one
             self._replica_died(replica, e)
             for req in reversed(batch):
                 req.replica_deaths += 1
@@ -289,6 +293,16 @@ class PoolRouter:
                 cls = PoolRequestError if is_value_error else PoolFixError
                 shape = f"{req.frames}x{req.key[0]}x{req.key[1]}" + (" with refs" if req.key[2] else "")
                 self._answer(req, error=cls(f"request {req.request_id} ({shape}): {message}"))
+
+    async def _batch_status(self, ref) -> dict:
+        timeout = self.config.batch_timeout_s
+        if timeout <= 0:
+            return await ref
+        try:
+            return await asyncio.wait_for(ref, timeout)
+        except asyncio.TimeoutError:
+            raise ReplicaHung(f"no answer to a batch in {timeout:g} s (batch_timeout_s): the replica is stopped "
+                              "as hung") from None
 
     def _replica_died(self, replica: _Replica, error: Exception) -> None:
         if self.replicas.pop(replica.rid, None) is not None:
