@@ -82,3 +82,36 @@ def test_convert_official_pkl(tmp_path, capsys):
     torch.save(sd | {"vae_lora_target_modules": ["nowhere"]}, str(tmp_path / "bad.pkl"))
     assert main(["convert", str(tmp_path / "bad.pkl"), str(tmp_path / "y"), "--base", base]) == 2  # no traceback
     assert "bad.pkl: its VAE LoRA targets ['nowhere']" in capsys.readouterr().err
+
+
+def test_outputs_never_replace_inputs_or_references(tmp_path, capsys):
+    imgs, refs = tmp_path / "imgs", tmp_path / "refs"
+    for folder in (imgs, imgs / "z", refs):
+        folder.mkdir()
+    for path in (imgs / "a.png", imgs / "z" / "a.png", refs / "a.png", refs / "z" / "a.png"):
+        path.parent.mkdir(exist_ok=True)
+        _write(path, 32, 48)
+    (tmp_path / "link").symlink_to(imgs)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*.png")}
+    cases = [(["fix", str(imgs), "-o", str(imgs / "z")], "imgs: -o .* inside this input folder"),
+             (["fix", str(imgs), "--ref", str(refs), "-o", str(refs)], "refs: -o .* inside this input folder"),
+             (["fix", str(imgs), "-o", str(tmp_path / "link")], "imgs: -o .* inside this input folder"),
+             (["fix", str(imgs / "a.png"), "--ref", str(refs / "a.png"), "-o", str(refs)], "would overwrite")]
+    import re
+
+    for argv, pattern in cases:
+        assert main(argv + ["--device", "cpu"]) == 2
+        assert re.search(pattern, capsys.readouterr().err), argv
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*.png")} == before
+
+
+def test_a_bad_image_is_named_and_skipped_and_the_others_are_fixed(tmp_path, capsys):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(3):
+        _write(imgs / f"{i}.png", 32, 48, seed=i)
+    (imgs / "1.png").write_bytes(b"not an image")
+    assert main(["fix", str(imgs), "-o", str(tmp_path / "o"), "--batch", "4", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "1.png" in err and "1 of 3 images not fixed" in err
+    assert sorted(os.listdir(tmp_path / "o")) == ["0.png", "2.png"]

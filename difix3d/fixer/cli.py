@@ -51,27 +51,34 @@ def run_fix(args: argparse.Namespace) -> int:
     jobs = list_inputs(args.inputs)  # (input uri, output name)
     if not jobs:
         raise InputError(" ".join(args.inputs), f"no images found (extensions {', '.join(IMAGE_EXTENSIONS)})")
-    overwritten = [src for src, name in jobs if _same_file(src, storage.join(args.output, name))]
-    if overwritten:  # the fixed image would replace its own input
-        raise InputError(overwritten[0], f"-o {args.output} would overwrite this input ({len(overwritten)} in all): "
-                                         "choose another output folder")
+    _check_output_spares_inputs(args.output, args.inputs, jobs, args.ref)
     runner = FixerRunner.from_checkpoint(args.checkpoint or default_checkpoint(), device=args.device,
                                          compile=args.compile, max_batch=args.batch, base=args.base)
     ref_for = _reference_lookup(args.ref)
+    failed: list[InputError] = []  # a bad image is named and skipped: the others are still fixed
     with tqdm(total=len(jobs), desc="fix", unit="img") as bar:
         for group in _batches(jobs, args.batch):
-            images = [read_image(src) for src, _ in group]
-            refs = [ref_for(src, name, img.shape) for (src, name), img in zip(group, images)] if args.ref else None
+            ready = []  # (output name, image, reference or None)
+            for src, name in group:
+                try:
+                    image = read_image(src)
+                    ready.append((name, image, ref_for(src, name, image.shape) if args.ref else None))
+                except InputError as e:
+                    failed.append(e)
+                    log.error("skipped: %s", e)
             by_size = defaultdict(list)  # one forward per size: a batch must share H x W
-            for i, img in enumerate(images):
-                by_size[img.shape].append(i)
-            for idx in by_size.values():
-                out = runner.fix(np.stack([images[i] for i in idx]),
-                                 None if refs is None else np.stack([refs[i] for i in idx]))
-                for k, i in enumerate(idx):
-                    write_image(storage.join(args.output, group[i][1]), out[k])
+            for name, image, ref in ready:
+                by_size[image.shape].append((name, image, ref))
+            for items in by_size.values():
+                out = runner.fix(np.stack([image for _, image, _ in items]),
+                                 None if args.ref is None else np.stack([ref for _, _, ref in items]))
+                for (name, _, _), fixed in zip(items, out):
+                    write_image(storage.join(args.output, name), fixed)
             bar.update(len(group))
-    log.info("fixed %d images into %s", len(jobs), args.output)
+    log.info("fixed %d images into %s", len(jobs) - len(failed), args.output)
+    if failed:
+        raise InputError(failed[0].source, f"{failed[0].problem} ({len(failed)} of {len(jobs)} images not fixed, "
+                                           f"each logged above; the others are in {args.output})")
     return 0
 
 
@@ -83,10 +90,27 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _same_file(a: str, b: str) -> bool:
-    if storage.is_local(a) and storage.is_local(b):
-        return os.path.abspath(storage.resolve(a)[1]) == os.path.abspath(storage.resolve(b)[1])
-    return a.rstrip("/") == b.rstrip("/")
+def _location(uri: str) -> str:
+    """One spelling per file or folder: local paths with symlinks resolved."""
+    if storage.is_local(uri):
+        return os.path.realpath(storage.resolve(uri)[1])
+    return uri.rstrip("/")
+
+
+def _check_output_spares_inputs(output: str, inputs: list[str], jobs: list[tuple[str, str]], ref: str | None) -> None:
+    """Refuse an output folder that is, or lies inside, an input or reference folder, or output files that are
+    input or reference files (symlinks resolved): fixed images would replace inputs or references, or become inputs
+    of the next run."""
+    out = _location(output)
+    for folder in [u for u in [*inputs, ref] if u and storage.is_dir(u)]:
+        where = _location(folder).rstrip("/")
+        if out == where or out.startswith(where + "/"):
+            raise InputError(folder, f"-o {output} is inside this input folder: fixed images would replace or join "
+                                     "its images; choose an output folder outside it")
+    written = {_location(storage.join(output, name)) for _, name in jobs}
+    for src in [src for src, _ in jobs] + ([ref] if ref else []):
+        if _location(src) in written:
+            raise InputError(src, f"-o {output} would overwrite this file: choose another output folder")
 
 
 def list_inputs(inputs: list[str]) -> list[tuple[str, str]]:
