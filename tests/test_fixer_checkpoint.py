@@ -279,6 +279,14 @@ def test_nvidia_diffusers_folder_loads(tmp_path, sd_turbo, trained, x):
     plain = {k.replace(".base_layer.", ".").replace(".vae_skip.", "."): v for k, v in state.items()}
     save_file(plain, wpath)
     _assert_same_outputs(trained, load_checkpoint(folder), x)
+    # a config without Difix's keys: the skip convs and LoRA in the weights still say what it is (loaded as SD-Turbo,
+    # they were dropped and the outputs were those of an untrained fixer)
+    vae_cfg = {k: v for k, v in vae_cfg.items() if k not in ("gamma", "ignore_skip", "lora_rank")}
+    vae_cfg["_class_name"] = "AutoencoderKL"
+    with open(os.path.join(folder, "vae", "config.json"), "w") as f:
+        json.dump(vae_cfg, f)
+    assert detect_format(folder)[0] == "nvidia-diffusers"
+    _assert_same_outputs(trained, load_checkpoint(folder), x)
 
 
 def test_convert_any_layout_to_ours(tmp_path, sd_turbo, trained, x):
@@ -347,3 +355,41 @@ def test_local_looking_paths_are_not_taken_for_hub_ids(tmp_path, monkeypatch):
         assert not looks_like_hub_id(local), local
     with pytest.raises(MissingWeightsError, match="ckpt/: no such checkpoint"):  # not "fetch it from the hub"
         load_checkpoint("ckpt/")
+
+
+def test_a_checkpoint_saved_over_another_never_pairs_new_weights_with_the_old_config(tmp_path, monkeypatch):
+    from difix3d import storage
+
+    uri = str(tmp_path / "ck")
+    save_checkpoint(build_model("tiny", seed=0), uri)
+    newer = build_model("tiny", seed=1)
+    newer.config.skip_gamma = 0.25
+
+    def cut_short(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(storage, "write_json", cut_short)
+    with pytest.raises(OSError):
+        save_checkpoint(newer, uri)
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError):  # half written: refused, not loaded as the old config with new weights
+        load_checkpoint(uri)
+
+
+def test_an_sd_turbo_folder_with_only_fp16_weights_computes_its_prompt(tmp_path):
+    import shutil
+
+    from difix3d.fixer.checkpoint import encode_prompt
+
+    folder = write_tiny_sd_turbo_folder(str(tmp_path / "sd"))
+    want = encode_prompt(folder, "remove degradation")
+    enc = os.path.join(folder, "text_encoder")
+    for name in os.listdir(enc):
+        if name.endswith(".safetensors"):
+            shutil.move(os.path.join(enc, name), os.path.join(enc, name.replace(".safetensors", ".fp16.safetensors")))
+    assert torch.equal(encode_prompt(folder, "remove degradation"), want)
+    for name in os.listdir(enc):
+        if name.endswith(".safetensors"):
+            os.remove(os.path.join(enc, name))
+    with pytest.raises(MissingWeightsError, match="text_encoder: cannot load the text encoder"):
+        encode_prompt(folder, "remove degradation")

@@ -88,6 +88,7 @@ def test_micro_batches_match_one_batch(runner):
     (torch.full((1, 3, 16, 16), float("nan")), "NaN"),
     (torch.zeros(1, 4, 16, 16), r"\[B, 3, H, W\]"),
     (torch.zeros(1, 3, 16, 16, dtype=torch.uint8), "float"),
+    (torch.full((1, 3, 16, 16), 255.0), r"values up to 255, expected \[0, 1\]"),  # was clamped to white
     ("image.png", "numpy"),
 ])
 def test_bad_inputs_are_named(runner, bad, match):

@@ -45,6 +45,9 @@ def save_checkpoint(model: DifixModel, uri: str) -> str:
 
     state = _export_state(model, lambda k: True)
     storage.makedirs(uri)
+    config_uri = storage.join(uri, CONFIG_FILE)
+    if storage.exists(config_uri):  # over an older checkpoint: never new weights beside its config, if cut short
+        storage.delete(config_uri)
     storage.write_bytes(storage.join(uri, WEIGHTS_FILE), save(state))
     storage.write_json(storage.join(uri, CONFIG_FILE),
                        {"format": FORMAT, "version": FORMAT_VERSION, "config": model.config.to_dict()})
@@ -90,6 +93,8 @@ def detect_format(uri: str) -> tuple[str, str]:
             vae_cfg = _read_json_file(os.path.join(uri, "vae", CONFIG_FILE))
             if {"gamma", "ignore_skip", "lora_rank"} & set(vae_cfg) or "difix" in str(vae_cfg.get("_class_name", "")).lower():
                 return "nvidia-diffusers", uri
+            if _holds_difix_keys(os.path.join(uri, "vae")):  # a Difix VAE whose config lost its Difix keys: loaded
+                return "nvidia-diffusers", uri                 # as SD-Turbo, its skip convs and LoRA were dropped
             return "sd-turbo", uri
         raise CheckpointError(uri, f"not a fixer checkpoint: expected {WEIGHTS_FILE} + {CONFIG_FILE}, an official "
                                    "Difix .pkl, or a diffusers folder with unet/ and vae/")
@@ -158,7 +163,17 @@ def encode_prompt(folder: str, prompt: str) -> torch.Tensor:
             raise MissingWeightsError(f"{os.path.join(folder, sub)}: missing; the prompt embedding is computed with "
                                       f"the SD-Turbo tokenizer and text encoder: {FETCH_SD_TURBO}")
     tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-    encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").eval()
+    errors = []
+    for variant in (None, "fp16"):  # as the UNet and VAE: a download may hold only the fp16 weights
+        try:
+            encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", variant=variant,
+                                                    torch_dtype=torch.float32).eval()
+            break
+        except (OSError, ValueError) as e:
+            errors.append(str(e).splitlines()[0])
+    else:
+        raise MissingWeightsError(f"{os.path.join(folder, 'text_encoder')}: cannot load the text encoder "
+                                  f"({'; '.join(errors)}); {FETCH_SD_TURBO}")
     ids = tokenizer(prompt, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
                     return_tensors="pt").input_ids
     with torch.no_grad():
@@ -423,6 +438,21 @@ def _read_json_file(path: str) -> dict:
         return {}
     except json.JSONDecodeError as e:
         raise CheckpointError(path, f"not valid JSON: {e}") from e
+
+
+def _holds_difix_keys(vae_folder: str) -> bool:
+    """Whether the VAE folder's weights carry Difix's skip convs or decoder LoRA (read from the safetensors header)."""
+    from safetensors import safe_open
+
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"):
+        path = os.path.join(vae_folder, name)
+        if os.path.exists(path):
+            try:
+                with safe_open(path, framework="pt") as f:
+                    return any("skip_conv" in k or "lora_" in k for k in f.keys())
+            except Exception:  # unreadable: the loader names the file
+                return False
+    return False
 
 
 def _weights_file(folder: str) -> str:

@@ -175,6 +175,9 @@ def _check_tensor(t: torch.Tensor, name: str) -> torch.Tensor:
         raise ValueError(f"{name}: empty batch")
     if not torch.isfinite(t).all():
         raise ValueError(f"{name}: contains NaN or infinite values")
+    if t.max() > 2.0:  # renders a little above 1 are clamped; this is another scale (clamped, it was all white)
+        raise ValueError(f"{name}: float values up to {float(t.max()):g}, expected [0, 1]; 0..255 images go in as "
+                         "uint8 numpy arrays [B, H, W, 3]")
     return t
 
 
