@@ -66,7 +66,8 @@ def join(uri: str, *parts: str) -> str:
     uri = str(uri)
     if is_local(uri):
         return os.path.join(uri, *parts)
-    return posixpath.join(uri, *parts)
+    base, sep, query = uri.partition("?")  # s3://b/out?region=...: the parts go into the path, before the settings
+    return posixpath.join(base, *parts) + sep + query
 
 
 def exists(uri: str) -> bool:
@@ -133,10 +134,10 @@ def write_torch(uri: str, obj: Any) -> None:
 
 
 def read_json(uri: str) -> Any:
-    text = read_text(uri)
+    data = read_bytes(uri)  # json.loads finds UTF-8, -16 or -32 (and a UTF-8 BOM) itself
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
+        return json.loads(data[3:] if data.startswith(b"\xef\xbb\xbf") else data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         from difix3d.errors import InputError
 
         raise InputError(uri, f"not valid JSON ({e})") from e
@@ -196,7 +197,7 @@ def glob(pattern: str) -> list[str]:
                 continue
             for child in list_dir(c or "."):
                 name = posixpath.basename(child.replace(os.sep, "/"))
-                if fnmatch.fnmatchcase(name, part):
+                if fnmatch.fnmatchcase(name, part) and (part.startswith(".") or not name.startswith(".")):
                     nxt.append(join(c, name) if c else name)
         candidates = nxt
     return sorted(candidates)

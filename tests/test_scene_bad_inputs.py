@@ -179,3 +179,34 @@ def test_image_format_comes_from_the_file_name(tmp_path):
         assert imageio.read_image(str(tmp_path / name)).shape == img.shape
     with pytest.raises(InputError, match=r"cannot write images as \.xyz"):
         imageio.write_image(str(tmp_path / "z.xyz"), img)
+
+
+def test_cameras_without_unique_names_keep_one_image_each_and_their_splits(tmp_path):
+    """Images are named after cameras: two unnamed cameras wrote one images/.png, and the test view came back as a
+    training view."""
+    import dataclasses
+
+    scene = load_nerfstudio(os.path.join(_nerfstudio(tmp_path, n=3), "transforms.json"))
+    scene.cameras = [dataclasses.replace(c, name="") for c in scene.cameras[:2]] + [
+        dataclasses.replace(scene.cameras[2], name="a/b")]
+    scene.image_uris = scene.image_uris[:3]
+    scene.splits = {"train": [0], "test": [1, 2]}
+    back = load_nerfstudio(write_nerfstudio(scene, str(tmp_path / "out")))
+    assert back.splits["train"] == [0] and back.splits["test"] == [1, 2]
+    for i in range(3):
+        np.testing.assert_array_equal(back.load_image(i), scene.load_image(i))
+    assert len({c.name for c in back.cameras}) == 3
+
+
+def test_one_given_focal_length_is_kept_and_a_bad_ply_path_is_named(tmp_path):
+    root = tmp_path / "s"
+    imageio.write_image(str(root / "a.png"), np.zeros((20, 30, 3), np.uint8))
+    meta = {"camera_angle_x": 0.7, "fl_x": 20.0, "frames": [{"file_path": "a.png",
+                                                             "transform_matrix": np.eye(4).tolist()}]}
+    (root / "transforms.json").write_text(json.dumps(meta))
+    cam = load_nerfstudio(str(root / "transforms.json")).cameras[0]
+    assert cam.K[0, 0] == cam.K[1, 1] == 20.0  # was replaced by the field of view's 0.5 w / tan(0.35)
+    meta["ply_file_path"] = 5
+    (root / "transforms.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="transforms.json: ply_file_path must be a path"):
+        load_nerfstudio(str(root / "transforms.json"))

@@ -1,5 +1,6 @@
 """difix3d.storage: URIs (plain paths and file://), atomic writes, listing, globbing and the per-unit Manifest."""
 
+import json
 import os
 import stat
 
@@ -180,3 +181,28 @@ def test_manifest_entries_skip_temp_files(root, tmp_path):
     m.mark("u", "done")
     (tmp_path / "_manifest" / ".tmp-u.json-abc").write_text("{half")
     assert [e.unit for e in m.entries()] == ["u"]
+
+
+def test_join_keeps_a_remote_uris_settings_after_its_path():
+    """s3://b/out?region=...: parts joined after the query all named the object b/out."""
+    assert storage.join("s3://b/out?region=us-east-1", "_manifest", "a.json") == \
+        "s3://b/out/_manifest/a.json?region=us-east-1"
+    assert storage.join("s3://b/out", "x") == "s3://b/out/x"
+
+
+def test_json_in_any_unicode_encoding_reads_and_other_bytes_are_named(tmp_path):
+    for encoding in ("utf-8", "utf-16", "utf-8-sig"):
+        path = tmp_path / f"{encoding}.json"
+        path.write_bytes(json.dumps({"a": "é"}).encode(encoding))
+        assert storage.read_json(str(path)) == {"a": "é"}
+    bad = tmp_path / "latin1.json"
+    bad.write_bytes('{"a": "é"}'.encode("latin-1"))
+    with pytest.raises(InputError, match="latin1.json: not valid JSON"):
+        storage.read_json(str(bad))
+
+
+def test_glob_stars_skip_hidden_names_as_a_shell_does(tmp_path):
+    for name in ("a", ".DS_Store", ".tmp-x"):
+        (tmp_path / name).mkdir()
+    assert [os.path.basename(u) for u in storage.glob(str(tmp_path / "*"))] == ["a"]
+    assert sorted(os.path.basename(u) for u in storage.glob(str(tmp_path / ".*"))) == [".DS_Store", ".tmp-x"]

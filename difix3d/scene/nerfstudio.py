@@ -66,6 +66,8 @@ def load_nerfstudio(uri: str, test_every: int = DEFAULT_TEST_EVERY) -> Scene:
     splits = _splits(meta, paths, uri, test_every)
     points = colors = None
     if meta.get("ply_file_path"):
+        if not isinstance(meta["ply_file_path"], str):
+            raise InputError(uri, f"ply_file_path must be a path, got {meta['ply_file_path']!r}")
         points, colors = read_points_ply(storage.join(base, meta["ply_file_path"]))
     name = base.rstrip("/").rsplit("/", 1)[-1] or "scene"
     return Scene(name=name, cameras=cameras, image_uris=uris, splits=splits, points=points, point_colors=colors,
@@ -77,10 +79,15 @@ def write_nerfstudio(scene: Scene, out_uri: str, images: str = "images") -> str:
 
     Per-frame intrinsics (nerfstudio reads per-frame keys over shared ones). Returns the JSON's URI."""
     out_uri = str(out_uri).rstrip("/")
+    names = [cam.name for cam in scene.cameras]
+    # image files are named after their cameras; names that are empty, repeated or hold a path get an index, or one
+    # view's image would replace another's (and a test view would be read back as a training view)
+    indexed = len(set(names)) != len(names) or any(not n or "/" in n or "\\" in n for n in names)
     frames, paths = [], []
     for i, cam in enumerate(scene.cameras):
         data, ext = scene.image_file(i)
-        fp = f"{images}/{cam.name}.{ext}"
+        stem = f"{i:05d}_{cam.name}".rstrip("_").replace("/", "_").replace("\\", "_") if indexed else cam.name
+        fp = f"{images}/{stem}.{ext}"
         storage.write_bytes(storage.join(out_uri, fp), data)
         c2w_gl = _c2w_gl(cam)
         frame = {"file_path": fp, "transform_matrix": c2w_gl.tolist(), "fl_x": cam.K[0, 0], "fl_y": cam.K[1, 1],
@@ -217,7 +224,7 @@ def _intrinsics(meta: dict, frame: dict, where: str, image_uri: str):
                                 "convert or undistort the images to a pinhole/OPENCV camera first")
     fx, fy, cx, cy = get("fl_x"), get("fl_y"), get("cx"), get("cy")
     angle_x = get("camera_angle_x")  # the Blender/NeRF-synthetic form: a horizontal field of view
-    if (fx is None or fy is None) and angle_x is None:
+    if fx is None and fy is None and angle_x is None:
         raise InputError(where, "no fl_x/fl_y (shared or per frame) and no camera_angle_x")
     w, h = get("w"), get("h")
     if w is None or h is None:
@@ -231,8 +238,9 @@ def _intrinsics(meta: dict, frame: dict, where: str, image_uri: str):
     if w != int(w) or h != int(h):
         raise InputError(where, f"w={w} h={h} must be whole numbers of pixels")
     w, h = int(w), int(h)
-    if fx is None or fy is None:
+    if fx is None and fy is None:
         fx = fy = 0.5 * w / np.tan(0.5 * angle_x)
+    fx, fy = (fy if fx is None else fx), (fx if fy is None else fy)  # one focal length given: square pixels
     cx = w / 2.0 if cx is None else cx
     cy = h / 2.0 if cy is None else cy
     values = np.array([fx, fy, cx, cy])
