@@ -104,6 +104,8 @@ def write_bytes(uri: str, data: bytes) -> None:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+                f.flush()
+                os.fsync(f.fileno())  # the data is on disk before the name is: a crashed machine keeps old or new
             os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the file the usual permissions
             os.replace(tmp, path)
         except BaseException:
