@@ -341,3 +341,15 @@ def test_the_pool_admits_enough_frames_to_keep_every_replica_busy(monkeypatch):
     monkeypatch.setattr(pool, "start_pool", lambda checkpoint, **kw: seen.update(kw) or object())
     open_fixer(FleetConfig(pool_replicas=12), "ck", cluster_gpus=12)
     assert seen["max_replicas"] == 12 and seen["max_inflight_frames"] == 192
+
+
+def test_a_set_value_of_the_wrong_kind_names_the_setting(tmp_path):
+    from difix3d.fleet.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["-o", str(tmp_path / "out"), "--set", "trainer.iterations=abc"])
+    cfg = config_from_args(args)
+    assert cfg.output == str(tmp_path / "out")
+    with pytest.raises(ValueError, match=r"--set trainer.iterations='abc': expected int"):
+        run_fleet(cfg)
+    cfg = FleetConfig(output=str(tmp_path / "out"), extra={"schedule.step_size": 1})  # an int for a float: fine
+    cfg.validate()

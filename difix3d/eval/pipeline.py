@@ -76,7 +76,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
     if skipped:
         saved = storage.read_json(set_uri)
         check_reusable(out, saved.get("fingerprint"), current)
-        log.info("evaluate: %s and %s exist, reusing them (pass overwrite to recompute)", per_view_uri, set_uri)
+        log.info("evaluate: %s and %s exist, reusing them (--overwrite recomputes)", per_view_uri, set_uri)
         # outputs from before splits existed: one split, DEFAULT_SPLIT, as _read_per_view labels their rows
         splits = saved.get("splits") or {DEFAULT_SPLIT: saved["methods"]}
         set_results = {"methods": saved["methods"], "splits": splits}

@@ -26,6 +26,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     hints = typing.get_type_hints(FleetConfig)
     for f in dataclasses.fields(FleetConfig):
         flag = "--" + f.name.replace("_", "-")
+        flags = (flag, "-o") if f.name == "output" else (flag,)  # as difix3d fix
         help_ = docs.get(f.name, "")
         if f.name == "extra":
             parser.add_argument("--set", dest="extra", action="append", default=[], metavar="FIELD=VALUE",
@@ -37,7 +38,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                                 help=help_)
             continue
         typ = next((t for t in typing.get_args(hint) if t is not type(None)), hint) or str
-        parser.add_argument(flag, dest=f.name, type=typ, default=f.default, choices=_CHOICES.get(f.name),
+        parser.add_argument(*flags, dest=f.name, type=typ, default=f.default, choices=_CHOICES.get(f.name),
                             help=f"{help_} (default: {f.default})".strip())
     return parser
 
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     except Difix3DError as e:
         print(f"reconstruct_fleet: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the driver said how to resume; no traceback
+        return 130
     return 1 if report.counts.get("failed") and not report.counts.get("done") else 0
 
 

@@ -85,6 +85,9 @@ def run_fleet(config: FleetConfig, *, scene_fn: SceneFn | None = None, fixer: An
     cluster = ray.cluster_resources()
     gpus = float(cluster.get("GPU", 0.0))
     use_gpu = gpus > 0 and config.device != "cpu" or config.device == "cuda"
+    if config.device == "cuda" and gpus == 0 and todo:
+        echo("[fleet] WARNING: --device cuda, but the Ray cluster has no GPU now: scene tasks wait until GPU nodes "
+             "join (an autoscaling cluster adds them; a local one never will: Ctrl-C and use --device cpu or auto)")
     if todo and scene_fn is None and config.representation != "3dgs":  # checked where scene tasks run, not here
         problem = ray.get(ray.remote(backend_problem).options(**scene_task_options(config, use_gpu)).remote(
             config.representation))

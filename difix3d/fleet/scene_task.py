@@ -112,7 +112,18 @@ def _replace_path(obj: Any, path: list[str], value: Any, key: str) -> Any:
         value = _replace_path(getattr(obj, path[0]), path[1:], value, key)
     elif isinstance(getattr(obj, path[0]), tuple) and isinstance(value, list):
         value = tuple(value)
+    else:
+        _check_override_type(getattr(obj, path[0]), value, key)
     return dataclasses.replace(obj, **{path[0]: value})
+
+
+def _check_override_type(current: Any, value: Any, key: str) -> None:
+    """A --set value of the field's kind (its current value's type; a None field takes anything), so a typo fails
+    here, naming the setting, instead of deep inside the run."""
+    kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+    want = next((ok for t, ok in kinds.items() if type(current) is t), None)
+    if want is not None and (not isinstance(value, want) or (bool not in want and isinstance(value, bool))):
+        raise ValueError(f"--set {key}={value!r}: expected {type(current).__name__} (like {current!r})")
 
 
 def _limit_threads(num_cpus: float) -> None:
