@@ -353,3 +353,12 @@ def test_a_set_value_of_the_wrong_kind_names_the_setting(tmp_path):
         run_fleet(cfg)
     cfg = FleetConfig(output=str(tmp_path / "out"), extra={"schedule.step_size": 1})  # an int for a float: fine
     cfg.validate()
+
+
+def test_a_missing_checkpoint_fails_before_inputs_are_generated(tmp_path, ray_local):
+    from difix3d.pool import PoolUnavailableError
+
+    cfg = FleetConfig(output=str(tmp_path / "out"), synthetic_scenes=1, checkpoint=str(tmp_path / "nockpt"))
+    with pytest.raises(PoolUnavailableError, match="nockpt: fixer checkpoint does not exist"):
+        run_fleet(cfg, echo=lambda line: None)
+    assert not (tmp_path / "out").exists()  # no inputs, no config.json: the corrected command starts clean

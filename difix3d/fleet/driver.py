@@ -72,6 +72,10 @@ def run_fleet(config: FleetConfig, *, scene_fn: SceneFn | None = None, fixer: An
         ray.init()
     out = config.output
     check_same_results_settings(config)
+    if fixer is None and config.checkpoint:  # before inputs are generated or config.json written
+        from difix3d.pool.client import check_checkpoint_exists
+
+        check_checkpoint_exists(config.checkpoint)
     storage.makedirs(out)
     storage.write_json(storage.join(out, "config.json"), config.to_dict())
 

@@ -151,7 +151,7 @@ def start_pool(checkpoint: str, name: str = DEFAULT_NAME, *, config: PoolConfig 
     ``min_replicas=1, max_replicas=4, num_gpus_per_replica=0.5, max_batch_size=4, max_wait_ms=10``."""
     base = config or PoolConfig()
     cfg = dataclasses.replace(base, checkpoint=_absolute_checkpoint(str(checkpoint)), name=name, **overrides)
-    _check_checkpoint_exists(cfg.checkpoint)
+    check_checkpoint_exists(cfg.checkpoint)
     if cfg.num_gpus_per_replica is None:
         cfg.num_gpus_per_replica = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     router = ray.remote(PoolRouter).options(
@@ -221,7 +221,7 @@ def _absolute_checkpoint(checkpoint: str) -> str:
     return checkpoint if looks_like_hub_id(checkpoint) else storage.absolute(checkpoint)
 
 
-def _check_checkpoint_exists(checkpoint: str) -> None:
+def check_checkpoint_exists(checkpoint: str) -> None:
     """Fail in the caller, at once, on a checkpoint path that is not there, rather than in every replica later.
     Hub ids (``stabilityai/sd-turbo``) are not paths and are left to the loader."""
     from difix3d import storage
