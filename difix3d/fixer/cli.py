@@ -91,10 +91,9 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def _location(uri: str) -> str:
-    """One spelling per file or folder: local paths with symlinks resolved."""
-    if storage.is_local(uri):
-        return os.path.realpath(storage.resolve(uri)[1])
-    return uri.rstrip("/")
+    """:func:`storage.normalized`, with a local path's symlinks resolved too (an output reached through a link)."""
+    where = storage.normalized(uri)
+    return os.path.realpath(where) if storage.is_local(uri) else where
 
 
 def _check_output_spares_inputs(output: str, inputs: list[str], jobs: list[tuple[str, str]], ref: str | None) -> None:
