@@ -11,6 +11,8 @@ Figures go to benchmarks/results/fixer_latency.jsonl (metrics ms_per_frame and s
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import os
 import re
 import sys
@@ -53,6 +55,15 @@ def main() -> None:
                         "softmax; auto = FixerRunner's default")
     p.add_argument("--freezing", action="store_true",
                    help="optimized path: compile with Inductor's freezing (weights as constants, folded)")
+    p.add_argument("--inductor", metavar="KEY=VALUE", action="append", default=[],
+                   help="set a torch._inductor.config option for the compiled path (repeatable), e.g. "
+                        "coordinate_descent_tuning=True")
+    p.add_argument("--gpu-lock", metavar="FILE", default=None,
+                   help="hold an exclusive lock on FILE while timing or profiling, so that several runs can compile "
+                        "side by side on one GPU and still be timed one at a time")
+    p.add_argument("--gpu-share", type=int, default=1, metavar="N",
+                   help="with --gpu-lock: N runs share the GPU; each waits (up to 15 min) until all N have compiled "
+                        "before its first timing, so no compile's autotuning runs beside a timing")
     p.add_argument("--no-write", action="store_true", help="print only, do not append to results/")
     p.add_argument("--profile", metavar="FILE", default=None,
                    help="after timing, profile the last path at the first batch size without a reference and write "
@@ -71,6 +82,9 @@ def main() -> None:
     refs = [r == "true" for r in refs]
     iters, warmup = (3, 2) if args.quick else (args.iters, args.warmup)
     emitter = Emitter("fixer_latency", write=not args.no_write)
+    inductor = apply_inductor_options(args.inductor)
+    global GPU_LOCK, GPU_SHARE
+    GPU_LOCK, GPU_SHARE = args.gpu_lock, args.gpu_share if args.gpu_lock else 1
     from difix3d.fixer.channels_last_norm import ChannelsLastGroupNorm
 
     if args.norm_stats != "auto":
@@ -96,6 +110,8 @@ def main() -> None:
                                 group_norm=group_norm,
                                 norm_stats=norm_stats if group_norm == "nhwc" else "none", upsample=upsample,
                                 vae_attention=vae_attention, freezing=args.freezing and path == "optimized")
+                if inductor and path == "optimized":
+                    settings["inductor"] = inductor
                 emitter.emit("ms_per_frame", ms, "ms", **settings)
                 if path == "naive":
                     naive_ms[(batch, ref)] = ms
@@ -107,6 +123,61 @@ def main() -> None:
         del model, fwd
         if cuda:
             torch.cuda.empty_cache()
+
+
+GPU_LOCK: str | None = None  # --gpu-lock
+GPU_SHARE = 1  # --gpu-share
+
+
+@contextlib.contextmanager
+def gpu_alone():
+    """Exclusive use of the GPU among runs that share ``--gpu-lock`` (a no-op without it); the first time, after all
+    ``--gpu-share`` runs are ready (compiled)."""
+    global GPU_SHARE
+    if GPU_LOCK is None:
+        yield
+        return
+    if GPU_SHARE > 1:
+        ready = GPU_LOCK + ".ready"
+        os.makedirs(ready, exist_ok=True)
+        open(os.path.join(ready, str(os.getpid())), "w").close()
+        deadline = time.monotonic() + 900
+        while len(os.listdir(ready)) < GPU_SHARE and time.monotonic() < deadline:
+            time.sleep(1.0)
+        GPU_SHARE = 1
+    with open(GPU_LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def apply_inductor_options(pairs: list[str]) -> dict:
+    """``--inductor KEY=VALUE`` onto ``torch._inductor.config`` (dotted keys reach sub-configs); values parsed as
+    Python literals where they are ones. Returns what was set, for the figures' settings."""
+    import ast
+
+    from torch._inductor import config
+
+    applied = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--inductor: expected KEY=VALUE, got {pair!r}")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        *parents, name = key.split(".")
+        owner = config
+        for part in parents:
+            owner = getattr(owner, part, None)
+        if owner is None or not hasattr(owner, name):
+            raise SystemExit(f"--inductor: torch._inductor.config has no option {key!r}")
+        setattr(owner, name, value)
+        applied[key] = value
+    return applied
 
 
 def resolve_choice(choice: str, ours: str, original: str, path: str, cuda: bool) -> str:
@@ -168,11 +239,15 @@ def time_forward(fwd, batch, ref, h, w, device, dtype, channels_last, iters, war
     for _ in range(warmup):  # includes compilation for this shape
         fwd(x, r)
     sync(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fwd(x, r)
-    sync(device)
-    return (time.perf_counter() - t0) * 1000.0 / (iters * batch)
+    with gpu_alone():
+        for _ in range(2):  # settle again after waiting for the GPU
+            fwd(x, r)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fwd(x, r)
+        sync(device)
+        return (time.perf_counter() - t0) * 1000.0 / (iters * batch)
 
 
 @torch.no_grad()
@@ -187,7 +262,7 @@ def write_profile(fwd, batch, h, w, device, dtype, channels_last, path: str, ite
     fwd(x, None)
     sync(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with gpu_alone(), profile(activities=activities) as prof:
         for _ in range(iters):
             fwd(x, None)
         sync(device)

@@ -7,6 +7,8 @@
   combined per group).
 - ``vae_attention``: the VAE mid-block attention (one 512-wide head over 9216 latent pixels) through diffusers'
   ``AttnProcessor2_0`` (PyTorch's SDPA) vs ``WideHeadAttnProcessor`` (two GEMMs and a float32 softmax).
+- ``unet_attention``: the UNet's widest self-attention (5 heads of 64 over the 9216 tokens of 72x128 latents) through
+  each of PyTorch's SDPA backends (flash, cuDNN, memory-efficient), eager: which kernel the default choice leaves.
 
 bf16, channels_last, eager and torch.compile'd, ms per call (CUDA events, after warm-up).
 
@@ -32,6 +34,26 @@ from _common import Emitter  # noqa: E402
 # (channels, input height, input width) of the decoder's upsamplers for a 576x1024 frame (72x128 latents)
 UPSAMPLERS = [(512, 72, 128), (512, 144, 256), (256, 288, 512)]
 NORMS = [(128, 576, 1024), (256, 576, 1024), (512, 288, 512)]  # the largest group-norm inputs of the VAE
+UNET_ATTENTION = (320, 72, 128)  # the UNet's first level for 72x128 latents: 5 heads of 64
+
+
+class HeadsSDPA(torch.nn.Module):
+    """Self-attention kernel alone over an NHWC activation's tokens (q = k = v, heads of 64) on one SDPA backend
+    (``None``: PyTorch's own choice)."""
+
+    def __init__(self, backend):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, x):
+        from torch.nn.attention import sdpa_kernel
+
+        b, c, h, w = x.shape
+        t = x.permute(0, 2, 3, 1).reshape(b, h * w, c // 64, 64).transpose(1, 2)
+        if self.backend is None:
+            return torch.nn.functional.scaled_dot_product_attention(t, t, t)
+        with sdpa_kernel([self.backend]):
+            return torch.nn.functional.scaled_dot_product_attention(t, t, t)
 
 
 @torch.no_grad()
@@ -54,7 +76,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-compile", action="store_true", help="eager only")
-    p.add_argument("--ops", default="upsample,group_norm,vae_attention", help="comma list of the operations to time")
+    p.add_argument("--ops", default="upsample,group_norm,vae_attention,unet_attention", help="comma list of the operations to time")
     p.add_argument("--no-write", action="store_true", help="print only, do not append to results/")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -91,6 +113,12 @@ def main() -> None:
         ours = copy.deepcopy(attn)
         assert use_wide_head_attention(ours) == 1
         yield "vae_attention", "512x72x128", (512, 72, 128), {"sdpa": attn, "wide": ours}
+        from torch.nn.attention import SDPBackend
+
+        c, h, w = UNET_ATTENTION
+        yield "unet_attention", f"{c}x{h}x{w}", (c, h, w), {
+            "default": HeadsSDPA(None), "flash": HeadsSDPA(SDPBackend.FLASH_ATTENTION),
+            "cudnn": HeadsSDPA(SDPBackend.CUDNN_ATTENTION), "efficient": HeadsSDPA(SDPBackend.EFFICIENT_ATTENTION)}
 
     ops = set(args.ops.split(","))
     for op, shape, (c, h, w), impls in cases():
@@ -103,8 +131,14 @@ def main() -> None:
             for name, module in impls.items():
                 module = module.to("cuda", torch.bfloat16).to(memory_format=torch.channels_last).eval()
                 for compiled in compiles:
+                    if compiled and op == "unet_attention":
+                        continue  # the same kernels compiled or not
                     fn = torch.compile(module, dynamic=False) if compiled else module
-                    ms = time_call(fn, x, args.iters, args.warmup)
+                    try:
+                        ms = time_call(fn, x, args.iters, args.warmup)
+                    except RuntimeError as e:  # an SDPA backend that cannot take this shape or device
+                        print(f"# {op} {shape} b{batch}: {name} unavailable: {str(e).splitlines()[0]}", flush=True)
+                        continue
                     emitter.emit("ms_per_call", ms, "ms", op=op, impl=name, shape=shape, batch=batch,
                                  compiled=compiled)
                     with torch.no_grad():
