@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 
 
 def positive_int(text: str) -> int:
@@ -25,3 +26,28 @@ def number_list(text: str) -> tuple[float, ...]:
     if not all(math.isfinite(v) for v in values):
         raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
     return values
+
+
+def tells_default(help_text: str | None) -> bool:
+    """Whether a help text already gives its default ("default: ...", "(default ...)")."""
+    return bool(help_text) and re.search(r"\(default\b|\bdefault\s*[:=]", help_text, re.I) is not None
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help that ends each option with its default, as ``ArgumentDefaultsHelpFormatter`` does, but only where there is
+    one to tell: not for ``None``/``False`` defaults, nor where the help already speaks of its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or default is None or default is False or default == argparse.SUPPRESS
+                or tells_default(text) or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
+            return text
+        shown = (",".join(str(v) for v in default).replace("%", "%%") if isinstance(default, (list, tuple))
+                 else "%(default)s")
+        return f"{text} (default: {shown})".strip()
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and action.option_strings:  # argparse prints no help line for these: give the default one
+            action.help = self._get_help_string(action) or action.help
+        return super()._format_action(action)

@@ -12,12 +12,13 @@ import sys
 
 import ray
 
+from difix3d.argtypes import HelpFormatter
 from difix3d.errors import InputError, exit_code_of_user_errors
 from difix3d.eval.cli import add_arguments, checked_config, run
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

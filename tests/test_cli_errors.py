@@ -100,3 +100,36 @@ def test_a_new_runs_init_checkpoint_is_checked_on_the_driver(tmp_path):
     os.makedirs(tmp_path / "run" / "checkpoint_000001")  # a run that resumes from its own checkpoints
     check_init(config)
     check_init(FinetuneConfig(train_shards="x", storage_path=str(tmp_path), name="other", init="tiny"))
+
+
+@pytest.mark.parametrize("command,expected", [
+    ("finetune", ["--lr LR", "(default: 2e-05)", "max gradient norm; 0 = no clipping (default: 1.0)",
+                  "steps between checkpoints", "(default: 1000)"]),
+    ("evaluate", ["views per actor call (default: 16)", "GPU share per actor (default: 0.0)",
+                  "torch hub folder holding checkpoints/ (default: torch's)"]),
+])
+def test_help_gives_each_options_default(command, expected, capsys):
+    assert _exit_code(difix3d_main, [command, "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines: compare with single spaces
+    for text in expected:
+        assert text in out, text
+    assert "(default: None)" not in out
+    assert "default: torch's) (default" not in out  # a help that gives its default is left as it is
+
+
+def test_finetune_help_takes_each_fields_own_comment_not_its_groups():
+    from difix3d.train.cli import field_comments
+    from difix3d.train.config import FinetuneConfig
+
+    notes = field_comments(FinetuneConfig)
+    assert "num_workers" not in notes  # under "# scale", a heading of the fields below it
+    assert notes["grad_clip"] == "max gradient norm; 0 = no clipping"
+    assert notes["train_vae"].startswith("Also train the VAE's own weights")  # the comment block above the field
+
+
+def test_curate_help_gives_defaults(capsys):
+    from difix3d.curate.cli import build_job_parser
+
+    help_text = " ".join(build_job_parser().format_help().split())
+    assert "seed of the reconstructions (default: 0)" in help_text
+    assert "cycle: lateral shift in metres (default: 1.0,3.0)" in help_text

@@ -32,7 +32,9 @@ def build_job_parser() -> argparse.ArgumentParser:
     from difix3d.curate.strategies import STRATEGIES
 
     d = CurateConfig()
-    p = argparse.ArgumentParser(prog="curate", description="Make (artifact render, clean image, reference) pair "
+    from difix3d.argtypes import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="curate", formatter_class=HelpFormatter, description="Make (artifact render, clean image, reference) pair "
                                 "shards from many scenes with the four Difix3D+ curation strategies, on Ray.")
     p.add_argument("--scenes", required=True, help="scene manifest: .parquet/.json list, glob, folder, comma list")
     p.add_argument("--output", required=True, help="output URI (shards/, _manifest/, summary.json)")
@@ -49,8 +51,8 @@ def build_job_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-psnr", type=float, default=d.filter.max_psnr, help="drop pairs above (nearly perfect)")
     p.add_argument("--shard-size", type=int, default=d.shard_size, help="pairs per shard")
     p.add_argument("--gpus-per-task", type=float, default=None, help="default: 1 on a GPU cluster, else 0")
-    p.add_argument("--max-attempts", type=int, default=d.max_attempts)
-    p.add_argument("--seed", type=int, default=d.recon.seed)
+    p.add_argument("--max-attempts", type=int, default=d.max_attempts, help="tries per (scene, strategy) unit")
+    p.add_argument("--seed", type=int, default=d.recon.seed, help="seed of the reconstructions")
     p.add_argument("--tiny", action="store_true", help="tiny 3DGS preset (demos, CPU)")
     return p
 

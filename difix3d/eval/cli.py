@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from difix3d.argtypes import HelpFormatter
 from difix3d.errors import InputError
 from difix3d.eval.config import EvalConfig
 from difix3d.eval.metrics import ALL_METRICS
@@ -16,9 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="output folder/URI")
     p.add_argument("--metrics", default=",".join(d.metrics), help=f"comma list of {','.join(ALL_METRICS)}")
     p.add_argument("--workers", type=int, default=d.workers, help="max metric actors")
-    p.add_argument("--min-workers", type=int, default=d.min_workers)
-    p.add_argument("--num-gpus-per-worker", type=float, default=d.num_gpus_per_worker)
-    p.add_argument("--num-cpus-per-worker", type=float, default=d.num_cpus_per_worker)
+    p.add_argument("--min-workers", type=int, default=d.min_workers, help="metric actors to start with (Ray Data grows the pool to --workers)")
+    p.add_argument("--num-gpus-per-worker", type=float, default=d.num_gpus_per_worker, help="GPU share per actor")
+    p.add_argument("--num-cpus-per-worker", type=float, default=d.num_cpus_per_worker, help="CPUs per actor")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="views per actor call")
     p.add_argument("--lpips-net", default=d.lpips_net, choices=["alex", "vgg", "squeeze"])
     p.add_argument("--lpips-weights", default=d.lpips_weights, choices=["pretrained", "random"],
@@ -26,8 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fid-features", default=d.fid_features, choices=["inception", "random"],
                    help="random: stand-in feature net (values not comparable to published FID/KID)")
     p.add_argument("--hub-dir", default=None, help="torch hub folder holding checkpoints/ (default: torch's)")
-    p.add_argument("--baseline-method", default=d.baseline_method)
-    p.add_argument("--bootstrap-resamples", type=int, default=d.bootstrap_resamples)
+    p.add_argument("--baseline-method", default=d.baseline_method, help="method the others are compared against")
+    p.add_argument("--bootstrap-resamples", type=int, default=d.bootstrap_resamples,
+                   help="resamples of the bootstrap confidence intervals")
     p.add_argument("--overwrite", action="store_true", help="recompute even when outputs exist")
 
 
@@ -60,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("evaluate", help="PSNR/SSIM/LPIPS per view and FID/KID per method on Ray Data")
+    p = subparsers.add_parser("evaluate", help="PSNR/SSIM/LPIPS per view and FID/KID per method on Ray Data",
+                              formatter_class=HelpFormatter)
     add_arguments(p)
     p.set_defaults(func=run)

@@ -6,9 +6,13 @@ Used by ``jobs/finetune.py`` and, once registered in ``difix3d.cli``, by ``difix
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
 import json
+import textwrap
 
+from difix3d.argtypes import HelpFormatter, tells_default
 from difix3d.errors import InputError
 from difix3d.train.config import FinetuneConfig, LossWeights
 
@@ -23,13 +27,15 @@ _HELP = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="JSON file of FinetuneConfig fields (flags override it)")
+    notes = field_comments(FinetuneConfig)
     for f in dataclasses.fields(FinetuneConfig):
         if f.name in ("loss", "perceptual_weights", "betas", "fail_once_at_step"):
             continue
-        _add_field(parser, f.name, f.type, _HELP.get(f.name))
+        _add_field(parser, f.name, f.type, _with_default(_HELP.get(f.name) or notes.get(f.name), f))
+    notes = field_comments(LossWeights)
     for f in dataclasses.fields(LossWeights):
         if f.name != "gram_layers":  # a mapping: --config JSON only
-            _add_field(parser, f"loss.{f.name}", f.type, "loss weight / schedule (LossWeights)")
+            _add_field(parser, f"loss.{f.name}", f.type, _with_default(notes.get(f.name, "loss weight"), f))
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--allow-random-perceptual", action="store_true",
                        help="train LPIPS/Gram with a random VGG16 stand-in (smoke tests only; results not comparable)")
@@ -69,7 +75,8 @@ def read_config_file(path: str) -> dict:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("finetune", help="fine-tune Difix on pair shards with Ray Train (DDP)")
+    p = subparsers.add_parser("finetune", help="fine-tune Difix on pair shards with Ray Train (DDP)",
+                              formatter_class=HelpFormatter)
     add_arguments(p)
     p.set_defaults(func=run)
 
@@ -91,6 +98,42 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps({"final": result.final_uri, "checkpoint": result.checkpoint_path, "metrics": result.metrics},
                      default=str))
     return 0
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """The comment of each dataclass field, trailing on its line or in the lines just above it, for --help (the
+    configs document their fields in comments)."""
+    lines = textwrap.dedent(inspect.getsource(cls)).splitlines()
+    notes = {}
+    for node in ast.parse("\n".join(lines)).body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        text = []
+        row = node.lineno - 2  # the lines above, while they are comments
+        while row >= 0 and lines[row].strip().startswith("#"):
+            text.insert(0, lines[row].strip().lstrip("#").strip())
+            row -= 1
+        if len(text) == 1 and (row < 0 or not lines[row].strip()):
+            text = []  # a one-line comment after a blank line heads a group of fields ("# scale"), not this one
+        end = node.end_lineno - 1  # the trailing comment, and its continuation lines
+        code = lines[end]
+        if "  # " in code:
+            text.append(code.split("  # ", 1)[1].strip())
+            while end + 1 < len(lines) and lines[end + 1].strip().startswith("#") and \
+                    lines[end + 1].index("#") > len(code.split("  # ", 1)[0]):
+                end += 1
+                text.append(lines[end].strip().lstrip("#").strip())
+        if text:
+            notes[node.target.id] = " ".join(text)
+    return notes
+
+
+def _with_default(help_: str | None, f: dataclasses.Field) -> str | None:
+    """``help_ (default: X)`` from the dataclass default (the flag's own default is None, so --config can set it)."""
+    default = f.default if f.default is not dataclasses.MISSING else None
+    if default is None or default == "" or tells_default(help_):
+        return help_
+    return f"{help_ or ''} (default: {default})".strip().replace("%", "%%")
 
 
 def _add_field(parser: argparse.ArgumentParser, name: str, type_: object, help_: str | None) -> None:

@@ -101,10 +101,10 @@ class FinetuneConfig:
     skip_corrupt: bool = False  # a corrupt image: False = fail naming it, True = log and skip the row
 
     # cadence
-    log_every: int = 10  # 0 (for these three): only at the last step
-    val_every: int = 2000  # official --eval_freq 2000
+    log_every: int = 10  # steps between log lines; 0: only at the last step
+    val_every: int = 2000  # steps between validations (official --eval_freq 2000); 0: only at the last step
     val_rows: int = 16  # validation rows (per run, split over workers)
-    ckpt_every: int = 1000  # official --checkpointing_steps 1000
+    ckpt_every: int = 1000  # steps between checkpoints (official --checkpointing_steps 1000); 0: only at the last step
     sample_grid_rows: int = 4  # rows of (degraded | output | target) in each sample grid
 
     # fault injection for recovery tests: the last worker's process exits once at this step (0 = never)
