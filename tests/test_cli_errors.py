@@ -71,6 +71,22 @@ def test_fleet_job_settings_are_checked_before_work(tmp_path, capsys):
     FleetConfig(scenes="s/", synthetic_frames=0).validate()  # synthetic sizes only matter without --scenes
 
 
+def test_fleet_job_checks_its_inputs_before_ray_starts(tmp_path, capsys, monkeypatch):
+    import ray
+
+    from difix3d.fleet.cli import main as fleet_main
+
+    if ray.is_initialized():  # an earlier test's cluster: run_fleet would not start one, so nothing is checked here
+        pytest.skip("a Ray cluster is already running in this process")
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init before the inputs were checked"))
+    out = tmp_path / "fleet"
+    assert fleet_main(["--scenes", str(tmp_path / "missing"), "--output", str(out)]) == 2
+    assert "missing: scene manifest not found" in capsys.readouterr().err
+    assert fleet_main(["--checkpoint", str(tmp_path / "nockpt"), "--output", str(out)]) == 2
+    assert "nockpt: fixer checkpoint does not exist" in capsys.readouterr().err
+    assert not out.exists()  # nothing written either
+
+
 def test_evaluate_job_checks_its_settings_before_ray_starts(tmp_path, capsys, monkeypatch):
     sys.path.insert(0, JOBS)
     try:

@@ -50,9 +50,8 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse, join the cluster (``ray job submit``) or start an embedded one (laptop), run, report."""
-    import ray
-
+    """Parse, check, run (``run_fleet`` joins the cluster under ``ray job submit`` or starts an embedded one once the
+    inputs are checked), report."""
     from difix3d.errors import Difix3DError
 
     from .driver import run_fleet
@@ -70,8 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"reconstruct_fleet: error: {e}", file=sys.stderr)
         return 2
-    if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS set by `ray job submit` joins the cluster; otherwise an embedded local one starts
     try:
         report = run_fleet(config)
     except Difix3DError as e:

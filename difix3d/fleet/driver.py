@@ -65,21 +65,24 @@ def run_fleet(config: FleetConfig, *, scene_fn: SceneFn | None = None, fixer: An
     """
     import ray
 
+    # what a bad input can fail is checked first: before Ray starts (seconds) and before anything is written
     config.validate()
     if scene_fn is None:
         check_scene_settings(config)
-    if not ray.is_initialized():
-        ray.init()
     out = config.output
     check_same_results_settings(config)
-    if fixer is None and config.checkpoint:  # before inputs are generated or config.json written
+    if fixer is None and config.checkpoint:
         from difix3d.pool.client import check_checkpoint_exists
 
         check_checkpoint_exists(config.checkpoint)
+    scenes = resolve_scenes(config.scenes) if config.scenes else None
+    if not ray.is_initialized():
+        ray.init()
     storage.makedirs(out)
     storage.write_json(storage.join(out, "config.json"), config.to_dict())
 
-    scenes = resolve_scenes(config.scenes) if config.scenes else synthetic_scenes(config, echo)
+    if scenes is None:
+        scenes = synthetic_scenes(config, echo)
     manifest = storage.Manifest(out)
     scenes = adopt_recorded_ids(scenes, manifest)
     todo, skipped = plan(scenes, manifest, config)
