@@ -3,6 +3,7 @@
 Every write is atomic (local: temp file + rename; object stores: one put), so a killed job never leaves a
 half-written file that a re-run would take for finished work. A :class:`Manifest` records one entry per unit
 of work (a scene, a shard) as its own small JSON object, so concurrent workers never rewrite a shared file.
+Remote paths are kept normalized (``s3://b/x/../y`` is ``s3://b/y``): object stores do not resolve ``..`` themselves.
 """
 
 from __future__ import annotations
@@ -47,11 +48,41 @@ def absolute(uri: str) -> str:
 
 def normalized(uri: str) -> str:
     """One spelling per location, for comparing and hashing recorded locations: local paths absolute and normalized
-    (``sc/a``, ``./sc/a/``, ``file://`` and the absolute path agree), URIs without a trailing slash."""
+    (``sc/a``, ``./sc/a/``, ``file://`` and the absolute path agree), URIs with ``.``/``..`` resolved
+    (:func:`remote_normpath`) and without a trailing slash."""
     uri = str(uri)
     if is_local(uri):
         return posixpath.normpath(absolute(uri.removeprefix("file://")).replace("\\", "/"))
-    return uri.rstrip("/")
+    base, sep, query = remote_normpath(uri).partition("?")
+    return base.rstrip("/") + sep + query
+
+
+def remote_normpath(uri: str) -> str:
+    """A remote URI with its path normalized as ``posixpath.normpath`` does for local paths (``s3://b/x/../y`` ->
+    ``s3://b/y``; ``.`` segments and ``//`` dropped); the bucket, a trailing slash and the ``?settings`` stay.
+
+    Object stores do not resolve ``..``: ``b/x/../y`` is another key than ``b/y`` (a literal ``..`` object), so one
+    object would go under two names (and pyarrow refuses ``//`` outright). A ``..`` that climbs above the bucket names
+    nothing: an :class:`~difix3d.errors.InputError` naming the URI."""
+    uri = str(uri)
+    base, sep, query = uri.partition("?")
+    scheme, _, rest = base.partition("://")
+    bucket, _, path = rest.partition("/")
+    segments = path.split("/")[:-1] if path.endswith("/") else path.split("/")
+    if not path or all(p not in ("", ".", "..") for p in segments):
+        return uri
+    parts: list[str] = []
+    for p in segments:
+        if p == "..":
+            if not parts:
+                from difix3d.errors import InputError
+
+                raise InputError(uri, f"'..' climbs above the bucket {scheme}://{bucket}")
+            parts.pop()
+        elif p not in ("", "."):
+            parts.append(p)
+    norm = "/".join(parts) + ("/" if parts and path.endswith("/") else "")
+    return f"{scheme}://{bucket}" + (f"/{norm}" if norm else "") + sep + query
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -59,7 +90,7 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     uri = str(uri)
     if is_local(uri):
         return pafs.LocalFileSystem(), os.path.abspath(_local_path(uri))
-    return pafs.FileSystem.from_uri(uri)
+    return pafs.FileSystem.from_uri(remote_normpath(uri))
 
 
 def join(uri: str, *parts: str) -> str:
@@ -67,7 +98,7 @@ def join(uri: str, *parts: str) -> str:
     if is_local(uri):
         return os.path.join(uri, *parts)
     base, sep, query = uri.partition("?")  # s3://b/out?region=...: the parts go into the path, before the settings
-    return posixpath.join(base, *parts) + sep + query
+    return remote_normpath(posixpath.join(base, *parts) + sep + query)  # "../x" parts: object stores keep ".."
 
 
 def exists(uri: str) -> bool:

@@ -3,6 +3,7 @@
 import json
 import os
 import stat
+import types
 
 import pytest
 
@@ -206,3 +207,38 @@ def test_glob_stars_skip_hidden_names_as_a_shell_does(tmp_path):
         (tmp_path / name).mkdir()
     assert [os.path.basename(u) for u in storage.glob(str(tmp_path / "*"))] == ["a"]
     assert sorted(os.path.basename(u) for u in storage.glob(str(tmp_path / ".*"))) == [".DS_Store", ".tmp-x"]
+
+
+def test_remote_dot_segments_are_resolved_so_one_object_has_one_name():
+    """Object stores keep ``..`` as a literal key part: s3://b/x/../y and s3://b/y must not be two objects."""
+    assert storage.join("s3://b/scenes/a", "../b", "transforms.json") == "s3://b/scenes/b/transforms.json"
+    assert storage.join("gs://b/x", "./y", "..", "z") == "gs://b/x/z"
+    assert storage.join("s3://b/x", "..") == "s3://b"
+    assert storage.join("s3://b/x?region=us-east-1", "..", "y") == "s3://b/y?region=us-east-1"
+    assert storage.join("s3://b/x", "y/") == "s3://b/x/y/"  # a trailing slash stays
+    assert storage.normalized("s3://b/x/../y") == storage.normalized("s3://b/y") == "s3://b/y"
+    assert storage.normalized("s3://b/./x//y/") == "s3://b/x/y"
+    assert storage.normalized("gs://b/x/..") == "gs://b"
+    # only the path: the settings after "?" (which may hold "/.." themselves) and the bucket stay as written
+    assert storage.normalized("s3://b/x/../y?endpoint_override=h/../p") == "s3://b/y?endpoint_override=h/../p"
+    assert storage.remote_normpath("s3://b/plain/key.json") == "s3://b/plain/key.json"
+    assert storage.remote_normpath("s3://b") == "s3://b" and storage.remote_normpath("s3://b/") == "s3://b/"
+
+
+def test_remote_dot_dot_above_the_bucket_names_the_uri():
+    for uri in ("s3://b/..", "s3://b/x/../../y", "gs://b/../other-bucket/k"):
+        with pytest.raises(InputError, match=r"climbs above the bucket") as err:
+            storage.normalized(uri)
+        assert err.value.source == uri
+    with pytest.raises(InputError, match=r"s3://b/x/\.\./\.\./y.*above the bucket s3://b"):
+        storage.join("s3://b/x", "../../y")
+
+
+def test_resolve_hands_pyarrow_the_normalized_key(monkeypatch):
+    seen = []
+    fake_fs = types.SimpleNamespace(from_uri=lambda uri: seen.append(uri) or (None, uri))  # no S3 here
+    monkeypatch.setattr(storage, "pafs", types.SimpleNamespace(FileSystem=fake_fs))
+    storage.resolve("s3://b/x/../y/./z.json?region=eu-west-1")
+    assert seen == ["s3://b/y/z.json?region=eu-west-1"]
+    with pytest.raises(InputError, match="above the bucket"):
+        storage.resolve("s3://b/../z")
