@@ -34,10 +34,10 @@ import io
 import re
 
 import numpy as np
-from PIL import Image
 
 from difix3d import storage
 from difix3d.errors import InputError
+from difix3d.imageio import image_size
 from difix3d.scene.camera import Camera
 from difix3d.scene.poses import check_rigid, rigid_inverse
 from difix3d.scene.scene import DEFAULT_TEST_EVERY, Scene, finite_points
@@ -226,9 +226,8 @@ def _read_rig_camera(uri: str, cam: str, frames: dict, meta: dict | None):
         w, h = int(meta["cameras"][cam]["width"]), int(meta["cameras"][cam]["height"])
     else:
         first = frames[min(t for t, c in frames if c == cam), cam]
-        try:
-            with Image.open(io.BytesIO(storage.read_bytes(first))) as im:
-                w, h = im.size
+        try:  # the size of the image as read (upright: its EXIF orientation applied)
+            w, h = image_size(storage.read_bytes(first), first)
         except Exception as e:  # noqa: BLE001 - any decoder failure is a bad image
             raise InputError(first, f"cannot read image size of camera {cam!r} ({e})") from e
     return K, dist, w, h, extrinsic
