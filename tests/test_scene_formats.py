@@ -140,6 +140,47 @@ def test_nerfstudio_round_trip_is_exact(tmp_path):
     _assert_same_scene(b, c)
 
 
+def test_written_nerfstudio_dataset_lists_every_split_and_reads_back_the_same_split(tmp_path):
+    """nerfstudio refuses a dataset that lists some splits but not the one it asks for (``ns-train`` asks for val):
+    the test views double as val views, and that val list is not read back as a split of its own."""
+    a = load_scene(_nerfstudio(tmp_path))
+    meta = json.loads(open(write_nerfstudio(a, str(tmp_path / "out"))).read())
+    assert meta["val_filenames"] == meta["test_filenames"] == ["images/frame_00000.png"]
+    assert len(meta["train_filenames"]) == 9
+    b = load_nerfstudio(str(tmp_path / "out" / "transforms.json"))
+    assert b.splits == a.splits == {"train": list(range(1, 10)), "test": [0]}
+
+    a.splits = {"train": [1, 2, 4, 5, 6, 7, 8, 9], "val": [3], "test": [0]}  # a val split of its own survives
+    meta = json.loads(open(write_nerfstudio(a, str(tmp_path / "own_val"))).read())
+    assert (meta["val_filenames"], meta["test_filenames"]) == (["images/frame_00003.png"], ["images/frame_00000.png"])
+    assert load_nerfstudio(str(tmp_path / "own_val" / "transforms.json")).splits == a.splits
+
+    a.splits = {"train": list(range(1, 10)), "val": [0]}  # val only: it is the test split too, as the reader says
+    meta = json.loads(open(write_nerfstudio(a, str(tmp_path / "val_only"))).read())
+    assert meta["val_filenames"] == meta["test_filenames"] == ["images/frame_00000.png"]
+    assert load_nerfstudio(str(tmp_path / "val_only" / "transforms.json")).splits == \
+        {"train": list(range(1, 10)), "test": [0]}
+
+
+def test_nerfstudios_own_dataparser_reads_every_split_of_a_written_dataset(tmp_path):
+    parser = pytest.importorskip("nerfstudio.data.dataparsers.nerfstudio_dataparser",
+                                 reason="needs nerfstudio (the optional extra difix3d[nerf])")
+    a = load_scene(_nerfstudio(tmp_path))
+    for out, splits in (("tv", {"train": list(range(1, 10)), "test": [0]}),
+                        ("own_val", {"train": [1, 2, 4, 5, 6, 7, 8, 9], "val": [3], "test": [0]})):
+        a.splits = {**splits, "shift_1m": [2, 5]}  # shift_1m under difix3d_splits: nerfstudio does not look there
+        write_nerfstudio(a, str(tmp_path / out))
+        config = parser.NerfstudioDataParserConfig(data=tmp_path / out, downscale_factor=1, load_3D_points=False)
+        dataparser = config.setup()
+        for split, want in (("train", splits["train"]), ("val", splits.get("val", splits["test"])),
+                            ("test", splits["test"])):
+            outputs = dataparser._generate_dataparser_outputs(split=split)
+            got = sorted(os.path.relpath(f, tmp_path / out) for f in outputs.image_filenames)
+            assert got == sorted(f"images/frame_{i:05d}.png" for i in want), (out, split)
+            assert outputs.cameras.shape[0] == len(want)
+            assert int(outputs.cameras.width[0]) == W and int(outputs.cameras.height[0]) == H
+
+
 # --- driving segments
 
 OPENCV2DATASET = np.array([[0, 0, 1, 0], [-1, 0, 0, 0], [0, -1, 0, 0], [0, 0, 0, 1]], dtype=float)

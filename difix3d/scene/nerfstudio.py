@@ -7,6 +7,9 @@ Honoured fields: shared or per-frame ``fl_x fl_y cx cy w h`` (or Blender's ``cam
 y up, z back — converted once here to OpenCV by flipping y and z); ``ply_file_path`` (initial points);
 ``train_filenames``/``val_filenames``/``test_filenames`` (nerfstudio's explicit split). Without an explicit split
 every 8th frame is a test frame. Splits nerfstudio has no key for (``shift_1m``, ...) go under ``difix3d_splits``.
+The writer gives all three lists (nerfstudio refuses a dataset that lists some splits but not the one it asks for);
+a scene without a val split has its test views listed as val views, and a val list equal to the test list is read
+as no val split of its own.
 """
 
 from __future__ import annotations
@@ -16,11 +19,10 @@ import posixpath
 import re
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from difix3d import storage
 from difix3d.errors import InputError
-from difix3d.imageio import IMAGE_EXTENSIONS
+from difix3d.imageio import IMAGE_EXTENSIONS, image_size
 from difix3d.scene.camera import Camera
 from difix3d.scene.poses import check_rigid, rigid_inverse
 from difix3d.scene.scene import DEFAULT_TEST_EVERY, Scene, every_nth_split, finite_points
@@ -100,12 +102,9 @@ def write_nerfstudio(scene: Scene, out_uri: str, images: str = "images") -> str:
         frames.append(frame)
         paths.append(fp)
     meta: dict = {"camera_model": "OPENCV", "frames": frames}
-    extra = {}
-    for split, idx in scene.splits.items():
-        if split in _SPLIT_KEYS:
-            meta[_SPLIT_KEYS[split]] = [paths[i] for i in idx]
-        else:
-            extra[split] = [paths[i] for i in idx]
+    for split, idx in _nerfstudio_splits(scene.splits, len(paths)).items():
+        meta[_SPLIT_KEYS[split]] = [paths[i] for i in idx]
+    extra = {split: [paths[i] for i in idx] for split, idx in scene.splits.items() if split not in _SPLIT_KEYS}
     if extra:
         meta["difix3d_splits"] = extra
     if scene.points is not None and len(scene.points):
@@ -204,6 +203,21 @@ def read_points_ply(uri: str) -> tuple[np.ndarray, np.ndarray | None]:
 # --- helpers
 
 
+def _nerfstudio_splits(splits: dict[str, list[int]], n: int) -> dict[str, list[int]]:
+    """train/val/test indices for all three of nerfstudio's split keys, or none when the scene has none of them.
+
+    nerfstudio's dataparser raises "The dataset's list of filenames for split val is missing" when any split list is
+    given but not the one it asks for, and ``ns-train`` asks for "train" and "val" ("test" under ``ns-eval``). Without
+    a val split the test views are the val views, as in nerfstudio's own splitters (one eval set for both)."""
+    if not any(s in splits for s in _SPLIT_KEYS):
+        return {}
+    test = splits.get("test", splits.get("val", []))
+    val = splits.get("val", test)
+    held = set(test) | set(val)
+    train = splits.get("train", [i for i in range(n) if i not in held])  # what the reader takes for a missing train
+    return {"train": list(train), "val": list(val), "test": list(test)}
+
+
 def _c2w_gl(cam: Camera) -> np.ndarray:
     """OpenGL camera→world; the matrix read from file when it still matches the camera (exact round trips)."""
     if "transform_matrix" in cam.meta:
@@ -228,13 +242,12 @@ def _intrinsics(meta: dict, frame: dict, where: str, image_uri: str):
         raise InputError(where, "no fl_x/fl_y (shared or per frame) and no camera_angle_x")
     w, h = get("w"), get("h")
     if w is None or h is None:
-        try:
-            with Image.open(io.BytesIO(storage.read_bytes(image_uri))) as im:
-                w, h = im.size
+        try:  # the size of the image as read (upright: its EXIF orientation applied)
+            w, h = image_size(storage.read_bytes(image_uri), image_uri)
         except FileNotFoundError as e:
             raise InputError(image_uri, f"image of {where} not found (and no w/h given)") from e
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:  # PIL's errors for a damaged file
-            raise InputError(image_uri, f"cannot read the image size of {where} (no w/h given): {e}") from e
+        except InputError as e:
+            raise InputError(image_uri, f"cannot read the image size of {where} (no w/h given): {e.problem}") from e
     if w != int(w) or h != int(h):
         raise InputError(where, f"w={w} h={h} must be whole numbers of pixels")
     w, h = int(w), int(h)
@@ -294,4 +307,6 @@ def _splits(meta: dict, paths: list[str], uri: str, test_every: int) -> dict[str
     if "train" not in splits:
         held = set(splits["test"]) | set(splits.get("val", []))
         splits["train"] = [i for i in range(len(paths)) if i not in held]
+    if "val" in splits and set(splits["val"]) == set(splits["test"]):
+        del splits["val"]  # the test views doubling as val views (as the writer gives them): no split of its own
     return splits
