@@ -36,6 +36,14 @@ def test_glob_and_comma_list(segments):
     assert [r.scene_id for r in refs] == ["seg-b", "other"]  # manifest order is kept
 
 
+def test_relative_scene_paths_come_back_absolute(segments, monkeypatch):
+    monkeypatch.chdir(segments.parent)  # scene tasks and summary readers resolve them from other working folders
+    for spec in ["segs", "segs/seg-*", "segs/seg-a,segs/seg-b", "./segs/seg-a/"]:
+        refs = resolve_scenes(spec)
+        assert refs and all(os.path.isabs(r.uri) and os.path.isdir(r.uri) for r in refs), spec
+    assert resolve_scenes("segs/seg-a") == [SceneRef("seg-a", str(segments / "seg-a"))]
+
+
 def test_json_manifest_strings_objects_and_relative_paths(segments):
     m = segments.parent / "scenes.json"
     m.write_text(json.dumps(["segs/seg-a", {"uri": "s3://bucket/x/seg-a", "scene_id": "remote-a"},

@@ -27,7 +27,7 @@ def resolve_scenes(spec: str) -> list[SceneRef]:
 
     ``spec`` is a ``.parquet`` file (a ``uri``/``scene_uri``/``path`` column, optional ``scene_id``), a ``.json``
     file (a list of URIs or of ``{"uri", "scene_id"}`` objects), a glob (``s3://b/segments/*``), a folder of scene
-    folders (or one scene folder), or a comma-separated list of scene URIs.
+    folders (or one scene folder), or a comma-separated list of scene URIs. Local paths come back absolute.
     """
     spec = str(spec).strip()
     if "," in spec and not storage.exists(spec):
@@ -49,7 +49,9 @@ def resolve_scenes(spec: str) -> list[SceneRef]:
         raise InputError(spec, "scene manifest not found (expected a .parquet/.json list, a glob or a folder)")
     if not pairs:
         raise InputError(spec, "scene manifest lists no scenes")
-    return _unique_ids(pairs)
+    # local paths made absolute here: scene tasks on other nodes (or in a job's working folder) and readers of
+    # summary.parquet resolve them from elsewhere than the driver's working folder
+    return _unique_ids([(i, storage.absolute(u)) for i, u in pairs])
 
 
 def scene_id_of(uri: str) -> str:
