@@ -393,3 +393,18 @@ def test_an_sd_turbo_folder_with_only_fp16_weights_computes_its_prompt(tmp_path)
             os.remove(os.path.join(enc, name))
     with pytest.raises(MissingWeightsError, match="text_encoder: cannot load the text encoder"):
         encode_prompt(folder, "remove degradation")
+
+
+def test_exporters_refuse_settings_their_layout_cannot_record(tmp_path, trained, sd_turbo):
+    import copy
+
+    model = copy.deepcopy(trained)
+    model.config.skip_gamma = 0.5  # the official decoder's gamma is a constant 1
+    with pytest.raises(CheckpointError, match="cannot record skip_gamma=0.5"):
+        save_official_pkl(model, str(tmp_path / "m.pkl"))
+    assert not (tmp_path / "m.pkl").exists()
+    model = copy.deepcopy(trained)
+    model.config.lora_targets = ("conv1", "conv2")  # nvidia/difix folders record the rank only
+    with pytest.raises(CheckpointError, match="cannot record the LoRA targets"):
+        save_nvidia_folder(model, str(tmp_path / "nvidia"), text_folder=sd_turbo)
+    assert not (tmp_path / "nvidia").exists()

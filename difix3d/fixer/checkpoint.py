@@ -237,7 +237,12 @@ def _unet_tensors_missing(unet_state: dict[str, torch.Tensor]) -> int:
 
 
 def save_official_pkl(model: DifixModel, path: str) -> None:
-    """Write ``model`` in the official Difix layout (for exchanging with the original code and for tests)."""
+    """Write ``model`` in the official Difix layout (for exchanging with the original code and for tests). The layout
+    has no place for ``skip_gamma`` (the original decoder's gamma is a constant 1): a model with another one is
+    refused rather than written as one that loads back different."""
+    if model.config.skip_gamma != 1.0:
+        raise CheckpointError(path, f"the official .pkl layout cannot record skip_gamma={model.config.skip_gamma} "
+                                    "(it loads back with 1.0): save in difix3d's format or as an nvidia/difix folder")
     state = _export_state(model, _in_official_pkl)
     sd = {"state_dict_unet": _strip(state, "unet."), "state_dict_vae": _strip(state, "vae."),
           "rank_vae": model.config.lora_rank,
@@ -282,8 +287,15 @@ def _load_nvidia_folder(folder: str) -> DifixModel:
 
 def save_nvidia_folder(model: DifixModel, folder: str, text_folder: str | None = None) -> None:
     """Write ``model`` as a diffusers-format Difix folder (unet/, vae/ with gamma/ignore_skip/lora_rank), copying
-    tokenizer/ and text_encoder/ from ``text_folder``; used by ``difix3d convert --to nvidia`` users and tests."""
+    tokenizer/ and text_encoder/ from ``text_folder`` (for exchanging with diffusers-based code and for tests). The
+    layout records the LoRA rank but not its targets, which its readers take to be the official ones: a model with
+    other targets is refused rather than written as one that does not load back."""
     import shutil
+
+    if tuple(model.config.lora_targets) != tuple(LORA_TARGETS):
+        raise CheckpointError(folder, f"an nvidia/difix folder cannot record the LoRA targets "
+                                      f"{list(model.config.lora_targets)} (its readers assume {list(LORA_TARGETS)}): "
+                                      "save in difix3d's format or as an official .pkl")
 
     from safetensors.torch import save_file
 
