@@ -56,6 +56,8 @@ def main() -> None:
     p.add_argument("--thin-convs", default="auto", choices=["auto", "native", "padded"],
                    help="bf16 paths: convs with < 8 input or output channels (the VAE's RGB ends) as they are, or "
                         "padded with zero channels to 8; auto = FixerRunner's default")
+    p.add_argument("--cudnn-benchmark-limit", type=int, default=None, metavar="N",
+                   help="cuDNN algorithms tried per conv shape when autotuning (torch's default 10; 0 = all)")
     p.add_argument("--freezing", action="store_true",
                    help="optimized path: compile with Inductor's freezing (weights as constants, folded)")
     p.add_argument("--inductor", metavar="KEY=VALUE", action="append", default=[],
@@ -86,6 +88,8 @@ def main() -> None:
     iters, warmup = (3, 2) if args.quick else (args.iters, args.warmup)
     emitter = Emitter("fixer_latency", write=not args.no_write)
     inductor = apply_inductor_options(args.inductor)
+    if args.cudnn_benchmark_limit is not None:
+        torch.backends.cudnn.benchmark_limit = args.cudnn_benchmark_limit
     global GPU_LOCK, GPU_SHARE
     GPU_LOCK, GPU_SHARE = args.gpu_lock, args.gpu_share if args.gpu_lock else 1
     from difix3d.fixer.channels_last_norm import ChannelsLastGroupNorm
@@ -115,7 +119,7 @@ def main() -> None:
                                 group_norm=group_norm,
                                 norm_stats=norm_stats if group_norm == "nhwc" else "none", upsample=upsample,
                                 vae_attention=vae_attention, freezing=args.freezing and path == "optimized",
-                                thin_convs=thin_convs)
+                                thin_convs=thin_convs, cudnn_benchmark_limit=torch.backends.cudnn.benchmark_limit)
                 if inductor and path == "optimized":
                     settings["inductor"] = inductor
                 emitter.emit("ms_per_frame", ms, "ms", **settings)
