@@ -40,9 +40,10 @@ class FleetConfig:
     representation: str = "3dgs"
     """``3dgs`` (gsplat) or ``nerfacto`` (nerfstudio's Nerfacto; needs the NeRF extra, see README)."""
     scene_num_cpus: float = 1.0
-    scene_num_gpus: float = 0.25
+    scene_num_gpus: float = 0.245
     """GPU share per scene task when the cluster has GPUs: 3DGS on a 1-2 MP driving segment uses a fraction of an
-    80 GB GPU, so several scenes share one with a fixer replica (a scheduling label: no memory isolation)."""
+    80 GB GPU, so several scenes share one with a fixer replica (a scheduling label: no memory isolation). Two fit
+    beside a replica's 0.51."""
     scene_memory_gb: float = 0.0
     """Memory reserved per scene task (0: no reservation), so the scheduler does not pack scenes into an OOM."""
 
@@ -54,8 +55,10 @@ class FleetConfig:
     """0: one replica per GPU in the cluster (1 CPU replica on a CPU-only cluster)."""
     pool_max_replicas: int = 0
     """0: same as the replica count; larger lets the pool autoscale with the cluster."""
-    replica_num_gpus: float = 0.5
-    """GPU share per fixer replica; with ``scene_num_gpus`` = 0.25 two scenes run beside each replica."""
+    replica_num_gpus: float = 0.51
+    """GPU share per fixer replica. Ray packs fractional shares onto one GPU until it is full, so at 0.5 two replicas
+    would share a GPU (and leave another to scenes alone); just over half keeps one replica per GPU, with two scenes
+    of ``scene_num_gpus`` = 0.245 beside it."""
 
     # --- scheduling and recovery
     max_in_flight: int = 0

@@ -38,7 +38,8 @@ class FixerReplica:
         """Answered once the checkpoint is loaded; what the router logs about this replica."""
         import ray
 
-        return {"pid": os.getpid(), "device": self.device, "node": ray.get_runtime_context().get_node_id()}
+        return {"pid": os.getpid(), "device": self.device, "node": ray.get_runtime_context().get_node_id(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
     def fix_batch(self, requests: list[list[Any]]) -> tuple:
         """Fix requests together; returns ``(status, out_0, ..., out_{n-1})`` (called with ``num_returns=n+1``).
