@@ -247,6 +247,68 @@ def test_plain_drivestudio_folder_loads_with_every_nth_split_world_at_first_ego_
     assert scene.load_image(0).shape == (H, W, 3)
 
 
+def _opencv_axes_segment(root, lidar=True, per_frame=False):
+    """An Argoverse2/KITTI-style segment (drivestudio): extrinsics with the camera in OpenCV axes, N x 4 lidar."""
+    for d in ("ego_pose", "extrinsics", "intrinsics", "lidar"):
+        os.makedirs(root / d)
+    E = np.eye(4)
+    E[:3, :3] = [[0, 0, 1], [-1, 0, 0], [0, -1, 0]]  # camera z -> ego x (forward), x -> -y (right), y -> -z (down)
+    E[:3, 3] = [1.5, 0.0, 1.6]
+    for t in range(2):
+        ego = np.eye(4)
+        ego[0, 3] = 2.0 * t
+        np.savetxt(root / "ego_pose" / f"{t:03d}.txt", ego)
+        imageio.write_image(str(root / "images" / f"{t:03d}_0.jpg"), _image(t, 64, 48))
+        if per_frame:
+            np.savetxt(root / "extrinsics" / f"{t:03d}_0.txt", ego @ E)
+        if lidar:  # x y z intensity, in the ego frame
+            np.array([[10.0, 0.0, 0.0, 0.5], [0.0, 5.0, 0.0, 0.5]], np.float32).tofile(root / "lidar" / f"{t:03d}.bin")
+    if not per_frame:
+        np.savetxt(root / "extrinsics" / "0.txt", E)
+    np.savetxt(root / "intrinsics" / "0.txt", [50.0, 50.0, 32.0, 24.0, 0, 0, 0, 0, 0])
+    return str(root)
+
+
+def test_driving_segments_with_opencv_camera_axes_load_looking_forward(tmp_path):
+    scene = load_scene(_opencv_axes_segment(tmp_path / "argo"))
+    assert scene.meta["camera_axes"] == "opencv"
+    cam = scene.cameras[0]
+    np.testing.assert_allclose(cam.rotation_c2w[:, 2], [1, 0, 0], atol=1e-12)  # looks along ego forward
+    np.testing.assert_allclose(cam.rotation_c2w[:, 1], [0, 0, -1], atol=1e-12)  # image down is world down
+    uv, z = cam.project(np.array([[21.5, 0.0, 1.6]]))  # 20 m straight ahead: the image centre
+    np.testing.assert_allclose(uv[0], [32.0, 24.0], atol=1e-9)
+    assert z[0] == pytest.approx(20.0)
+    np.testing.assert_allclose(scene.points[:2], [[10, 0, 0], [0, 5, 0]], atol=1e-6)  # x y z of N x 4 points
+    np.testing.assert_allclose(scene.points[2], [12, 0, 0], atol=1e-6)  # frame 1: the ego moved 2 m
+    # written back in our (dataset-axes) layout, it reads back as the same cameras
+    write_driving(scene, str(tmp_path / "out"))
+    again = load_driving(str(tmp_path / "out"))
+    assert again.meta["camera_axes"] == "dataset"
+    for a, b in zip(scene.cameras, again.cameras):
+        np.testing.assert_allclose(a.c2w, b.c2w, atol=1e-12)
+    # the waymo-style reading of the same files, when forced, is the one that looks sideways
+    forced = load_driving(_opencv_axes_segment(tmp_path / "argo2", lidar=False), camera_axes="dataset")
+    assert abs(forced.cameras[0].rotation_c2w[0, 2]) < 1e-9
+
+
+def test_driving_layouts_that_are_not_read_are_named(tmp_path):
+    with pytest.raises(InputError, match=r"extrinsics/\{t:03d\}_0.txt, drivestudio's nuScenes/PandaSet layout"):
+        load_scene(_opencv_axes_segment(tmp_path / "panda", per_frame=True))
+    root = _opencv_axes_segment(tmp_path / "tilted", lidar=False)
+    E = np.eye(4)
+    E[:3, :3] = [[0, 1, 0], [1, 0, 0], [0, 0, -1]]  # looking straight down: level under neither convention
+    np.savetxt(os.path.join(root, "extrinsics", "0.txt"), E)
+    with pytest.raises(InputError, match="cannot tell the cameras' axes"):
+        load_scene(root)
+    root = _opencv_axes_segment(tmp_path / "scaled", lidar=False)
+    np.savetxt(os.path.join(root, "intrinsics", "0.txt"), [200.0, 200.0, 128.0, 96.0])  # for 4x larger images
+    with pytest.raises(InputError, match=r"principal point \(128, 96\) of camera '0' lies outside its 64x48 images"):
+        load_scene(root)
+    np.savetxt(os.path.join(root, "intrinsics", "0.txt"), [50.0, 50.0, 32.0, 24.0, 0, 0, 0, 0, 0, 0, 0])
+    with pytest.raises(InputError, match="must be 'fx fy cx cy"):
+        load_scene(root)
+
+
 def test_driving_round_trip_is_exact(tmp_path):
     a = load_scene(_driving(tmp_path, frames=5, lidar=False))
     a.splits["shift_1m"] = [1, 3]

@@ -1,17 +1,24 @@
 """Driving segments in drivestudio's (OmniRe's) processed per-segment layout: reader and writer.
 
-Layout of one segment folder (as drivestudio's converters write it for Waymo, nuScenes, PandaSet, ...)::
+Layout of one segment folder (as drivestudio's converters write it for Waymo, Argoverse2, KITTI, NuPlan)::
 
     images/{t:03d}_{cam}.jpg     frame t of camera cam (we also read .png/.jpeg; our synthetic segments write .png)
-    ego_pose/{t:03d}.txt         4x4 ego→world
-    extrinsics/{cam}.txt         4x4 camera→ego, camera axes in the *dataset* convention (x forward, y left, z up)
+    ego_pose/{t:03d}.txt         4x4 ego→world (ego axes x forward, y left, z up)
+    extrinsics/{cam}.txt         4x4 camera→ego; camera axes in the *dataset* convention (x forward, y left, z up:
+                                 Waymo, ours) or OpenCV's (x right, y down, z forward: Argoverse2, KITTI, NuPlan)
     intrinsics/{cam}.txt         fx fy cx cy k1 k2 p1 p2 k3 (pixels, OpenCV distortion order)
-    lidar/{t:03d}.bin            optional float32 N x 14: origin(3) point(3) flow(3) flow class, ground, intensity,
-                                 elongation, laser id — points in the ego frame of frame t
+    lidar/{t:03d}.bin            optional float32, points in the ego frame of frame t: N x 14 with dataset axes
+                                 (Waymo: origin(3) point(3) flow(3) flow class, ground, intensity, elongation, laser
+                                 id), N x 4 with OpenCV axes (Argoverse2, KITTI: point(3) intensity)
 
-Conventions, as drivestudio's ``datasets/waymo/waymo_sourceloader.py`` reads them:
+nuScenes and PandaSet segments store one camera→world per frame (``extrinsics/{t:03d}_{cam}.txt``) instead: not read
+here (an error says so).
+
+Conventions, as drivestudio's ``datasets/*/…_sourceloader.py`` read them:
 - OpenCV camera→world = ``ego_to_world @ extrinsic @ OPENCV2DATASET`` with ``OPENCV2DATASET`` mapping OpenCV axes
-  (x right, y down, z forward) to the dataset camera axes (x forward, y left, z up).
+  (x right, y down, z forward) to the dataset camera axes (x forward, y left, z up) for Waymo, and the identity for
+  the others. Which one a segment uses is not written in it: ``camera_axes="auto"`` tells them apart by where each
+  camera's "down" points in the ego frame (down, under the right convention; sideways or up under the other).
 - World = the first ego pose (drivestudio re-expresses every pose relative to ``ego_pose/{first}.txt``, which also
   keeps float32 rasterization away from UTM-sized coordinates). We do the same; segments whose first ego pose is the
   identity (ours) load unchanged.
@@ -46,13 +53,18 @@ from difix3d.scene.scene import DEFAULT_TEST_EVERY, Scene, finite_points
 OPENCV2DATASET = np.array([[0, 0, 1, 0], [-1, 0, 0, 0], [0, -1, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
 SPLIT_FILE = "difix3d_split.json"
 POINTS_FILE = "difix3d_points.npz"
-LIDAR_COLUMNS = 14
+LIDAR_COLUMNS = {"dataset": 14, "opencv": 4}  # float32 columns of a lidar point, by the segment's camera axes
+LIDAR_XYZ = {"dataset": slice(3, 6), "opencv": slice(0, 3)}
+CAMERA_AXES = ("auto", "dataset", "opencv")
 _IMAGE_RE = re.compile(r"^(\d+)_(.+)\.(jpg|jpeg|png)$", re.IGNORECASE)
 
 
 def load_driving(uri: str, test_every: int = DEFAULT_TEST_EVERY, max_lidar_points: int = 300_000,
-                 normalize_world: bool = True) -> Scene:
-    """Read a driving segment folder (layout in the module docstring) into a :class:`Scene`."""
+                 normalize_world: bool = True, camera_axes: str = "auto") -> Scene:
+    """Read a driving segment folder (layout in the module docstring) into a :class:`Scene`. ``camera_axes``: the
+    extrinsics' camera axes, ``"dataset"`` (Waymo), ``"opencv"`` (Argoverse2, KITTI, NuPlan) or ``"auto"``."""
+    if camera_axes not in CAMERA_AXES:
+        raise ValueError(f"camera_axes: expected one of {CAMERA_AXES}, got {camera_axes!r}")
     uri = str(uri).rstrip("/")
     meta = _read_split_file(uri)
     frames = _list_images(uri)  # {(t, cam): image uri}
@@ -70,6 +82,10 @@ def load_driving(uri: str, test_every: int = DEFAULT_TEST_EVERY, max_lidar_point
         origin_inv = rigid_inverse(ego[times[0]])
         ego = {t: origin_inv @ e for t, e in ego.items()}
     rigs = {c: _read_rig_camera(uri, c, frames, meta) for c in cam_order}
+    axes = _camera_axes(camera_axes, {c: r[4] for c, r in rigs.items()}, uri)
+    to_opencv = OPENCV2DATASET if axes == "dataset" else np.eye(4)
+    # cameras keep their extrinsics in dataset axes (what write_driving writes), whatever the file's convention
+    to_dataset = to_opencv @ rigid_inverse(OPENCV2DATASET)
 
     cameras, uris, by_file = [], [], {}
     for t in times:
@@ -77,11 +93,11 @@ def load_driving(uri: str, test_every: int = DEFAULT_TEST_EVERY, max_lidar_point
             if (t, c) not in frames:
                 continue
             K, dist, w, h, cam_to_ego = rigs[c]
-            c2w = ego[t] @ cam_to_ego @ OPENCV2DATASET
+            c2w = ego[t] @ cam_to_ego @ to_opencv
             name = f"{t:03d}_{c}"
             cameras.append(Camera.from_c2w(c2w, K, w, h, dist=dist, name=name, camera_id=c, timestamp=float(t),
                                            meta={"frame": t, "ego_to_world": ego[t].tolist(),
-                                                 "cam_to_ego": cam_to_ego.tolist()}))
+                                                 "cam_to_ego": (cam_to_ego @ to_dataset).tolist()}))
             uris.append(frames[(t, c)])
             by_file[uris[-1].rsplit("/", 1)[-1].rsplit("\\", 1)[-1]] = len(cameras) - 1
 
@@ -97,10 +113,25 @@ def load_driving(uri: str, test_every: int = DEFAULT_TEST_EVERY, max_lidar_point
         test_t = set(times[::test_every]) if test_every > 0 else set()
         splits = {"train": [i for i, c in enumerate(cameras) if c.meta["frame"] not in test_t],
                   "test": [i for i, c in enumerate(cameras) if c.meta["frame"] in test_t]}
-    points, colors = _read_points(uri, times, ego, origin_inv, max_lidar_points)
+    points, colors = _read_points(uri, times, ego, origin_inv, max_lidar_points, axes)
     name = uri.rsplit("/", 1)[-1] or "segment"
     return Scene(name=name, cameras=cameras, image_uris=uris, splits=splits, points=points, point_colors=colors,
-                 root=uri, meta={"layout": "driving"})
+                 root=uri, meta={"layout": "driving", "camera_axes": axes})
+
+
+def _camera_axes(choice: str, extrinsics: dict[str, np.ndarray], uri: str) -> str:
+    """The extrinsics' camera axes: ``choice`` unless ``"auto"``; then the convention under which every camera's
+    "down" (OpenCV +y) points down in the ego frame (z up), as a car's cameras do. Neither or both: an error asking
+    for ``camera_axes``."""
+    if choice != "auto":
+        return choice
+    fits = {axes: all((E @ (OPENCV2DATASET if axes == "dataset" else np.eye(4)))[2, 1] < -0.5
+                      for E in extrinsics.values()) for axes in ("dataset", "opencv")}
+    if fits["dataset"] != fits["opencv"]:
+        return "dataset" if fits["dataset"] else "opencv"
+    raise InputError(storage.join(uri, "extrinsics"), "cannot tell the cameras' axes: under neither or both of the "
+                     "conventions (Waymo's x forward/y left/z up, OpenCV's x right/y down/z forward) does every "
+                     "camera look level with the ego frame's z up; load it with camera_axes='dataset' or 'opencv'")
 
 
 def write_driving(scene: Scene, out_uri: str, images: dict[int, np.ndarray] | None = None,
@@ -177,6 +208,9 @@ def _read_split_file(uri: str) -> dict | None:
     for split, files in meta["splits"].items():
         if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
             raise InputError(path, f"splits[{split!r}] must be a list of image file names")
+    missing = [s for s in ("train", "test") if s not in meta["splits"]]
+    if missing:
+        raise InputError(path, f"splits lacks {missing}: a scene needs train and test views")
     return meta
 
 
@@ -215,13 +249,19 @@ def _read_rig_camera(uri: str, cam: str, frames: dict, meta: dict | None):
         raise InputError(ipath, f"missing intrinsics of camera {cam!r}") from e
     except ValueError as e:
         raise InputError(ipath, f"intrinsics of camera {cam!r} are not numeric ({e})") from e
-    if values.size < 4 or not np.all(np.isfinite(values)) or values[0] <= 0 or values[1] <= 0:
+    if not 4 <= values.size <= 9 or not np.all(np.isfinite(values)) or values[0] <= 0 or values[1] <= 0:
         raise InputError(ipath, f"intrinsics of camera {cam!r} must be 'fx fy cx cy [k1 k2 p1 p2 k3]' with "
                                 f"positive focal lengths, got {values.tolist()}")
     K = np.array([[values[0], 0, values[2]], [0, values[1], values[3]], [0, 0, 1]])
     dist = np.pad(values[4:9], (0, 5 - values[4:9].size))
     dist = None if not np.any(dist) else dist
-    extrinsic = _read_matrix(storage.join(uri, "extrinsics", f"{cam}.txt"), f"extrinsics of camera {cam!r}")
+    epath = storage.join(uri, "extrinsics", f"{cam}.txt")
+    first_t = min(t for t, c in frames if c == cam)
+    if not storage.exists(epath) and storage.exists(storage.join(uri, "extrinsics", f"{first_t:03d}_{cam}.txt")):
+        raise InputError(epath, f"missing: camera {cam!r} has one camera→world per frame (extrinsics/"
+                                f"{{t:03d}}_{cam}.txt, drivestudio's nuScenes/PandaSet layout), which is not read; "
+                                "convert the segment to per-camera extrinsics or to a nerfstudio transforms.json")
+    extrinsic = _read_matrix(epath, f"extrinsics of camera {cam!r}")
     if meta and cam in meta["cameras"]:
         w, h = int(meta["cameras"][cam]["width"]), int(meta["cameras"][cam]["height"])
     else:
@@ -230,10 +270,14 @@ def _read_rig_camera(uri: str, cam: str, frames: dict, meta: dict | None):
             w, h = image_size(storage.read_bytes(first), first)
         except Exception as e:  # noqa: BLE001 - any decoder failure is a bad image
             raise InputError(first, f"cannot read image size of camera {cam!r} ({e})") from e
+    if not (0 < K[0, 2] < w and 0 < K[1, 2] < h):  # intrinsics of another resolution than the images
+        raise InputError(ipath, f"principal point ({K[0, 2]:g}, {K[1, 2]:g}) of camera {cam!r} lies outside its "
+                                f"{w}x{h} images: intrinsics for another image size? (scale fx fy cx cy by the "
+                                "resize the images had)")
     return K, dist, w, h, extrinsic
 
 
-def _read_points(uri: str, times: list[int], ego: dict, origin_inv, max_lidar_points: int):
+def _read_points(uri: str, times: list[int], ego: dict, origin_inv, max_lidar_points: int, axes: str):
     path = storage.join(uri, POINTS_FILE)
     if storage.exists(path):
         try:
@@ -251,9 +295,11 @@ def _read_points(uri: str, times: list[int], ego: dict, origin_inv, max_lidar_po
         if not storage.exists(lpath):
             continue
         raw = storage.read_bytes(lpath)
-        if len(raw) % (4 * LIDAR_COLUMNS):
-            raise InputError(lpath, f"lidar file size {len(raw)} is not a multiple of {LIDAR_COLUMNS} float32")
-        pts = np.frombuffer(raw, dtype=np.float32).reshape(-1, LIDAR_COLUMNS)[:, 3:6].astype(np.float64)
+        columns = LIDAR_COLUMNS[axes]
+        if len(raw) % (4 * columns):
+            raise InputError(lpath, f"lidar file size {len(raw)} is not a multiple of {columns} float32 (the points "
+                                    f"of a segment with {axes} camera axes)")
+        pts = np.frombuffer(raw, dtype=np.float32).reshape(-1, columns)[:, LIDAR_XYZ[axes]].astype(np.float64)
         pts = finite_points(pts, None, lpath, allow_empty=True)[0]
         chunks.append(pts @ ego[t][:3, :3].T + ego[t][:3, 3])  # ego frame of t -> world
     if not chunks:
