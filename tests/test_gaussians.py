@@ -330,3 +330,73 @@ def test_point_colours_and_training_images_are_checked(scene, tmp_path):
     empty = {k: v[:0] for k, v in _model(scene).params.items()}
     write_ply(str(tmp_path / "empty.ply"), empty)
     assert read_ply(str(tmp_path / "empty.ply"))["shN"].shape == (0, empty["shN"].shape[1], 3)
+
+
+def test_a_model_read_from_a_ply_renders_with_all_its_sh_bands(scene, tmp_path):
+    model = _model(scene, sh_degree=1)
+    with torch.no_grad():
+        model.params["shN"].normal_(0, 0.5, generator=torch.Generator().manual_seed(0))  # view-dependent colour
+    model._step = 300  # trained: its degree-1 band is on
+    assert model.active_sh_degree == 1
+    model.export(str(tmp_path / "m.ply"))
+    loaded = GaussianSplat.from_ply(str(tmp_path / "m.ply"), model.config, device="cpu", scene_scale=4.0)
+    assert loaded.step == 0 and loaded.active_sh_degree == 1
+    torch.testing.assert_close(loaded.render(scene.cameras[:3]).rgb, model.render(scene.cameras[:3]).rgb)
+    again = GaussianSplat.from_state_dict(loaded.state_dict())  # and it stays so across a checkpoint
+    assert again.active_sh_degree == 1
+
+
+def test_an_integer_background_is_a_float_one_and_bad_ones_are_named():
+    assert GaussianConfig(background=[1, 1, 1]).background == (1.0, 1.0, 1.0)  # as --set gives it, from JSON
+    for bad in ([1, 1], (0.0, 2.0, 0.0), "white"):
+        with pytest.raises(ValueError, match="background: expected 3 numbers in"):
+            GaussianConfig(background=bad)
+
+
+def test_a_bad_view_stops_training_instead_of_poisoning_the_model(scene):
+    from difix3d.recon.trainer import _stack
+
+    views = load_views(scene, "train")
+    with pytest.raises(ValueError, match="pose or intrinsics hold NaN"):
+        views[0].camera.with_pose(np.full((4, 4), np.nan))
+    with pytest.raises(ValueError, match="size 0x32 has no pixels"):
+        Camera(viewmat=np.eye(4), K=np.eye(3), width=0, height=32)
+    model = _model(scene)
+    cams, images, weights, masks = _stack([views[0]])
+    images = images.clone()
+    images[0, 0, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"step 0: non-finite loss on views \['000'\]"):
+        model.train_step(cams, images, weights, masks)
+
+
+def test_a_gaussian_in_the_camera_plane_gets_a_zero_gradient_not_nan():
+    cam = look_at((0.0, 0.0, -4.0))
+    means = torch.tensor([[0.0, 0.0, 0.0], [0.3, 0.0, -4.0]], requires_grad=True)  # the second at the camera's z
+    quats = torch.tensor([[1.0, 0, 0, 0]] * 2)
+    scales = torch.full((2, 3), 0.2)
+    rgb, _, _ = rasterize(means, quats, scales, torch.full((2,), 0.9), torch.ones(2, 3), cam.torch_viewmat()[None],
+                          cam.torch_K()[None], W, H, backend="torch")
+    rgb.sum().backward()
+    assert torch.isfinite(means.grad).all()
+    assert means.grad[1].abs().max() == 0 and means.grad[0].abs().max() > 0
+
+
+def test_training_stops_when_densification_prunes_every_gaussian(scene, tmp_path):
+    from difix3d.recon.trainer import _stack
+
+    model = _model(scene, iterations=100, refine_start_iter=3000, refine_every=3000, densify=True)
+    with torch.no_grad():
+        model.params["opacities"].fill_(-10.0)  # all under prune_opa: the first refine prunes them all
+    views = load_views(scene, "train")
+    with pytest.raises(ValueError, match="densification pruned every Gaussian"):
+        for _ in range(25):  # the first refine after refine_start (step 10 of 100), every 10 steps
+            model.train_step(*_stack([views[0]]))
+    write_ply(str(tmp_path / "empty.ply"), {k: v[:0] for k, v in model.params.items()})
+    with pytest.raises(InputError, match="holds no Gaussians"):
+        GaussianSplat.from_ply(str(tmp_path / "empty.ply"), model.config, device="cpu")
+
+
+def test_trainer_refuses_a_batch_size_the_learning_rates_are_not_scaled_for(scene):
+    model = _model(scene)  # scaled for one view a step
+    with pytest.raises(ValueError, match="scaled for batch_size 1"):
+        train(model, scene=scene, config=TrainerConfig(iterations=1, batch_size=4), progress=False)

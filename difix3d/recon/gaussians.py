@@ -69,6 +69,15 @@ class GaussianConfig:
     render_chunk: int = 8  # cameras per rasterization call in render()
     backend: str = "auto"  # rasterizer: "auto" (gsplat on CUDA, torch elsewhere), "gsplat" or "torch"
 
+    def __post_init__(self) -> None:
+        try:  # a background set as JSON ([1, 1, 1]) comes as ints: gsplat's CUDA kernels take float32 only
+            background = tuple(float(v) for v in self.background)
+        except (TypeError, ValueError):
+            background = ()
+        if len(background) != 3 or not all(0.0 <= v <= 1.0 for v in background):
+            raise ValueError(f"background: expected 3 numbers in [0, 1] (RGB), got {self.background!r}")
+        self.background = background
+
     def scaled(self, steps_at_30k: int, minimum: int = 1) -> int:
         """A schedule length given for 30 000 steps, scaled to this config's ``iterations``."""
         return max(minimum, int(round(steps_at_30k * self.iterations / PAPER_STEPS)))
@@ -105,6 +114,7 @@ class GaussianSplat(Representation):
         self.scene_scale = float(scene_scale)
         self.strategy = config.make_strategy()
         self._step = 0
+        self._sh_floor = 0  # SH degree already trained (a model read from a PLY renders with all its bands)
         self._build(params)
         self.strategy.check_sanity(self.params, self.optimizers)
         self.strategy_state = self.strategy.initialize_state(scene_scale=self.scene_scale)
@@ -173,11 +183,15 @@ class GaussianSplat(Representation):
     def from_ply(cls, uri: str, config: GaussianConfig | None = None, device=None,
                  scene_scale: float = 1.0) -> "GaussianSplat":
         params = read_ply(uri)
+        if params["means"].shape[0] == 0:
+            raise InputError(uri, "holds no Gaussians (0 vertices): nothing to render or train")
         K = params["shN"].shape[1] + 1
         config = config or GaussianConfig(sh_degree=int(math.isqrt(K)) - 1)
         if (config.sh_degree + 1) ** 2 != K:
             raise InputError(uri, f"{K} SH coefficients per colour, config expects degree {config.sh_degree}")
-        return cls(params, config, scene_scale=scene_scale, device=device)
+        model = cls(params, config, scene_scale=scene_scale, device=device)
+        model._sh_floor = config.sh_degree  # its higher bands were trained: render and train with them from step 0
+        return model
 
     def _build(self, params: dict[str, Tensor]) -> None:
         """(Re)create parameters, one Adam each (gsplat strategies require it), and the means lr schedule."""
@@ -212,7 +226,8 @@ class GaussianSplat(Representation):
 
     @property
     def active_sh_degree(self) -> int:
-        return min(self._step // self.config.scaled(self.config.sh_degree_interval), self.config.sh_degree)
+        grown = self._step // self.config.scaled(self.config.sh_degree_interval)
+        return min(max(grown, self._sh_floor), self.config.sh_degree)
 
     def rasterize(self, cameras: list[Camera], sh_degree: int | None = None,
                   render_mode: str = "RGB") -> tuple[Tensor, Tensor, dict]:
@@ -221,7 +236,7 @@ class GaussianSplat(Representation):
         p = self.params
         viewmats = torch.stack([c.torch_viewmat(self.device) for c in cameras])  # [C, 4, 4]
         Ks = torch.stack([c.torch_K(self.device) for c in cameras])  # [C, 3, 3]
-        bg = torch.tensor(self.config.background, device=self.device).repeat(len(cameras), 1)  # [C, 3]
+        bg = torch.tensor(self.config.background, dtype=torch.float32, device=self.device).repeat(len(cameras), 1)
         return rasterize(p["means"], p["quats"], torch.exp(p["scales"]), torch.sigmoid(p["opacities"]),
                          torch.cat([p["sh0"], p["shN"]], dim=1), viewmats, Ks, W, H,
                          sh_degree=self.active_sh_degree if sh_degree is None else sh_degree,
@@ -261,9 +276,16 @@ class GaussianSplat(Representation):
             self.strategy.step_post_backward(self.params, self.optimizers, self.strategy_state, step, info,
                                              packed=False)
             self._maybe_reset_opacity(step)
+            if self.num_primitives == 0:
+                raise ValueError(f"step {step}: densification pruned every Gaussian (all opacities under prune_opa "
+                                 f"{self.strategy.prune_opa} or too large): nothing left to train or render")
         self._step += 1
+        loss_value = loss.item()  # the step's one sync, as before
+        if not math.isfinite(loss_value):  # one NaN view poisons every parameter: stop, naming it, not train on
+            raise ValueError(f"step {step}: non-finite loss on views {[c.name for c in cameras]} (NaN or inf in "
+                             "their images or cameras); the model took the step: resume from the last checkpoint")
         mse = ((render.detach().clamp(0, 1) - images) ** 2).mean()
-        return {"loss": loss.item(), "l1": float(terms["l1"].mean()), "psnr": float(-10 * torch.log10(mse + 1e-10)),
+        return {"loss": loss_value, "l1": float(terms["l1"].mean()), "psnr": float(-10 * torch.log10(mse + 1e-10)),
                 "num_gaussians": self.num_primitives, "sh_degree": self.active_sh_degree}
 
     def _maybe_reset_opacity(self, step: int) -> None:
@@ -286,6 +308,7 @@ class GaussianSplat(Representation):
             "means_scheduler": self.means_scheduler.state_dict(),
             "strategy_state": {k: v.detach() if torch.is_tensor(v) else v for k, v in self.strategy_state.items()},
             "step": self._step,
+            "sh_degree_floor": self._sh_floor,
             "scene_scale": self.scene_scale,
             "config": asdict(self.config),
         }
@@ -316,6 +339,7 @@ class GaussianSplat(Representation):
         self.strategy_state = {k: v.detach().to(self.device, copy=True) if torch.is_tensor(v) else v
                                for k, v in state["strategy_state"].items()}  # never shared with the state's owner
         self._step = int(state["step"])
+        self._sh_floor = int(state.get("sh_degree_floor", 0))
 
     @classmethod
     def from_state_dict(cls, state: dict, device=None) -> "GaussianSplat":

@@ -107,7 +107,14 @@ def project_gaussians(
     Returns radii [C, N, 2] int32 (0 = culled), means2d [C, N, 2], depths [C, N], conics [C, N, 3].
     """
     means_c, covars_c = _world_to_cam(means, covars, viewmats)  # [C, N, 3], [C, N, 3, 3]
-    means2d, covars2d = _persp_proj(means_c, covars_c, Ks, width, height)  # [C, N, 2], [C, N, 2, 2]
+    # Gaussians outside the depth range are culled below; they are projected from a stand-in point 1 unit ahead, so
+    # that one in the camera plane (z = 0: inf in the Jacobian) cannot turn its zero gradient into NaN, as gsplat's
+    # kernel skips them
+    in_range = ((means_c[..., 2] > near_plane) & (means_c[..., 2] < far_plane)).detach()
+    ahead = torch.tensor([0.0, 0.0, 1.0], device=means.device, dtype=means.dtype)
+    means2d, covars2d = _persp_proj(torch.where(in_range[..., None], means_c, ahead),
+                                    torch.where(in_range[..., None, None], covars_c, torch.zeros_like(covars_c)),
+                                    Ks, width, height)  # [C, N, 2], [C, N, 2, 2]
     covars2d = covars2d + torch.eye(2, device=means.device, dtype=means.dtype) * eps2d
     a, b, c = covars2d[..., 0, 0], 0.5 * (covars2d[..., 0, 1] + covars2d[..., 1, 0]), covars2d[..., 1, 1]
     det = a * c - b * b  # [C, N]

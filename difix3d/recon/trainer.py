@@ -96,6 +96,10 @@ def train(
             s: load_views(scene, s) for s in config.eval_splits if scene.splits.get(s)}
     if not views:
         raise ValueError("train: no training views")
+    scaled_for = getattr(getattr(representation, "config", None), "batch_size", config.batch_size)
+    if scaled_for != config.batch_size:  # its learning rates and betas are scaled for its own batch size
+        raise ValueError(f"train: {config.batch_size} views a step, but the representation's learning rates are "
+                         f"scaled for batch_size {scaled_for}: set both to the same")
     sample_fn = sample_fn or uniform_sample
     generator = torch.Generator().manual_seed(config.seed)
     history: list[dict] = []

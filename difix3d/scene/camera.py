@@ -30,6 +30,11 @@ class Camera:
         self.width, self.height = int(self.width), int(self.height)
         if self.dist is not None:
             self.dist = np.asarray(self.dist, dtype=np.float64).reshape(-1)
+        # a NaN pose or a 0-pixel camera renders nothing and trains every Gaussian into NaN: refused where it is made
+        if not (np.isfinite(self.viewmat).all() and np.isfinite(self.K).all()):
+            raise ValueError(f"camera {self.name!r}: its pose or intrinsics hold NaN or inf")
+        if self.width < 1 or self.height < 1:
+            raise ValueError(f"camera {self.name!r}: size {self.width}x{self.height} has no pixels")
 
     @property
     def c2w(self) -> np.ndarray:
