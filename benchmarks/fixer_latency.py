@@ -53,9 +53,6 @@ def main() -> None:
     p.add_argument("--vae-attention", default="auto", choices=["auto", "sdpa", "wide"],
                    help="bf16 paths: the VAE's 512-wide attention heads through SDPA, or two GEMMs and a float32 "
                         "softmax; auto = FixerRunner's default")
-    p.add_argument("--thin-convs", default="auto", choices=["auto", "native", "padded"],
-                   help="bf16 paths: convs with < 8 input or output channels (the VAE's RGB ends) as they are, or "
-                        "padded with zero channels to 8; auto = FixerRunner's default")
     p.add_argument("--cudnn-benchmark-limit", type=int, default=None, metavar="N",
                    help="cuDNN algorithms tried per conv shape when autotuning (torch's default 10; 0 = all)")
     p.add_argument("--freezing", action="store_true",
@@ -106,9 +103,7 @@ def main() -> None:
         group_norm = resolve_choice(args.group_norm, "nhwc", "native", path, cuda)
         upsample = resolve_choice(args.upsample, "transposed", "native", path, cuda)
         vae_attention = resolve_choice(args.vae_attention, "wide", "sdpa", path, cuda)
-        thin_convs = resolve_choice(args.thin_convs, "native", "native", path, cuda)
-        fwd = prepare(model, path, device, args.compile_mode, group_norm, upsample, vae_attention, args.freezing,
-                      thin_convs)
+        fwd = prepare(model, path, device, args.compile_mode, group_norm, upsample, vae_attention, args.freezing)
         dtype = torch.float32 if path == "naive" else (torch.bfloat16 if cuda else torch.float32)
         for batch in batches:
             for ref in refs:
@@ -119,7 +114,7 @@ def main() -> None:
                                 group_norm=group_norm,
                                 norm_stats=norm_stats if group_norm == "nhwc" else "none", upsample=upsample,
                                 vae_attention=vae_attention, freezing=args.freezing and path == "optimized",
-                                thin_convs=thin_convs, cudnn_benchmark_limit=torch.backends.cudnn.benchmark_limit)
+                                cudnn_benchmark_limit=torch.backends.cudnn.benchmark_limit)
                 if inductor and path == "optimized":
                     settings["inductor"] = inductor
                 emitter.emit("ms_per_frame", ms, "ms", **settings)
@@ -199,7 +194,7 @@ def resolve_choice(choice: str, ours: str, original: str, path: str, cuda: bool)
 
 
 def prepare(model, path: str, device: torch.device, compile_mode: str, group_norm: str = "native",
-            upsample: str = "native", vae_attention: str = "sdpa", freezing: bool = False, thin_convs: str = "native"):
+            upsample: str = "native", vae_attention: str = "sdpa", freezing: bool = False):
     """naive: fp32 eager, NCHW, LoRA unmerged (the original code). bf16_eager: LoRA merged, bf16 weights,
     channels_last (with ``group_norm="nhwc"``, group norms computed on NHWC views; ``upsample="transposed"``,
     upsamplers as folded transposed convs; ``vae_attention="wide"``, the VAE's wide heads as two GEMMs). optimized:
@@ -217,10 +212,6 @@ def prepare(model, path: str, device: torch.device, compile_mode: str, group_nor
         from difix3d.fixer.wide_head_attention import use_wide_head_attention
 
         use_wide_head_attention(model)
-    if thin_convs == "padded":
-        from difix3d.fixer.thin_convs import use_padded_thin_convs
-
-        use_padded_thin_convs(model)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
