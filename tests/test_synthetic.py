@@ -60,6 +60,17 @@ def test_a_surface_point_has_the_same_colour_in_two_cameras(street):
     assert checked > 100
 
 
+def test_sampled_points_skip_ground_hidden_under_boxes(street):
+    points, _ = street.sample_points(20000, x_range=(0.0, 80.0))
+    lo, hi = street.box_min.cpu().numpy(), street.box_max.cpu().numpy()
+    ground = points[np.abs(points[:, 2]) < 1e-6]
+    assert len(ground) > 1000
+    standing = lo[:, 2] <= 0.0  # sidewalks and buildings stand on the ground: their footprints hide it
+    under = ((ground[:, None, :2] > lo[None, standing, :2] + 1e-3)
+             & (ground[:, None, :2] < hi[None, standing, :2] - 1e-3)).all(-1).any(1)
+    assert not under.any(), ground[under][:3]
+
+
 def test_render_is_colors_at_pixel_centres_and_points_lie_on_surfaces(street):
     cam = segment_cameras(1, H, W, cameras=("front",), shifts=())[0][0]
     image = street.render(cam)

@@ -377,10 +377,13 @@ class StreetScene:
         return pts, nrm, mat
 
     def _inside_any_box(self, p: torch.Tensor) -> torch.Tensor:
-        """Points strictly inside some box (or pole): hidden surface, e.g. ground under a sidewalk."""
+        """Points inside some box (or pole): hidden surface, e.g. ground under a sidewalk. Strictly inside across x
+        and y and below the top, but from the bottom face up: boxes stand on the ground (z = 0), so ground points in a
+        footprint lie on the bottom face, which is hidden too."""
         e = 1e-3
         lo, hi, xy = self.box_min.cpu(), self.box_max.cpu(), self.cyl["xy"].cpu()
-        inside = ((p[:, None] > lo[None] + e) & (p[:, None] < hi[None] - e)).all(-1).any(1)
+        margin = torch.tensor([e, e, -e])  # the bottom face counts as inside
+        inside = ((p[:, None] > lo[None] + margin) & (p[:, None] < hi[None] - e)).all(-1).any(1)
         dxy = ((p[:, None, :2] - xy[None]) ** 2).sum(-1)
         in_pole = ((dxy < (self.cyl["r"] - e) ** 2) & (p[:, None, 2] < self.cyl["h"] - e)).any(1)
         return inside | in_pole
