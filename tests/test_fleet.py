@@ -362,3 +362,14 @@ def test_a_missing_checkpoint_fails_before_inputs_are_generated(tmp_path, ray_lo
     with pytest.raises(PoolUnavailableError, match="nockpt: fixer checkpoint does not exist"):
         run_fleet(cfg, echo=lambda line: None)
     assert not (tmp_path / "out").exists()  # no inputs, no config.json: the corrected command starts clean
+
+
+def test_device_cuda_sizes_a_gpu_pool_before_gpu_nodes_join():
+    from difix3d.fleet.fixers import pool_size
+
+    # an autoscaling cluster that has no GPU node yet: the replicas ask for GPUs (the autoscaler adds nodes for them)
+    assert pool_size(FleetConfig(device="cuda"), 0.0) == (1, 1, 0.51)
+    assert pool_size(FleetConfig(device="cuda", pool_replicas=4, pool_max_replicas=8), 0.0) == (4, 8, 0.51)
+    assert pool_size(FleetConfig(), 0.0) == (1, 1, 0.0)  # a laptop: one CPU replica
+    assert pool_size(FleetConfig(), 8.0) == (8, 8, 0.51)
+    assert pool_size(FleetConfig(device="cpu"), 8.0) == (1, 1, 0.0)

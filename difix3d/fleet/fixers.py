@@ -32,8 +32,10 @@ def resolve_checkpoint(checkpoint: str | None) -> tuple[str, str | None]:
 
 
 def pool_size(config, cluster_gpus: float) -> tuple[int, int, float]:
-    """(min replicas, max replicas, GPUs per replica): one replica per GPU share by default, 1 CPU replica without GPUs."""
-    use_gpu = cluster_gpus > 0 and config.device != "cpu"
+    """(min replicas, max replicas, GPUs per replica): one replica per GPU by default, 1 CPU replica without GPUs.
+    ``--device cuda`` on a cluster with no GPU yet (an autoscaling one, before its GPU nodes join) still asks for GPU
+    replicas: the autoscaler adds nodes for them, where a CPU replica would have run a GPU model on CPUs."""
+    use_gpu = config.device == "cuda" or (cluster_gpus > 0 and config.device != "cpu")
     gpus_per_replica = config.replica_num_gpus if use_gpu else 0.0
     if config.pool_replicas > 0:
         n = config.pool_replicas
@@ -65,9 +67,11 @@ def open_fixer(config, checkpoint: str, cluster_gpus: float) -> tuple[Any, Calla
     except pool.PoolUnavailableError:
         joined = False
     # an autoscaling pool may ask for replicas the cluster does not have yet: the cluster autoscaler adds nodes
+    waiting_for_gpus = gpus > 0 and cluster_gpus == 0  # the replicas start once the autoscaler adds GPU nodes
     client = pool.start_pool(checkpoint, name=config.pool_name, min_replicas=lo, max_replicas=hi,
                              num_gpus_per_replica=gpus, scale_beyond_free_resources=hi > lo,
-                             max_inflight_frames=inflight_frames(hi))
+                             max_inflight_frames=inflight_frames(hi),
+                             ready_timeout_s=3600.0 if waiting_for_gpus else 600.0)
     if joined:
         log.warning("joined the running fixing pool %r: it is left running at the end of this job", config.pool_name)
         return client, lambda: None
