@@ -191,3 +191,62 @@ def test_appearance_embeddings_are_refused_not_silently_inert():
         NerfConfig.tiny(use_appearance_embedding=True)
     with pytest.raises(ValueError, match="implementation"):
         NerfConfig(implementation="cuda")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("camera_optimizer", "SO3xR3", "camera_optimizer: only 'off'"),
+    ("background_color", "bogus", "background_color: expected last_sample"),
+    ("rays_per_batch", 0, "rays_per_batch must be > 0"),
+    ("render_chunk", 0, "render_chunk must be > 0"),
+    ("scene_radius", -1.0, "scene_radius must be > 0"),
+    ("near_plane", 2000.0, "near_plane 2000.0 must be below far_plane"),
+])
+def test_nerf_settings_that_cannot_work_are_named(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        NerfConfig.tiny(**{field: value})
+
+
+def test_tiny_cuda_nn_asked_for_where_it_cannot_run_is_refused():
+    cams = [OracleCam.at(x) for x in (0.0, 1.0)]
+    with pytest.raises(ValueError, match="implementation 'tcnn' needs a CUDA device"):
+        NerfactoScene.from_cameras(cams, NerfConfig.tiny(implementation="tcnn"), device="cpu")
+
+
+def test_the_near_plane_stays_near_the_camera_on_long_segments():
+    short = NerfactoScene.from_cameras([OracleCam.at(x) for x in (0.0, 4.0)], NerfConfig.tiny(), device="cpu")
+    assert short.model.config.near_plane == pytest.approx(0.05)  # nerfstudio's, when it is under 0.5 world units
+    long = NerfactoScene.from_cameras([OracleCam.at(x) for x in (0.0, 400.0)], NerfConfig.tiny(), device="cpu")
+    assert long.model.config.near_plane / long.scale == pytest.approx(0.5)  # not 0.05 normalized = 10 m ahead
+
+
+def test_nerf_train_step_guards_its_inputs_and_its_schedule(segment):
+    model = make_representation("nerfacto", segment, NerfConfig.tiny(10, lr_decay_steps=10), device="cpu")
+    views = load_views(segment, "train")[:1]
+    cams, images = [views[0].camera], views[0].image[None]
+    with pytest.raises(ValueError, match="expected float values in"):
+        model.train_step(cams, (images * 255).to(torch.uint8))
+    lr = model.optimizers["fields"].param_groups[0]["lr"]
+    for _ in range(3):  # every pixel masked: nothing to learn, but the step and its lr schedule advance together
+        model.train_step(cams, images, masks=torch.zeros(1, 1, *images.shape[-2:]))
+    assert model.step == 3 and model.optimizers["fields"].param_groups[0]["lr"] < lr
+    bad = images.clone()
+    bad[0, :, :, :] = float("nan")
+    with pytest.raises(ValueError, match="non-finite loss on views"):
+        model.train_step(cams, bad)
+
+
+def test_the_oracle_fixer_refuses_float_ground_truth():
+    cam = OracleCam.at(0.0)
+    fixer = OracleViewFixer(lambda c: np.full((c.height, c.width, 3), 0.5, np.float32))
+    with pytest.raises(ValueError, match="is float32, expected uint8"):
+        fixer.submit(np.zeros((1, cam.height, cam.width, 3), np.uint8), None, [cam]).result()
+
+
+class OracleCam:
+    @staticmethod
+    def at(x: float):
+        from difix3d.scene.camera import Camera
+
+        c2w = np.eye(4)
+        c2w[0, 3] = x
+        return Camera.from_c2w(c2w, np.array([[20.0, 0, 16], [0, 20.0, 12], [0, 0, 1]]), 32, 24, name=f"x{x:g}")

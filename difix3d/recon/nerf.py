@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from unittest import mock
@@ -78,7 +79,10 @@ class NerfConfig:
     proposal_weights_anneal_max_num_iters: int = 1000
     use_single_jitter: bool = True
     average_init_density: float = 0.01
-    near_plane: float = 0.05  # in normalized scene units
+    near_plane: float = 0.05  # in normalized scene units (nerfstudio's default)...
+    # ...but never farther than this from the camera, in world units: normalized 0.05 of a 200-frame driving segment
+    # is ~5 m, which cut off the road just ahead of the car
+    max_near_world: float = 0.5
     far_plane: float = 1000.0
     background_color: str = "last_sample"
     interlevel_loss_mult: float = 1.0
@@ -100,6 +104,17 @@ class NerfConfig:
                              "and pseudo views join without a slot); leave it False")
         if self.implementation not in ("auto", "tcnn", "torch"):
             raise ValueError(f"nerf.implementation: expected auto, tcnn or torch, got {self.implementation!r}")
+        if self.camera_optimizer != "off":  # pose refinement is in no optimizer here: it would be silently inert
+            raise ValueError(f"nerf.camera_optimizer: only 'off' is supported (pseudo views are exact cameras), got "
+                             f"{self.camera_optimizer!r}")
+        if self.background_color not in ("last_sample", "random", "black", "white"):
+            raise ValueError(f"nerf.background_color: expected last_sample, random, black or white, got "
+                             f"{self.background_color!r}")
+        for name in ("rays_per_batch", "render_chunk", "scene_radius", "near_plane", "max_near_world"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"nerf.{name} must be > 0, got {getattr(self, name)!r}")
+        if not self.near_plane < self.far_plane:
+            raise ValueError(f"nerf.near_plane {self.near_plane} must be below far_plane {self.far_plane}")
 
     @classmethod
     def tiny(cls, iterations: int = 300, **kw) -> "NerfConfig":
@@ -180,7 +195,17 @@ def _refuse_implementation(saved: str, here: str, device: torch.device) -> None:
 
 
 def _resolve_implementation(requested: str, device: torch.device) -> str:
-    if requested != "auto":
+    if requested == "torch":
+        return requested
+    if requested == "tcnn":  # nerfstudio would fall back to its torch grid and the model would say "tcnn"
+        problem = "needs a CUDA device" if device.type != "cuda" else None
+        if problem is None:
+            try:
+                import tinycudann  # noqa: F401
+            except ImportError:
+                problem = "needs tiny-cuda-nn's torch bindings (tinycudann), which do not import here"
+        if problem:
+            raise ValueError(f"nerf.implementation 'tcnn' {problem}: use 'auto' or 'torch'")
         return requested
     if device.type != "cuda":
         return "torch"
@@ -238,7 +263,7 @@ class NerfactoScene(Representation):
         """The nerfstudio model, one Adam per parameter group with its exponential-decay scheduler."""
         cfg, ns = self.config, self.ns
         model_config = ns["NerfactoModelConfig"](
-            near_plane=cfg.near_plane, far_plane=cfg.far_plane, background_color=cfg.background_color,
+            near_plane=min(cfg.near_plane, cfg.max_near_world * self.scale), far_plane=cfg.far_plane, background_color=cfg.background_color,
             hidden_dim=cfg.hidden_dim, hidden_dim_color=cfg.hidden_dim_color, num_levels=cfg.num_levels,
             base_res=cfg.base_res, max_res=cfg.max_res, log2_hashmap_size=cfg.log2_hashmap_size,
             features_per_level=cfg.features_per_level,
@@ -327,6 +352,8 @@ class NerfactoScene(Representation):
         B = len(cameras)
         if images.shape != (B, 3, H, W):
             raise ValueError(f"images {tuple(images.shape)}: expected {(B, 3, H, W)} for these cameras")
+        if not images.is_floating_point():
+            raise ValueError(f"images: expected float values in [0, 1], got dtype {images.dtype}")
         if masks is not None and masks.shape != (B, 1, H, W):
             raise ValueError(f"masks {tuple(masks.shape)}: expected {(B, 1, H, W)}")
         weights = torch.ones(B) if weights is None else torch.as_tensor(weights, dtype=torch.float32).reshape(-1)
@@ -337,6 +364,8 @@ class NerfactoScene(Representation):
         self._before_iteration(step)
         sampled = self.sample_rays(images, weights, masks, self.config.rays_per_batch)
         if sampled is None:  # nothing to learn from: count the step, as 3DGS does with a zero loss
+            for g in self.GROUPS:
+                self.schedulers[g].step()  # the lr schedule keeps pace with the step count
             self._after_iteration(step)
             return {"loss": 0.0, "rgb_loss": 0.0, "psnr": float("nan"), "num_rays": 0}
         views, yx, ray_w = sampled
@@ -359,8 +388,12 @@ class NerfactoScene(Representation):
             self.optimizers[g].zero_grad(set_to_none=True)
             self.schedulers[g].step()
         self._after_iteration(step)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):  # a NaN pixel or a divergent step: every parameter is poisoned
+            raise ValueError(f"step {step}: non-finite loss on views {[c.name for c in cameras]} (NaN or inf in "
+                             "their images or cameras); the model took the step: resume from the last checkpoint")
         mse = ((outputs["rgb"].detach().clamp(0, 1) - gt) ** 2).mean()
-        return {"loss": loss.item(), "rgb_loss": rgb_loss.item(), "interlevel": interlevel.item(),
+        return {"loss": loss_value, "rgb_loss": rgb_loss.item(), "interlevel": interlevel.item(),
                 "distortion": distortion.item(), "psnr": float(-10 * torch.log10(mse + 1e-10)),
                 "num_rays": int(len(views))}
 

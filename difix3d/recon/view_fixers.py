@@ -77,7 +77,12 @@ class OracleViewFixer(ViewFixer):
         return _done(self._answer(list(cameras), renders.shape))
 
     def _answer(self, cameras: list[Camera], shape: tuple) -> np.ndarray:
-        out = np.stack([np.asarray(self.gt_fn(c), dtype=np.uint8) for c in cameras])  # [B, H, W, 3]
+        images = [np.asarray(self.gt_fn(c)) for c in cameras]
+        for c, image in zip(cameras, images):
+            if image.dtype != np.uint8:  # a cast would turn [0, 1] floats into black targets
+                raise ValueError(f"oracle fixer: ground truth of camera {c.name!r} is {image.dtype}, expected uint8 "
+                                 "images (0..255)")
+        out = np.stack(images)  # [B, H, W, 3]
         if out.shape != tuple(shape):
             raise ValueError(f"oracle fixer: ground truth has shape {out.shape}, renders {tuple(shape)}")
         return out
