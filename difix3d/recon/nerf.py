@@ -55,7 +55,9 @@ class NerfConfig:
     """Nerfacto hyper-parameters. Defaults: nerfstudio 1.1.5 ``method_configs["nerfacto"]`` and
     ``NerfactoModelConfig`` (the Nerfacto the Difix3D+ paper, Wu et al. CVPR 2025 Tab. 1, reports on)."""
 
-    iterations: int = PAPER_STEPS  # training budget (nerfstudio: max_num_iterations 30 000)
+    # training budget (nerfstudio: max_num_iterations 30 000); the schedules below are nerfstudio's own step counts
+    # (lr_decay_steps, proposal_warmup, ...): unlike GaussianConfig's, they do not scale with it
+    iterations: int = PAPER_STEPS
     rays_per_batch: int = 4096  # train_num_rays_per_batch
     render_chunk: int = 1 << 15  # eval_num_rays_per_chunk
     # optimizers: Adam(lr 1e-2, eps 1e-15) for fields and proposal nets, exponential decay to 1e-4 over 200k steps

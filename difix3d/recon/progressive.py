@@ -115,8 +115,9 @@ class ProgressiveConfig:
 
     def budgeted(self) -> "ProgressiveConfig":
         """This config with the representation's ``iterations`` set to the loop's budget, ``trainer.iterations``.
-        The representation scales its schedules to its own ``iterations``, so with another number LR decay and
-        densification would end before the run does, or never: None there is filled in (and logged), a different
+        3DGS scales its schedules to its own ``iterations``, so with another number LR decay and densification would
+        end before the run does, or never (Nerfacto keeps nerfstudio's step counts, which ``iterations`` does not
+        scale; it is checked all the same): None there is filled in (and logged), a different
         number is a ValueError naming both fields, and so is a batch size other than 1 (the loop steps on one view)
         or a schedule or sampling setting out of range.
         """
