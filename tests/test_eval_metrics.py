@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import logging
 
@@ -120,13 +121,79 @@ def test_rows_from_fleet_output(tmp_path):
         rows_from_fleet_output(str(tmp_path / "scenes"))
 
 
+def test_a_view_a_method_has_no_render_for_is_a_row_not_a_gap(tmp_path):
+    img = np.zeros((4, 4, 3), np.uint8)
+    for scene, methods in (("seg-a", ("gt", "baseline", "difix3d")), ("seg-b", ("gt", "baseline"))):
+        for method in methods:
+            for view in ("test/000", "test/001"):
+                if (scene, method, view) != ("seg-a", "difix3d", "test/001"):  # its hard view failed to render
+                    write_image(str(tmp_path / "scenes" / scene / "renders" / method / f"{view}.png"), img)
+    rows = rows_from_fleet_output(str(tmp_path))
+    assert len(rows) == 8  # 2 scenes x 2 methods x 2 views: seg-b's difix3d folder is missing altogether
+    missing = [r for r in rows if r["method"] == "difix3d" and not os.path.exists(r["render_uri"])]
+    assert sorted((r["segment"], r["view"]) for r in missing) == [("seg-a", "test/001"), ("seg-b", "test/000"),
+                                                                   ("seg-b", "test/001")]
+    assert missing[0]["render_uri"].endswith("seg-a/renders/difix3d/test/001.png")
+
+
+def test_views_listed_twice_are_refused_and_a_rewritten_parquet_file_is_seen(tmp_path):
+    from difix3d.eval.config import EvalConfig
+    from difix3d.eval.fingerprint import fingerprint
+
+    row = {"segment": "s", "view": "test/000", "method": "m", "render_uri": "r1/a.png", "gt_uri": "g.png"}
+    (tmp_path / "dup.json").write_text(json.dumps([row, {**row, "render_uri": "r1/b.png"}]))
+    with pytest.raises(InputError, match="view listed twice: segment 's', split 'all', view 'test/000'"):
+        load_rows(str(tmp_path / "dup.json"))
+    pd.DataFrame([row, row]).to_parquet(tmp_path / "dup.parquet")
+    with pytest.raises(InputError, match="view listed twice"):
+        load_rows(str(tmp_path / "dup.parquet"))
+    cfg = EvalConfig(input="in", output=str(tmp_path), metrics="psnr")
+    pd.DataFrame([row]).to_parquet(tmp_path / "rows.parquet")
+    first = fingerprint(cfg, load_rows(str(tmp_path / "rows.parquet")))
+    pd.DataFrame([{**row, "render_uri": "r2/a.png"}]).to_parquet(tmp_path / "rows.parquet")  # same size, new run
+    assert fingerprint(cfg, load_rows(str(tmp_path / "rows.parquet")))["rows"] != first["rows"]
+
+
+def test_intervals_resample_whole_segments():
+    rng = np.random.default_rng(0)
+    segment_effect = rng.normal(0, 2.0, 30)
+    x = np.concatenate([20 + e + rng.normal(0, 1.0, 40) for e in segment_effect])
+    groups = np.repeat([f"seg{i}" for i in range(30)], 40)
+    by_view = describe(x, resamples=500)
+    by_segment = describe(x, resamples=500, groups=groups)
+    assert by_segment["mean"] == pytest.approx(x.mean())
+    width = lambda d: d["ci_high"] - d["ci_low"]  # noqa: E731
+    assert width(by_segment) > 3 * width(by_view)  # 2 dB between segments dominates: ~0.7 dB wide, not ~0.2
+    assert by_segment["ci_low"] < x.mean() < by_segment["ci_high"]
+    one = describe(x[:40], resamples=200, groups=groups[:40])  # one segment: its views are the unit
+    assert one["ci_low"] < one["mean"] < one["ci_high"]
+
+
+def test_inception_features_resize_as_the_original_fid_code(monkeypatch):
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    from difix3d.eval.perceptual import InceptionFeatures
+
+    built = []
+
+    def record(self, *args, **kwargs):  # no weights here: only how the network is built matters
+        built.append(kwargs.get("antialias", True))
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(NoTrainInceptionV3, "__init__", record)
+    with pytest.raises(RuntimeError, match="stop"):
+        InceptionFeatures("weights.pth")
+    assert built == [False]  # torch-fidelity's and pytorch-fid's resize, not torchmetrics' antialiased one
+
+
 def test_load_rows_json_jsonl_parquet_and_column_check(tmp_path):
     row = {"segment": 7, "view": "test/000", "method": "m", "render_uri": "r.png", "gt_uri": "g.png", "extra": 1}
     (tmp_path / "rows.json").write_text(json.dumps([row]))
-    (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n\n" + json.dumps(row) + "\n")
+    other = {**row, "view": "test/001"}
+    (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n\n" + json.dumps(other) + "\n")
     expected = {**{k: str(v) for k, v in row.items() if k != "extra"}, "split": "all"}
     assert load_rows(str(tmp_path / "rows.json")) == [expected]
-    assert load_rows(str(tmp_path / "rows.jsonl")) == [expected, expected]
+    assert load_rows(str(tmp_path / "rows.jsonl")) == [expected, {**expected, "view": "test/001"}]
     pd.DataFrame([row]).to_parquet(tmp_path / "rows.parquet")
     parquet = load_rows(str(tmp_path / "rows.parquet"))  # checked here, streamed by Ray Data
     assert isinstance(parquet, ParquetRows) and parquet.uri == str(tmp_path / "rows.parquet")
@@ -248,7 +315,9 @@ def test_summary_markdown_one_table_per_split_and_pooled():
     assert "17.00" in sections[0] and "25.00" in sections[1] and "21.00" in sections[2]
     assert "FID/KID views" in sections[0] and "| 30.00 | 4 |" in sections[0] and "| 20.00 | 8 |" in sections[2]
     one = summary_markdown(splits["test"], ["psnr"], ["fid"], {}, 0.95, {"test": splits["test"]})
-    assert "Split `test`" in one and "All splits" not in one
+    assert "Split `test`" in one and "All splits" not in one and "over different views" not in one
+    failed = {"baseline": entry(20.0, 30.0, 4), "difix3d": {**entry(30.0, 10.0, 4), "n_errors": 2}}
+    assert "statistics are over different views" in summary_markdown(failed, ["psnr"], ["fid"], {}, 0.95)
 
 
 @pytest.mark.gpu

@@ -32,7 +32,7 @@ class EvalConfig:
     # must be importable on the workers.
     lpips_weights: str | Callable[[], Any] = "pretrained"
     # FID/KID features. "inception": torch-fidelity's InceptionV3 pool features (2048-d, the FID standard,
-    # Heusel et al. 2017); "random": a small fixed-seed conv net (stand-in for tests and offline smoke runs); or a
+    # Heusel et al. 2017; images resized to 299 as the original code does); "random": a small fixed-seed conv net (stand-in for tests and offline smoke runs); or a
     # zero-argument callable returning a module mapping float [B, 3, H, W] in [0, 1] to [B, D].
     fid_features: str | Callable[[], Any] = "inception"
     random_feature_dim: int = 64

@@ -20,16 +20,20 @@ METRIC_FIELDS = ("metrics", "lpips_net", "lpips_weights", "fid_features", "rando
 
 
 def fingerprint(config: EvalConfig, rows: list[dict] | ParquetRows) -> dict:
-    """``{"config": {field: value}, "rows": sha256, "n_rows": int}``; for a Parquet input ``rows`` hashes the file
-    listing with sizes and ``n_rows`` counts files (reading every row on the driver would defeat streaming)."""
+    """``{"config": {field: value}, "rows": sha256, "n_rows": int}``: ``rows`` hashes every row's keys and image
+    URIs (for a Parquet input, as :func:`~difix3d.eval.rows.parquet_rows` read them on the driver)."""
     settings = config.to_json()
     if isinstance(rows, ParquetRows):
-        listing = [list(f) for f in rows.files]
+        digest, n_rows = rows.digest, rows.n_rows
     else:
         listing = sorted([r[c] for c in ROW_FIELDS] for r in rows)
-    digest = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
-    return {"config": json.loads(json.dumps({k: settings[k] for k in METRIC_FIELDS})), "rows": digest,
-            "n_rows": len(listing)}
+        digest, n_rows = hashlib.sha256(json.dumps(listing).encode()).hexdigest(), len(listing)
+    fields = json.loads(json.dumps({k: settings[k] for k in METRIC_FIELDS}))
+    if config.fid_features == "inception" and {"fid", "kid"} & set(config.metrics):
+        from difix3d.eval.perceptual import INCEPTION_RESIZE
+
+        fields["inception_resize"] = INCEPTION_RESIZE  # outputs from the earlier antialiased resize are not reused
+    return {"config": fields, "rows": digest, "n_rows": n_rows}
 
 
 def check_reusable(output: str, saved: dict | None, current: dict) -> None:

@@ -118,8 +118,15 @@ def build_feature_net(kind: str | Callable = "inception", hub_dir: str | None = 
     return InceptionFeatures(hub_checkpoint(INCEPTION_URL, hub_dir)).eval()
 
 
+# how images are resized to Inception's 299x299: the TF-style bilinear resize of the original FID code, which
+# torch-fidelity and pytorch-fid reproduce (torchmetrics' default antialiased resize gives other features for
+# frames larger than 299: FID/KID not comparable with published figures)
+INCEPTION_RESIZE = "bilinear-tf"
+
+
 class InceptionFeatures(nn.Module):
-    """torchmetrics' InceptionV3 (torch-fidelity port) 2048-d pool features from float images in [0, 1]."""
+    """torchmetrics' InceptionV3 (torch-fidelity port) 2048-d pool features from float images in [0, 1], resized to
+    299 as the original FID code does (``INCEPTION_RESIZE``)."""
 
     num_features = 2048
 
@@ -128,7 +135,7 @@ class InceptionFeatures(nn.Module):
         from torchmetrics.image.fid import NoTrainInceptionV3
 
         self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                                      feature_extractor_weights_path=weights_path)
+                                      feature_extractor_weights_path=weights_path, antialias=False)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] in [0, 1] -> [B, 2048]

@@ -8,6 +8,7 @@ belong to the split ``"all"`` (the split is never guessed from a view name).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 from dataclasses import dataclass
@@ -28,11 +29,14 @@ GT_METHOD = "gt"
 @dataclass(frozen=True)
 class ParquetRows:
     """A Parquet rows input, checked on the driver and left for Ray Data to stream: ``files`` are
-    ``(path inside filesystem, size in bytes)``; ``has_split`` says whether they carry a ``split`` column."""
+    ``(path inside filesystem, size in bytes)``; ``has_split`` says whether they carry a ``split`` column;
+    ``digest`` hashes the rows' keys and image URIs (what the saved outputs were computed from)."""
 
     uri: str
     files: tuple[tuple[str, int], ...]
     has_split: bool
+    digest: str = ""
+    n_rows: int = 0
 
     @property
     def filesystem(self) -> pafs.FileSystem:
@@ -40,29 +44,47 @@ class ParquetRows:
 
 
 def rows_from_fleet_output(out_uri: str) -> list[dict]:
-    """Every (scene, method, split/view) render under ``out_uri`` paired with its ground truth, sorted.
+    """Every (scene, method, split/view) under ``out_uri``: each method's renders and each ground-truth view, paired.
 
-    A render without ground truth still yields a row (pointing at the expected file), so the pipeline records it
-    as an error instead of silently dropping the view.
+    A render without ground truth, and a ground-truth view that a method (of any scene) has no render for, still
+    yield a row pointing at the expected file, so the pipeline records an error instead of silently dropping the
+    view: a method whose hard views failed to render must not average over its easy ones alone.
     """
     scenes_root = storage.join(out_uri, "scenes")
     if not storage.is_dir(scenes_root):
         raise InputError(out_uri, "not a fleet output folder (no scenes/ inside)")
-    rows = []
+    scenes = []  # (scene id, renders folder, gt views, {method: views})
     for scene_dir in storage.list_dir(scenes_root):
-        scene_id = _name(scene_dir)
         renders = storage.join(scene_dir, "renders")
-        gt_files = _images_by_view(storage.join(renders, GT_METHOD))
-        for method_dir in storage.list_dir(renders):
-            method = _name(method_dir)
-            if method == GT_METHOD or not storage.is_dir(method_dir):
-                continue
-            for view, (render_uri, filename) in sorted(_images_by_view(method_dir).items()):
+        methods = {_name(m): _images_by_view(m) for m in storage.list_dir(renders)
+                   if _name(m) != GT_METHOD and storage.is_dir(m)}
+        scenes.append((_name(scene_dir), renders, _images_by_view(storage.join(renders, GT_METHOD)), methods))
+    all_methods = sorted({m for *_, methods in scenes for m in methods})
+    rows = []
+    for scene_id, renders, gt_files, methods in scenes:
+        if not gt_files and not methods:
+            continue
+        for method in all_methods:
+            views = methods.get(method, {})
+            for view in sorted(set(views) | set(gt_files)):
                 split = view.split("/", 1)[0]
+                filename = (views.get(view) or gt_files[view])[1]
+                render_uri = views.get(view, (storage.join(renders, method, split, filename), ""))[0]
                 gt_uri = gt_files.get(view, (storage.join(renders, GT_METHOD, split, filename), ""))[0]
                 rows.append({"segment": scene_id, "split": split, "view": view, "method": method,
                              "render_uri": render_uri, "gt_uri": gt_uri})
     return rows
+
+
+def check_unique(keys, where: str) -> None:
+    """An :class:`InputError` naming the first (segment, split, view, method) listed twice: counted twice, it would
+    weigh in the means, intervals and FID/KID sets twice."""
+    seen = set()
+    for key in keys:
+        if key in seen:
+            raise InputError(where, f"view listed twice: segment {key[0]!r}, split {key[1]!r}, view {key[2]!r}, "
+                                    f"method {key[3]!r}")
+        seen.add(key)
 
 
 def load_rows(input_uri: str) -> list[dict] | ParquetRows:
@@ -96,7 +118,9 @@ def load_rows(input_uri: str) -> list[dict] | ParquetRows:
         missing = [c for c in ROW_COLUMNS if c not in row]
         if missing:
             raise InputError(input_uri, f"row {i} lacks columns {missing} (need {list(ROW_COLUMNS)})")
-    return [{c: str(row.get(c, DEFAULT_SPLIT)) for c in ROW_FIELDS} for row in rows]
+    rows = [{c: str(row.get(c, DEFAULT_SPLIT)) for c in ROW_FIELDS} for row in rows]
+    check_unique(((r["segment"], r["split"], r["view"], r["method"]) for r in rows), input_uri)
+    return rows
 
 
 def parquet_rows(uri: str) -> ParquetRows:
@@ -130,7 +154,19 @@ def parquet_rows(uri: str) -> ParquetRows:
         raise InputError(uri, f"some Parquet files have a {SPLIT_COLUMN!r} column and others do not")
     if n_rows == 0:
         raise InputError(uri, "no renders found (the rows file has no rows)")
-    return ParquetRows(uri, tuple(files), bool(has_split and has_split[0]))
+    split = bool(has_split and has_split[0])
+    # the key and URI columns only (the driver never reads the images): duplicates are refused here, and the rows'
+    # hash tells a rewritten file from the one saved outputs came from (a path and a size do not)
+    columns = [*ROW_COLUMNS, *([SPLIT_COLUMN] if split else [])]
+    keys = []
+    for path, _ in files:
+        t = pq.read_table(path, columns=columns, filesystem=fs).to_pydict()
+        splits = t[SPLIT_COLUMN] if split else [DEFAULT_SPLIT] * len(t["view"])
+        keys += [tuple(str(v) for v in k) for k in zip(t["segment"], splits, t["view"], t["method"],
+                                                          t["render_uri"], t["gt_uri"])]
+    check_unique((k[:4] for k in keys), uri)
+    digest = hashlib.sha256(json.dumps(sorted(keys)).encode()).hexdigest()
+    return ParquetRows(uri, tuple(files), split, digest, len(keys))
 
 
 def _images_by_view(method_dir: str) -> dict[str, tuple[str, str]]:
