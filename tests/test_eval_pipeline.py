@@ -117,6 +117,19 @@ def test_rerun_reuses_outputs_unless_overwrite(evaluated):
     assert again.skipped and again.n_views == first.n_views and again.set_metrics == first.set_metrics
 
 
+def test_a_rerun_says_when_a_metric_unavailable_before_is_available_now(evaluated, monkeypatch, caplog):
+    from difix3d.eval import pipeline
+    from difix3d.eval.perceptual import Availability
+
+    cfg, first = evaluated
+    assert "lpips" in first.unavailable
+    monkeypatch.setattr(pipeline, "worker_metric_availability",
+                        lambda c: {m: Availability(True) for m in c.metrics})  # its weights were fetched since
+    with caplog.at_level(logging.WARNING):
+        again = evaluate(cfg)
+    assert again.skipped and "lpips were unavailable" in caplog.text and "--overwrite" in caplog.text
+
+
 def test_an_interrupted_run_resumes_from_its_parts(evaluated, tmp_path, monkeypatch, caplog):
     from difix3d.eval import parts as parts_mod
 

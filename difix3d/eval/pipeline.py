@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -81,6 +81,12 @@ def evaluate(config: EvalConfig) -> EvalResult:
         splits = saved.get("splits") or {DEFAULT_SPLIT: saved["methods"]}
         set_results = {"methods": saved["methods"], "splits": splits}
         unavailable = saved["unavailable"]
+        if unavailable:  # weights fetched since: the reused outputs still lack those metrics
+            now = worker_metric_availability(replace(config, metrics=tuple(unavailable)))
+            found = sorted(m for m, a in now.items() if a.available)
+            if found:
+                log.warning("evaluate: %s were unavailable when %s was computed and are available now: pass "
+                            "--overwrite to compute them", ", ".join(found), per_view_uri)
     else:
         storage.write_json(storage.join(out, "config.json"), config.to_json())
         set_results, unavailable = compute_per_view(config, rows, per_view_uri, current)
