@@ -255,6 +255,18 @@ def test_a_scene_without_target_cameras_fails_before_training(street, tmp_path):
         reconstruct_scene(street, str(tmp_path), cfg, IdentityViewFixer(), progress=False, device="cpu")
 
 
+def test_held_out_views_that_are_also_training_views_are_refused(street, tmp_path):
+    import copy
+
+    from difix3d.errors import InputError
+
+    leaky = copy.copy(street)
+    leaky.splits = {**street.splits, "train": sorted(set(street.splits["train"]) | {street.splits["shift_1m"][0]})}
+    with pytest.raises(InputError, match=r"split 'shift_1m' shares 1 views with train"):
+        reconstruct_scene(leaky, str(tmp_path), tiny_config(iterations=24), IdentityViewFixer(), progress=False,
+                          device="cpu")
+
+
 def test_a_passed_trajectory_replaces_the_target_splits(street, tmp_path):
     shift = [street.cameras[i] for i in street.splits["shift_1m"]][:2]
     trajectory = [dataclasses.replace(c, name=f"traj_{k}") for k, c in enumerate(shift)]

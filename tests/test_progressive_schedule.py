@@ -85,6 +85,17 @@ def test_sampling_mixes_pseudo_views_at_the_configured_rate_from_the_latest_roun
         PseudoViewSampling(rounds="first").pool(rounds)
 
 
+def test_the_latest_round_is_the_newest_complete_one_while_fixes_arrive():
+    s = PseudoViewSampling()
+    rounds = [["a0", "a1", "a2", "a3"], ["b0"]]  # round 1's first batch answered, three still on their way
+    assert s.pool(rounds, pending_rounds={1}) == ["a0", "a1", "a2", "a3"]  # not b0 alone for every pseudo step
+    assert s.pool(rounds) == ["b0"]  # round 1 complete
+    assert s.pool([["a0"]], pending_rounds={0}) == ["a0"]  # no complete round yet: what has joined
+    assert PseudoViewSampling(rounds="all").pool(rounds, pending_rounds={1}) == ["a0", "a1", "a2", "a3", "b0"]
+    picks = {s.pick(random.Random(i), ["r"], rounds, {1})[0] for i in range(300)}
+    assert picks == {"r", "a0", "a1", "a2", "a3"}
+
+
 def test_pseudo_view_mask_drops_pixels_with_alpha_at_or_below_the_threshold():
     alpha = torch.tensor([0.0, 0.5, 0.51, 1.0]).reshape(1, 1, 2, 2)
     assert PseudoViewSampling().mask(alpha).flatten().tolist() == [0.0, 0.0, 1.0, 1.0]

@@ -140,6 +140,20 @@ def test_nerfstudio_round_trip_is_exact(tmp_path):
     _assert_same_scene(b, c)
 
 
+def test_views_of_extra_splits_never_land_in_an_implicit_train_split(tmp_path):
+    root = _nerfstudio(tmp_path, split=False)
+    meta = json.loads((tmp_path / "ns" / "transforms.json").read_text())
+    paths = [f["file_path"] for f in meta["frames"]]
+    meta["difix3d_splits"] = {"shift_1m": [paths[3], paths[5]]}
+    (tmp_path / "ns" / "transforms.json").write_text(json.dumps(meta))
+    no_keys = load_scene(root)  # every 8th view is test, the rest train...
+    assert no_keys.splits["test"] == [0, 8] and not {3, 5} & set(no_keys.splits["train"])  # ...but the shifts
+    meta["test_filenames"] = [paths[1]]
+    (tmp_path / "ns" / "transforms.json").write_text(json.dumps(meta))
+    only_test = load_scene(root)
+    assert only_test.splits["train"] == [0, 2, 4, 6, 7, 8, 9] and only_test.splits["shift_1m"] == [3, 5]
+
+
 def test_written_nerfstudio_dataset_lists_every_split_and_reads_back_the_same_split(tmp_path):
     """nerfstudio refuses a dataset that lists some splits but not the one it asks for (``ns-train`` asks for val):
     the test views double as val views, and that val list is not read back as a split of its own."""

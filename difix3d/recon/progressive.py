@@ -279,7 +279,8 @@ class ProgressiveLoop:
                 self._save(rep)
                 self._start_round(rep)
             self._poll()
-            view, is_pseudo = self.config.sampling.pick(self.rng, self.data.train, self.pseudo)
+            view, is_pseudo = self.config.sampling.pick(self.rng, self.data.train, self.pseudo,
+                                                        {p.round_index for p in self.pending})
             t_step = time.perf_counter()
             stats = rep.train_step([view.camera], *self.batches.get(view))
             self.timings["train_steps_s"] += time.perf_counter() - t_step
@@ -419,6 +420,13 @@ class _SceneData:
         train_idx = list(scene.splits["train"])
         if not train_idx:
             raise InputError(getattr(scene, "root", scene.name), "the scene has no training views")
+        trained = set(train_idx)
+        for split in dict.fromkeys([*config.target_splits, *config.eval_splits]):
+            shared = sorted(trained & set(scene.splits.get(split, [])))
+            if shared:  # its ground truth would be trained on, then scored as a novel view
+                raise InputError(getattr(scene, "root", scene.name) or scene.name,
+                                 f"split {split!r} shares {len(shared)} views with train (e.g. "
+                                 f"{scene.cameras[shared[0]].name!r}): held-out views must not be trained on")
         weight = config.sampling.loss_weight(False)
         train_u8 = [scene.load_image(i) for i in train_idx]
         train = [TrainingView(camera=scene.cameras[i], image=imageio.to_tensor(im)[0], weight=weight, mask=None,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Sequence, TypeVar
+from typing import Collection, Sequence, TypeVar
 
 from torch import Tensor
 
@@ -110,18 +110,24 @@ class PseudoViewSampling:
         if self.rounds not in ("latest", "all"):
             raise ValueError(f"sampling.rounds: expected 'latest' or 'all', got {self.rounds!r}")
 
-    def pool(self, pseudo_by_round: Sequence[Sequence[V]]) -> list[V]:
-        """The pseudo views an iteration may draw from."""
+    def pool(self, pseudo_by_round: Sequence[Sequence[V]], pending_rounds: Collection[int] = ()) -> list[V]:
+        """The pseudo views an iteration may draw from. ``pending_rounds``: rounds whose fixes are still arriving;
+        ``latest`` keeps to the newest complete round until they have all joined (a round's first answered batch
+        alone would take every pseudo step), or the newest partial one while no round is complete."""
         if self.rounds not in ("latest", "all"):
             raise ValueError(f"PseudoViewSampling.rounds: expected 'latest' or 'all', got {self.rounds!r}")
-        filled = [list(r) for r in pseudo_by_round if r]
+        filled = [(k, list(r)) for k, r in enumerate(pseudo_by_round) if r]
         if not filled:
             return []
-        return filled[-1] if self.rounds == "latest" else [v for r in filled for v in r]
+        if self.rounds == "all":
+            return [v for _, r in filled for v in r]
+        complete = [r for k, r in filled if k not in pending_rounds]
+        return complete[-1] if complete else filled[-1][1]
 
-    def pick(self, rng: random.Random, real: Sequence[V], pseudo_by_round: Sequence[Sequence[V]]) -> tuple[V, bool]:
+    def pick(self, rng: random.Random, real: Sequence[V], pseudo_by_round: Sequence[Sequence[V]],
+             pending_rounds: Collection[int] = ()) -> tuple[V, bool]:
         """(view, is_pseudo) for one iteration."""
-        pool = self.pool(pseudo_by_round)
+        pool = self.pool(pseudo_by_round, pending_rounds)
         if pool and rng.random() < self.probability:
             return pool[rng.randrange(len(pool))], True
         return real[rng.randrange(len(real))], False

@@ -300,12 +300,15 @@ def _splits(meta: dict, paths: list[str], uri: str, test_every: int) -> dict[str
         raise InputError(uri, "difix3d_splits must map split names to lists of file paths")
     for s, names in extra.items():
         splits[s] = lookup(f"difix3d_splits[{s!r}]", names)
+    held_extra = {i for s in extra for i in splits[s]}  # views of the extra splits (lane shifts...) are never trained on
     if "train" not in splits and "test" not in splits and "val" not in splits:
-        splits.update(every_nth_split(len(paths), test_every))
+        nth = every_nth_split(len(paths), test_every)
+        splits["test"] = nth["test"]
+        splits["train"] = [i for i in nth["train"] if i not in held_extra]
     if "test" not in splits:
         splits["test"] = list(splits.get("val", []))
     if "train" not in splits:
-        held = set(splits["test"]) | set(splits.get("val", []))
+        held = set(splits["test"]) | set(splits.get("val", [])) | held_extra
         splits["train"] = [i for i in range(len(paths)) if i not in held]
     if "val" in splits and set(splits["val"]) == set(splits["test"]):
         del splits["val"]  # the test views doubling as val views (as the writer gives them): no split of its own
