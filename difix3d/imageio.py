@@ -175,6 +175,14 @@ def _decode_tiff_without_pil(data: bytes, source: str) -> tuple[np.ndarray, int]
     return (out if rgb else _gray_to_rgb(out)), orientation
 
 
+def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` at ``height`` x ``width`` with PIL's Lanczos (deterministic; what the official Difix code
+    resizes references with); the image itself when it has that size."""
+    if image.shape[:2] == (height, width):
+        return image
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.LANCZOS))
+
+
 def encode_image(image: np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
     image = _check_hwc_uint8(image)
     buf = io.BytesIO()

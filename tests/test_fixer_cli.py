@@ -55,10 +55,14 @@ def test_fix_errors_name_the_input(tmp_path, capsys):
     assert main(["fix", str(tmp_path / "missing.png"), "-o", str(tmp_path / "o")]) == 2
     assert "missing.png" in capsys.readouterr().err
     _write(tmp_path / "x.png", 32, 48)
-    _write(tmp_path / "small_ref.png", 16, 16)
+    _write(tmp_path / "small_ref.png", 16, 16)  # another size: resized to the input's, as the official code does
     assert main(["fix", str(tmp_path / "x.png"), "--ref", str(tmp_path / "small_ref.png"),
-                 "-o", str(tmp_path / "o"), "--device", "cpu"]) == 2
-    assert "small_ref.png" in capsys.readouterr().err
+                 "-o", str(tmp_path / "o"), "--device", "cpu"]) == 0
+    assert read_image(str(tmp_path / "o" / "x.png")).shape == (32, 48, 3)
+    (tmp_path / "broken_ref.png").write_bytes(b"not an image")
+    assert main(["fix", str(tmp_path / "x.png"), "--ref", str(tmp_path / "broken_ref.png"),
+                 "-o", str(tmp_path / "o2"), "--device", "cpu"]) == 2
+    assert "broken_ref.png" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: --batch must be a positive count
         main(["fix", str(tmp_path / "x.png"), "-o", str(tmp_path / "o"), "--batch", "0"])
     assert "--batch: must be at least 1" in capsys.readouterr().err

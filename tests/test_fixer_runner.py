@@ -97,8 +97,20 @@ def test_bad_inputs_are_named(runner, bad, match):
 
 
 def test_refs_must_match_images(runner):
-    with pytest.raises(ValueError, match="refs"):
+    with pytest.raises(ValueError, match="refs: 1 references for 2 images"):
         runner.fix(_u8(2, 16, 16, 3), _u8(1, 16, 16, 3))
+
+
+def test_refs_of_another_size_are_resized_to_the_images(runner):
+    from difix3d.imageio import resize_image
+
+    imgs, refs = _u8(2, 24, 32, 3, seed=1), _u8(2, 48, 40, 3, seed=2)
+    resized = np.stack([resize_image(r, 24, 32) for r in refs])
+    np.testing.assert_array_equal(runner.fix(imgs, refs), runner.fix(imgs, resized))  # Lanczos, as the official code
+    t_imgs = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255
+    t_refs = torch.from_numpy(refs).permute(0, 3, 1, 2).float() / 255
+    out = runner.fix(t_imgs, t_refs)
+    assert out.shape == t_imgs.shape and torch.isfinite(out).all()
 
 
 def test_local_client_protocol_and_background_submit(runner):

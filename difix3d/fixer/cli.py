@@ -12,7 +12,7 @@ import numpy as np
 from difix3d import storage
 from difix3d.argtypes import positive_int
 from difix3d.errors import InputError
-from difix3d.imageio import IMAGE_EXTENSIONS, read_image, write_image
+from difix3d.imageio import IMAGE_EXTENSIONS, read_image, resize_image, write_image
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +159,8 @@ def _reference_lookup(ref: str | None):
 
 
 def _same_size(image, shape, source: str):
-    if image.shape != shape:
-        raise InputError(source, f"reference is {image.shape[1]}x{image.shape[0]}, the input {shape[1]}x{shape[0]}; "
-                                 "a reference must match its input's size")
-    return image
+    """The reference at its input's size: resized with Lanczos, as the official Difix code does."""
+    return resize_image(image, shape[0], shape[1])
 
 
 def _batches(items: list, n: int):

@@ -14,6 +14,7 @@ from difix3d.fixer.channels_last_norm import use_channels_last_group_norm
 from difix3d.fixer.model import DifixModel
 from difix3d.fixer.transposed_upsample import use_transposed_upsample
 from difix3d.fixer.wide_head_attention import use_wide_head_attention
+from difix3d.imageio import resize_image
 
 MULTIPLE = 8  # the VAE downsamples by 8; the UNet copes with any latent size itself (upsample_size)
 MIN_SIDE = 32  # smaller frames are padded up (and cropped back): a narrow model's innermost group norms need >1x1
@@ -116,14 +117,16 @@ class FixerRunner:
         if isinstance(images, torch.Tensor):
             x = _check_tensor(images, "images")
             r = None if refs is None else _check_tensor(refs, "refs")
-            _check_pair(x, r)
+            r = _check_pair(x, r)
             return self._run(x, r).to(images.device)
         if isinstance(images, np.ndarray) or isinstance(images, list):
             arr, single = _check_uint8(images, "images")
             rarr = None if refs is None else _check_uint8(refs, "refs")[0]
+            if rarr is not None and rarr.shape[0] == arr.shape[0] and rarr.shape[1:3] != arr.shape[1:3]:
+                rarr = np.stack([resize_image(r, *arr.shape[1:3]) for r in rarr])  # Lanczos, as the official code
             x = _uint8_to_float(arr)  # [B, 3, H, W]
             r = None if rarr is None else _uint8_to_float(rarr)
-            _check_pair(x, r)
+            r = _check_pair(x, r)
             out = self._run(x, r).mul_(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
             return out[0] if single else out
         raise ValueError(f"images: expected a uint8 numpy array [B, H, W, 3] or a float tensor [B, 3, H, W], "
@@ -202,10 +205,16 @@ def _check_uint8(a, name: str) -> tuple[np.ndarray, bool]:
     return np.ascontiguousarray(a), single
 
 
-def _check_pair(x: torch.Tensor, r: torch.Tensor | None) -> None:
-    if r is not None and tuple(r.shape) != tuple(x.shape):
-        raise ValueError(f"refs: shape {tuple(r.shape)} must equal the images' shape {tuple(x.shape)} "
-                         "(one reference per image, same size)")
+def _check_pair(x: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor | None:
+    """The references, one per image, at the images' size (another size is resized: bicubic with antialiasing for
+    tensors; uint8 arrays are resized with Lanczos before, as the official Difix code does)."""
+    if r is None:
+        return None
+    if r.shape[0] != x.shape[0]:
+        raise ValueError(f"refs: {r.shape[0]} references for {x.shape[0]} images (one reference per image)")
+    if r.shape[-2:] != x.shape[-2:]:
+        r = F.interpolate(r, size=tuple(x.shape[-2:]), mode="bicubic", antialias=True, align_corners=False)
+    return r
 
 
 def _uint8_to_float(arr: np.ndarray) -> torch.Tensor:

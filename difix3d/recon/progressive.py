@@ -460,17 +460,8 @@ class _SceneData:
         ``[H, W, 3]`` each. A training camera of another size (a side camera, a trajectory rendered at 2x) gives its
         image resized with Lanczos, as the original Difix resizes its reference to the input (``Difix.sample``)."""
         train_cams = [v.camera for v in self.train]
-        return [_resized(self.train_uint8[nearest_index(c, train_cams, self.rotation_weight)], c.height, c.width)
+        return [imageio.resize_image(self.train_uint8[nearest_index(c, train_cams, self.rotation_weight)], c.height, c.width)
                 for c in cameras]
-
-
-def _resized(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """uint8 ``[H, W, 3]`` at ``height`` x ``width`` (PIL's Lanczos: deterministic); the image itself at that size."""
-    if image.shape[:2] == (height, width):
-        return image
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(image).resize((width, height), Image.LANCZOS))
 
 
 def _size_batches(sizes: list[tuple[int, int]], batch_size: int | None = None) -> list[list[int]]:
