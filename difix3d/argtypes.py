@@ -17,6 +17,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def number_list(text: str) -> tuple[float, ...]:
     """``"1,2,3"`` -> (1.0, 2.0, 3.0); ``""`` -> (). Finite numbers only."""
     try:

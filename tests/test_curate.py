@@ -262,7 +262,7 @@ def test_settings_of_the_strategies_that_run_are_checked_before_any_task():
 
     config = CurateConfig(strategies=("cycle",), sparse=SparseReconstruction(every_nth=1),
                           underfit=UnderFitted(fraction_range=(0.0, 0.5)),
-                          cycle=CycleReconstruction(shift_range=(-3.0, 0.0)))  # to the right: allowed
+                          cycle=CycleReconstruction(shift_range=(-3.0, -1.0)))  # to the right: allowed
     config.strategy("cycle")  # the strategies that do not run are not held to their settings
     with pytest.raises(ValueError, match="sparse.every_nth must be an integer >= 2, got 1"):
         config.strategy("sparse")
@@ -272,6 +272,9 @@ def test_settings_of_the_strategies_that_run_are_checked_before_any_task():
         CycleReconstruction(shift_range=(2.0, 1.0)).check()
     with pytest.raises(ValueError, match="cycle.shift_range must be finite"):
         CycleReconstruction(shift_range=(1.0, float("nan"))).check()
+    for near_zero in ((0.0, 0.0), (-1.0, 1.0), (0.05, 2.0)):  # shifts of ~0 render the views the model trained on
+        with pytest.raises(ValueError, match="at least 0.1 m from 0"):
+            CycleReconstruction(shift_range=near_zero).check()
 
 
 def test_settings_may_change_while_no_unit_is_done(tmp_path):
@@ -284,7 +287,9 @@ def test_settings_may_change_while_no_unit_is_done(tmp_path):
     manifest.mark("seg-a/sparse", "failed", 2, error="ValueError: broken")
     other = dataclasses.replace(first, sparse=SparseReconstruction(every_nth=3))
     check_settings(other, manifest)  # every unit failed: the folder holds no pairs to misdescribe
-    manifest.mark("seg-b/sparse", "done", 1)
+    manifest.mark("seg-c/cross_camera", "done", 1, outcome="not_applicable", shards=[])
+    check_settings(other, manifest)  # a unit that did not apply wrote no pairs either
+    manifest.mark("seg-b/sparse", "done", 1, shards=["shards/seg-b__sparse__0000.parquet"])
     with pytest.raises(InputError, match="sparse.every_nth 2 -> 3"):
         check_settings(other, manifest)
 
@@ -313,3 +318,51 @@ def test_an_id_recorded_for_another_scene_location_is_refused(segment, tmp_path)
         plan([SceneRef("seg1", str(tmp_path / "y" / "seg1"))], config, manifest)
     todo, skipped, _ = plan([SceneRef("seg1", str(tmp_path / "x" / "seg1") + "/")], config, manifest)
     assert skipped == ["seg1/sparse"] and not todo
+
+
+def test_underfit_never_fits_its_own_targets(segment):
+    leaky = dataclasses.replace(segment, splits={**segment.splits,
+                                                 "train": sorted(set(segment.splits["train"]) | set(segment.splits["test"]))})
+    fitted = []
+
+    class Spy(ReconstructionSettings):
+        def fit(self, scene, views, steps=None, seed_key=""):
+            fitted.extend(v.camera.name for v in views)
+            raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        next(UnderFitted().make_pairs(leaky, Spy(iterations=10)))
+    targets = {segment.cameras[i].name for i in segment.splits["test"]}
+    assert fitted and not targets & set(fitted)
+
+
+def test_curation_undistorts_scenes_and_reports_units_that_do_not_apply(segment, tmp_path, monkeypatch, capsys):
+    from difix3d.curate import job
+    from difix3d.curate.cli import print_report
+    from difix3d.fleet.inputs import SceneRef
+    from difix3d.scene import undistort
+
+    seen = []
+    monkeypatch.setattr(undistort, "undistorted", lambda scene: seen.append(scene.name) or scene)
+    config = job.CurateConfig(output=str(tmp_path), cross_camera=CrossCamera(held_out="Left"), recon=_tiny_recon())
+    result = job.curate_unit(SceneRef("seg-a", segment.root), "cross_camera", config)
+    assert seen == [segment.name]  # 3DGS renders pinhole cameras: targets must be undistorted like the renders
+    assert result["status"] == "not_applicable" and "Left" in result["error"]
+    report = job.CurationReport(units={"seg-a/cross_camera": {**result, "outcome": "not_applicable",
+                                                              "status": "done"}},
+                                counts=FilterCounts(), skipped=[])
+    assert print_report(report, config) == 0
+    assert "NOT APPLICABLE seg-a/cross_camera:" in capsys.readouterr().out
+
+
+def test_curation_settings_that_cannot_work_are_refused_before_any_task(tmp_path):
+    from difix3d.curate import job
+    from difix3d.curate.cli import build_job_parser
+
+    with pytest.raises(ValueError, match="strategies: each once"):
+        job.run_curation(job.CurateConfig(output=str(tmp_path), strategies=("sparse", "sparse")), scenes=[])
+    parser = build_job_parser()
+    for flag, value in (("--iterations", "0"), ("--shard-size", "-3"), ("--max-attempts", "0"),
+                        ("--gpus-per-task", "-1")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--scenes", "s", "--output", "o", flag, value])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from difix3d.argtypes import positive_int
+from difix3d.argtypes import non_negative_float, positive_int
 
 
 def add_parser(subparsers) -> None:
@@ -39,7 +39,7 @@ def build_job_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenes", required=True, help="scene manifest: .parquet/.json list, glob, folder, comma list")
     p.add_argument("--output", required=True, help="output URI (shards/, _manifest/, summary.json)")
     p.add_argument("--strategies", default=",".join(d.strategies), help=f"comma list of {sorted(STRATEGIES)}")
-    p.add_argument("--iterations", type=int, default=d.recon.iterations, help="3DGS budget per model")
+    p.add_argument("--iterations", type=positive_int, default=d.recon.iterations, help="3DGS budget per model")
     p.add_argument("--every-nth", type=int, default=d.sparse.every_nth, help="sparse: train on every Nth frame")
     p.add_argument("--held-out-camera", default=None, help="cross_camera: rig camera left out (default: the "
                    "scene's cross_camera split, else the last camera)")
@@ -49,9 +49,9 @@ def build_job_parser() -> argparse.ArgumentParser:
                    help="cycle: lateral shift in metres")
     p.add_argument("--min-psnr", type=float, default=d.filter.min_psnr, help="drop pairs below (hopeless)")
     p.add_argument("--max-psnr", type=float, default=d.filter.max_psnr, help="drop pairs above (nearly perfect)")
-    p.add_argument("--shard-size", type=int, default=d.shard_size, help="pairs per shard")
-    p.add_argument("--gpus-per-task", type=float, default=None, help="default: 1 on a GPU cluster, else 0")
-    p.add_argument("--max-attempts", type=int, default=d.max_attempts, help="tries per (scene, strategy) unit")
+    p.add_argument("--shard-size", type=positive_int, default=d.shard_size, help="pairs per shard")
+    p.add_argument("--gpus-per-task", type=non_negative_float, default=None, help="default: 1 on a GPU cluster, else 0")
+    p.add_argument("--max-attempts", type=positive_int, default=d.max_attempts, help="tries per (scene, strategy) unit")
     p.add_argument("--seed", type=int, default=d.recon.seed, help="seed of the reconstructions")
     p.add_argument("--tiny", action="store_true", help="tiny 3DGS preset (demos, CPU)")
     return p
@@ -88,4 +88,6 @@ def print_report(report, config) -> int:
               f"are below and in summary.json and _manifest/; a higher --max-attempts retries them")
     for unit, error in sorted(report.failed.items()):
         print(f"{'GAVE UP' if unit in given_up else 'FAILED'} {unit}: {error}")
+    for unit, reason in sorted(report.not_applicable.items()):  # no pairs, no failure: said, or a typo goes unseen
+        print(f"NOT APPLICABLE {unit}: {reason}")
     return 1 if report.failed else 0

@@ -78,6 +78,11 @@ class CurationReport:
     def failed(self) -> dict[str, str]:
         return {u: r.get("error", "") for u, r in self.units.items() if r["status"] == "failed"}
 
+    @property
+    def not_applicable(self) -> dict[str, str]:
+        """Units whose strategy did not apply to their scene (no test views, no such camera...), with the reason."""
+        return {u: r.get("error", "") for u, r in self.units.items() if r.get("outcome") == "not_applicable"}
+
     def unit_seconds_by_strategy(self) -> dict[str, float]:
         """Task seconds summed per strategy over done units: where a fleet's curation time goes."""
         out: dict[str, float] = {}
@@ -101,6 +106,8 @@ def run_curation(config: CurateConfig, scenes: list[SceneRef] | None = None, pro
 
     t0 = time.perf_counter()
     scenes = scenes if scenes is not None else resolve_scenes(config.scenes)
+    if len(set(config.strategies)) != len(config.strategies):  # twice: two tasks writing one unit's shards at once
+        raise ValueError(f"strategies: each once, got {list(config.strategies)}")
     for name in config.strategies:
         config.strategy(name)  # unknown names and bad settings fail before any work starts
     manifest = storage.Manifest(config.output)
@@ -125,7 +132,7 @@ def run_curation(config: CurateConfig, scenes: list[SceneRef] | None = None, pro
     report.seconds = time.perf_counter() - t0
     storage.write_json(storage.join(config.output, "summary.json"), {
         "counts": report.counts.to_dict(), "failed": report.failed, "skipped": report.skipped,
-        "given_up": report.given_up,
+        "given_up": report.given_up, "not_applicable": report.not_applicable,
         "shards": len(report.shards), "pairs": report.counts.total("kept"), "seconds": report.seconds,
         "unit_seconds_by_strategy": report.unit_seconds_by_strategy()})
     return report
@@ -139,8 +146,8 @@ def check_settings(config: CurateConfig, manifest: storage.Manifest | None = Non
     uri = storage.join(config.output, "config.json")
     if not storage.exists(uri):
         return
-    if manifest is not None and not any(e.status == "done" for e in manifest.entries()):
-        return
+    if manifest is not None and not any(e.status == "done" and e.info.get("shards") for e in manifest.entries()):
+        return  # no unit wrote pairs (none finished, or none applied): nothing the new settings would misdescribe
     saved = storage.read_json(uri)
     if not isinstance(saved, dict):
         raise InputError(uri, "not a curation config (expected a JSON object)")
@@ -192,13 +199,16 @@ def curate_unit(scene: SceneRef, strategy_name: str, config: CurateConfig) -> di
     """Run one strategy on one scene and write its kept pairs as shards → a result dict that never raises:
     ``{"status": "done" | "not_applicable" | "failed", "shards", "pairs", "counts", "seconds", "error"}``."""
     from difix3d.scene.scene import load_scene
+    from difix3d.scene.undistort import undistorted
 
     t0 = time.perf_counter()
     counts = FilterCounts()
     written: list[str] = []
     try:
         _delete_unit_shards(config, scene.scene_id, strategy_name)  # an earlier attempt killed mid-way left them
-        loaded = load_scene(scene.uri)
+        # 3DGS renders pinhole cameras: distorted images would be targets out of register with their renders, a warp
+        # the fixer would learn (and never see at inference, where the fleet undistorts too)
+        loaded = undistorted(load_scene(scene.uri))
         pairs = config.strategy(strategy_name).make_pairs(loaded, config.recon)
         for k, rows in enumerate(_chunks(config.filter.apply(pairs, counts), config.shard_size)):
             uri = _shard_uri(config, scene.scene_id, strategy_name, k)

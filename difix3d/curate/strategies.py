@@ -175,9 +175,12 @@ class UnderFitted(CurationStrategy):
         return float(np.random.default_rng(_seed(seed, scene.name, self.name)).uniform(lo, hi))
 
     def make_pairs(self, scene, recon: ReconstructionSettings) -> Iterator[dict]:
-        train_idx, targets = sorted(scene.splits.get("train", [])), sorted(scene.splits.get("test", []))
+        targets = sorted(scene.splits.get("test", []))
+        train_idx = sorted(set(scene.splits.get("train", [])) - set(targets))  # never fitted to its own targets
         if not targets:
             raise NotApplicable("scene has no test views to render")
+        if not train_idx:
+            raise NotApplicable("scene has no training views apart from its test views")
         steps = max(1, int(round(self.fraction(scene, recon.seed) * recon.iterations)))
         model = recon.fit(scene, load_training_views(scene, train_idx), steps=steps, seed_key=self.name)
         yield from pairs_from_renders(scene, self.name, targets, recon.render(model, _cams(scene, targets)), train_idx)
@@ -197,6 +200,8 @@ class CycleReconstruction(CurationStrategy):
         lo, hi = _range(self.shift_range, "cycle.shift_range")
         if not lo <= hi:  # negative: to the right
             raise ValueError(f"cycle.shift_range must satisfy lo <= hi (metres), got {self.shift_range!r}")
+        if lo <= 0.0 <= hi or min(abs(lo), abs(hi)) < 0.1:  # a shift of ~0 renders the views it trained on
+            raise ValueError(f"cycle.shift_range must keep at least 0.1 m from 0 on one side, got {self.shift_range!r}")
 
     def shift(self, scene, seed: int = 0) -> float:
         self.check()
