@@ -50,10 +50,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if (not action.option_strings or default is None or default is False or default == argparse.SUPPRESS
+        if (not action.option_strings or default is None or default is False or default == ""
+                or default == argparse.SUPPRESS
                 or tells_default(text) or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
             return text
-        shown = (",".join(str(v) for v in default).replace("%", "%%") if isinstance(default, (list, tuple))
+        sep = " " if action.nargs not in (None, "?") else ","  # as the values are typed: 'LO HI' for nargs=2
+        shown = (sep.join(str(v) for v in default).replace("%", "%%") if isinstance(default, (list, tuple))
                  else "%(default)s")
         return f"{text} (default: {shown})".strip()
 

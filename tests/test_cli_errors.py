@@ -147,4 +147,12 @@ def test_curate_help_gives_defaults(capsys):
 
     help_text = " ".join(build_job_parser().format_help().split())
     assert "seed of the reconstructions (default: 0)" in help_text
-    assert "cycle: lateral shift in metres (default: 1.0,3.0)" in help_text
+    assert "cycle: lateral shift in metres (default: 1.0 3.0)" in help_text  # as typed: two values
+
+
+def test_synth_refuses_to_mix_a_new_segment_into_an_old_one(tmp_path, capsys):
+    argv = ["synth", str(tmp_path), "--frames", "2", "--height", "16", "--width", "24", "--points", "50",
+            "--shifts", "", "--device", "cpu"]
+    assert difix3d_main(argv) == 0
+    assert _exit_code(difix3d_main, argv) == 2
+    assert "segment-000: segment folder is not empty" in capsys.readouterr().err

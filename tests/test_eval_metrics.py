@@ -318,6 +318,8 @@ def test_summary_markdown_one_table_per_split_and_pooled():
     assert "Split `test`" in one and "All splits" not in one and "over different views" not in one
     failed = {"baseline": entry(20.0, 30.0, 4), "difix3d": {**entry(30.0, 10.0, 4), "n_errors": 2}}
     assert "statistics are over different views" in summary_markdown(failed, ["psnr"], ["fid"], {}, 0.95)
+    assert "**FID/KID from stand-in networks**" in summary_markdown(failed, ["psnr"], ["fid"], {}, 0.95, None,
+                                                                    ["FID/KID"])
 
 
 @pytest.mark.gpu

@@ -53,7 +53,7 @@ def build_job_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-task", type=non_negative_float, default=None, help="default: 1 on a GPU cluster, else 0")
     p.add_argument("--max-attempts", type=positive_int, default=d.max_attempts, help="tries per (scene, strategy) unit")
     p.add_argument("--seed", type=int, default=d.recon.seed, help="seed of the reconstructions")
-    p.add_argument("--tiny", action="store_true", help="tiny 3DGS preset (demos, CPU)")
+    p.add_argument("--tiny", action="store_true", help="tiny 3DGS preset (demos, CPU); --iterations stays as given")
     return p
 
 

@@ -64,7 +64,8 @@ def lpips_availability(net: str = "alex", weights: str | Callable = "pretrained"
     path = hub_checkpoint(_LPIPS_BACKBONE_URLS[net], hub_dir)
     if not os.path.isfile(path):
         return Availability(False, f"LPIPS {net} backbone weights not found at {path} (no download here); fetch "
-                                   f"{_LPIPS_BACKBONE_URLS[net]} into that folder")
+                                   f"{_LPIPS_BACKBONE_URLS[net]} into that folder (or --lpips-weights random: a "
+                                   "stand-in whose values are not comparable to published LPIPS)")
     return Availability(True)
 
 
@@ -101,7 +102,8 @@ def feature_availability(kind: str | Callable = "inception", hub_dir: str | None
     path = hub_checkpoint(INCEPTION_URL, hub_dir)
     if not os.path.isfile(path):
         return Availability(False, f"InceptionV3 weights not found at {path} (no download here); fetch "
-                                   f"{INCEPTION_URL} into that folder")
+                                   f"{INCEPTION_URL} into that folder (or --fid-features random: a stand-in whose "
+                                   "values are not comparable to published FID/KID)")
     return Availability(True)
 
 

@@ -43,10 +43,13 @@ def write_reports(per_view: pa.Table, set_results: dict, unavailable: dict[str, 
               for split in sorted(set(per_view.column("split").to_pylist()))}
     shown = [m for m in PER_VIEW_METRICS if m in config.metrics]  # unavailable ones get a column saying so
     set_metrics = [m for m in ("fid", "kid") if m in config.metrics]
-    md = summary_markdown(summary, shown, set_metrics, unavailable, config.confidence, splits)
+    stand_ins = [name for name, kind in (("LPIPS", config.lpips_weights), ("FID/KID", config.fid_features))
+                 if kind == "random" or callable(kind)]
+    md = summary_markdown(summary, shown, set_metrics, unavailable, config.confidence, splits, stand_ins)
     md_uri, json_uri = storage.join(config.output, SUMMARY_MD), storage.join(config.output, SUMMARY_JSON)
     storage.write_text(md_uri, md)
     storage.write_json(json_uri, {"methods": summary, "splits": splits, "unavailable": unavailable,
+                                  "stand_in_networks": stand_ins,
                                   "confidence": config.confidence, "bootstrap_resamples": config.bootstrap_resamples})
     if echo:
         print(md, flush=True)
@@ -134,13 +137,17 @@ def _cluster_bootstrap(x: np.ndarray, groups: np.ndarray, confidence: float, res
 
 
 def summary_markdown(summary: dict, metrics: list[str], set_metrics: list[str], unavailable: dict[str, str],
-                     confidence: float = 0.95, splits: dict[str, dict] | None = None) -> str:
+                     confidence: float = 0.95, splits: dict[str, dict] | None = None,
+                     stand_ins: list[str] | None = None) -> str:
     """One table per split, then the pooled ``summary`` labelled "all splits" when there is more than one split
     (only the pooled table when ``splits`` is not given)."""
     sections = [(f"Split `{split}`", entries) for split, entries in (splits or {}).items()]
     if len(sections) != 1:
         sections.append(("All splits (pooled)", summary))
     lines = ["# Evaluation summary", ""]
+    if stand_ins:
+        lines += [f"**{' and '.join(stand_ins)} from stand-in networks** (not the published weights): their values "
+                  "compare only between runs with the same stand-ins, never with published figures.", ""]
     for title, entries in sections:
         lines += [f"## {title}", "", *_table(entries, metrics, set_metrics, unavailable, confidence)]
         notes = [f"- {method}: {e[k]}" for method, e in entries.items()

@@ -408,7 +408,7 @@ def _fold_encoder_lora(state: dict[str, torch.Tensor], source: str) -> dict[str,
                                           f"weight {tuple(w.shape)}") from e
         out[f"{layer}.weight"] = (w.float() + delta).to(w.dtype)
         nonzero += 1
-    log.info("%s: the LoRA of %d VAE encoder layers (%d with a nonzero delta) folded into their weights: the adapter "
+    log.debug("%s: the LoRA of %d VAE encoder layers (%d with a nonzero delta) folded into their weights: the adapter "
              "wraps the decoder only now", source, len(layers), nonzero)
     return out
 

@@ -66,10 +66,12 @@ class FleetConfig:
     max_attempts: int = 2
     """Tries per scene before it is marked failed (bad input such as a corrupt image fails at once)."""
     retry_failed: bool = False
-    """Re-run scenes that a previous run marked failed (their attempt count starts again)."""
+    """Re-run scenes that a previous run marked failed (their failure count starts again: ``max_attempts`` more
+    tries; ``attempts`` in the summary keeps counting every try)."""
     device: str = "auto"
     """``auto`` (CUDA when the cluster has GPUs), ``cuda`` or ``cpu``."""
     progress: bool = True
+    """A progress bar of scenes (done, failed, running, frames fixed per second) while the job runs."""
 
     extra: dict[str, Any] = field(default_factory=dict)
     """Overrides of the per-scene ProgressiveConfig (``--set``), dotted for nested fields, e.g.

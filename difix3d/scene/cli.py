@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from difix3d.argtypes import number_list, positive_int
+from difix3d.argtypes import HelpFormatter, number_list, positive_int
+from difix3d.errors import InputError
 
 RIG = ("front", "left", "right")  # the synthetic rig's cameras
 
@@ -29,12 +30,12 @@ def _holdout(text: str) -> tuple[str, ...]:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("synth", help="write synthetic driving segments with exact ground truth",
-                              description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("out", help="output folder URI; segments go to OUT/segment-000, OUT/segment-001, ...")
     p.add_argument("--segments", type=positive_int, default=1, help="number of segments (seeds seed .. seed+N-1)")
     p.add_argument("--frames", type=positive_int, default=64, help="frames per segment")
-    p.add_argument("--height", type=positive_int, default=576)
-    p.add_argument("--width", type=positive_int, default=1024)
+    p.add_argument("--height", type=positive_int, default=576, help="image height in pixels")
+    p.add_argument("--width", type=positive_int, default=1024, help="image width in pixels")
     p.add_argument("--seed", type=int, default=0, help="seed of the first segment")
     p.add_argument("--every-nth-train", type=positive_int, default=2, help="train on every Nth frame (sparse views)")
     p.add_argument("--shifts", type=_shifts, default="1,2,3",
@@ -55,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
     cameras = tuple(c for c in RIG if c not in holdout)
     for k in range(args.segments):
         uri = storage.join(args.out, f"segment-{k:03d}")
+        if storage.is_dir(uri) and storage.list_dir(uri):  # its old frames would stay beside the new ones
+            raise InputError(uri, "segment folder is not empty: remove it or write to another OUT")
         t0 = time.perf_counter()
         scene = make_segment(uri, seed=args.seed + k, frames=args.frames, height=args.height, width=args.width,
                              cameras=cameras, every_nth_train=args.every_nth_train, shifts=shifts,

@@ -18,7 +18,8 @@ from difix3d.train.config import FinetuneConfig, LossWeights
 
 _HELP = {
     "train_shards": "pair shards: folder, glob or file URI",
-    "init": "tiny | sd-turbo preset, or a checkpoint URI (ours, official .pkl, nvidia/difix folder, SD-Turbo folder)",
+    "init": "tiny | sd-turbo preset (random weights: add --train-vae), bundled (the small demo fixer), or a checkpoint "
+            "URI (ours, official .pkl, nvidia/difix folder, SD-Turbo folder)",
     "base": "SD-Turbo folder an official .pkl --init needs for its VAE base (default: $DIFIX3D_SD_TURBO)",
     "storage_path": "run storage URI; the same --name and --storage-path resume a run",
     "optimizer": "adamw (fp32 state; fused on CUDA) | adamw8bit (torchao 8-bit state: fits sd-turbo in less memory)",

@@ -61,6 +61,10 @@ def check_init(config: FinetuneConfig) -> None:
     from difix3d.fixer.checkpoint import detect_format
     from difix3d.fixer.config import PRESETS
 
+    if config.init in PRESETS and not config.train_vae:  # a random autoencoder, frozen: nothing to reconstruct with
+        log.warning("init %r is a preset with random weights and the VAE stays frozen (--train-vae off): the fixer "
+                    "cannot even reproduce its input; pass --train-vae, or start from a trained fixer (--init "
+                    "bundled, or a checkpoint)", config.init)
     if config.init in PRESETS or config.init == "bundled":
         return
     if any(os.path.basename(u.rstrip("/")).startswith("checkpoint_") for u in storage.list_dir(config.run_uri())):
