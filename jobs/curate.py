@@ -10,8 +10,6 @@ All logic lives in difix3d.curate; re-running the same command resumes (finished
 import logging
 import sys
 
-import ray
-
 from difix3d.curate.cli import build_job_parser, config_from_args, print_report
 from difix3d.curate.job import run_curation
 from difix3d.errors import exit_code_of_user_errors
@@ -25,5 +23,6 @@ if __name__ == "__main__":
             config.strategy(name)
     except ValueError as e:
         parser.error(str(e))  # usage and exit 2, before Ray starts
-    ray.init()  # under `ray job submit` joins the cluster (RAY_ADDRESS); on a laptop starts a local one
+    # run_curation resolves the scenes, then joins the cluster under `ray job submit` (RAY_ADDRESS) or starts a local
+    # one: a mistyped --scenes fails in a second, not after Ray's start
     sys.exit(exit_code_of_user_errors("curate", lambda: print_report(run_curation(config), config)))

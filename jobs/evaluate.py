@@ -12,6 +12,7 @@ import sys
 
 import ray
 
+from difix3d import storage
 from difix3d.argtypes import HelpFormatter
 from difix3d.errors import InputError, exit_code_of_user_errors
 from difix3d.eval.cli import add_arguments, checked_config, run
@@ -26,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
         checked_config(args)  # settings checked before Ray starts
     except InputError as e:
         parser.error(e.problem)
+    if not storage.exists(args.input):  # a mistyped path: said at once, not after Ray's start
+        print(f"evaluate: error: {args.input}: no such file or folder", file=sys.stderr)
+        return 2
     ray.init()  # joins the cluster under `ray job submit`, starts a local one otherwise
     return exit_code_of_user_errors("evaluate", run, args)
 

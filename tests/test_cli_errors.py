@@ -156,3 +156,18 @@ def test_synth_refuses_to_mix_a_new_segment_into_an_old_one(tmp_path, capsys):
     assert difix3d_main(argv) == 0
     assert _exit_code(difix3d_main, argv) == 2
     assert "segment-000: segment folder is not empty" in capsys.readouterr().err
+
+
+def test_evaluate_and_finetune_name_a_missing_input_before_ray_starts(tmp_path, capsys, monkeypatch):
+    import ray
+
+    sys.path.insert(0, JOBS)
+    try:
+        import evaluate as evaluate_job
+    finally:
+        sys.path.remove(JOBS)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init before the input was checked"))
+    assert evaluate_job.main(["--input", str(tmp_path / "nofleet"), "--output", str(tmp_path / "ev")]) == 2
+    assert "nofleet: no such file or folder" in capsys.readouterr().err
+    assert _exit_code(difix3d_main, ["finetune", "--train-shards", str(tmp_path / "noshards")]) == 2
+    assert "noshards: no pair shards" in capsys.readouterr().err
