@@ -171,3 +171,11 @@ def test_evaluate_and_finetune_name_a_missing_input_before_ray_starts(tmp_path, 
     assert "nofleet: no such file or folder" in capsys.readouterr().err
     assert _exit_code(difix3d_main, ["finetune", "--train-shards", str(tmp_path / "noshards")]) == 2
     assert "noshards: no pair shards" in capsys.readouterr().err
+
+
+def test_a_mistyped_init_preset_lists_the_presets(tmp_path):
+    from difix3d.train.config import FinetuneConfig
+    from difix3d.train.trainer import check_init
+
+    with pytest.raises(MissingWeightsError, match=r"tyni: no such checkpoint, nor a preset \(init takes .*tiny"):
+        check_init(FinetuneConfig(train_shards="x", storage_path=str(tmp_path), name="run", init="tyni"))

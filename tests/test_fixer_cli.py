@@ -119,3 +119,17 @@ def test_a_bad_image_is_named_and_skipped_and_the_others_are_fixed(tmp_path, cap
     err = capsys.readouterr().err
     assert "1.png" in err and "1 of 3 images not fixed" in err
     assert sorted(os.listdir(tmp_path / "o")) == ["0.png", "2.png"]
+
+
+def test_a_missing_reference_is_named_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from difix3d.fixer import runner as runner_mod
+
+    _write(tmp_path / "in" / "a.png", 16, 16)
+    (tmp_path / "refs").mkdir()
+    monkeypatch.setattr(runner_mod.FixerRunner, "from_checkpoint",
+                        classmethod(lambda cls, *a, **k: pytest.fail("model loaded before --ref was checked")))
+    assert main(["fix", str(tmp_path / "in"), "--ref", str(tmp_path / "refs"), "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "a.png: no reference for this image (looked for" in err and "1 of 1 inputs have none" in err
+    assert main(["fix", str(tmp_path / "in"), "--ref", str(tmp_path / "nope.png"), "-o", str(tmp_path / "o")]) == 2
+    assert "nope.png: reference image not found" in capsys.readouterr().err

@@ -52,6 +52,7 @@ def run_fix(args: argparse.Namespace) -> int:
     if not jobs:
         raise InputError(" ".join(args.inputs), f"no images found (extensions {', '.join(IMAGE_EXTENSIONS)})")
     _check_output_spares_inputs(args.output, args.inputs, jobs, args.ref)
+    _check_references_exist(args.ref, jobs)  # before the model loads: a wrong --ref is said at once
     runner = FixerRunner.from_checkpoint(args.checkpoint or default_checkpoint(), device=args.device,
                                          compile=args.compile, max_batch=args.batch, base=args.base)
     ref_for = _reference_lookup(args.ref)
@@ -77,8 +78,9 @@ def run_fix(args: argparse.Namespace) -> int:
             bar.update(len(group))
     log.info("fixed %d images into %s", len(jobs) - len(failed), args.output)
     if failed:
+        rest = f"the others are in {args.output}" if len(failed) < len(jobs) else "none was fixed"
         raise InputError(failed[0].source, f"{failed[0].problem} ({len(failed)} of {len(jobs)} images not fixed, "
-                                           f"each logged above; the others are in {args.output})")
+                                           f"each logged above; {rest})")
     return 0
 
 
@@ -152,10 +154,26 @@ def _reference_lookup(ref: str | None):
     def lookup(src: str, name: str, shape):
         path = storage.join(ref, name)
         if not storage.exists(path):
-            raise InputError(path, f"no reference image for {src}")
+            raise InputError(src, f"no reference for this image (looked for {path})")
         return _same_size(read_image(path), shape, path)
 
     return lookup
+
+
+def _check_references_exist(ref: str | None, jobs: list[tuple[str, str]]) -> None:
+    """``--ref``: the file, or in a folder each input's reference, exists; an :class:`InputError` naming what is
+    missing (and how many) otherwise."""
+    if ref is None:
+        return
+    if not storage.is_dir(ref):
+        if not storage.exists(ref):
+            raise InputError(ref, "reference image not found")
+        return
+    missing = [(src, storage.join(ref, name)) for src, name in jobs if not storage.exists(storage.join(ref, name))]
+    if missing:
+        src, path = missing[0]
+        raise InputError(src, f"no reference for this image (looked for {path}); {len(missing)} of {len(jobs)} "
+                              f"inputs have none in {ref}")
 
 
 def _same_size(image, shape, source: str):

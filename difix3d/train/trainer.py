@@ -69,6 +69,11 @@ def check_init(config: FinetuneConfig) -> None:
         return
     if any(os.path.basename(u.rstrip("/")).startswith("checkpoint_") for u in storage.list_dir(config.run_uri())):
         return
+    if "/" not in config.init and "." not in config.init and not storage.exists(config.init):  # a mistyped preset
+        from difix3d.errors import MissingWeightsError
+
+        raise MissingWeightsError(f"{config.init}: no such checkpoint, nor a preset (init takes "
+                                  f"{' | '.join([*PRESETS, 'bundled'])} or a checkpoint URI)")
     detect_format(config.init)  # MissingWeightsError / CheckpointError naming the location
 
 
