@@ -117,7 +117,7 @@ class FixerRunner:
         if isinstance(images, torch.Tensor):
             x = _check_tensor(images, "images")
             r = None if refs is None else _check_tensor(refs, "refs")
-            r = _check_pair(x, r)
+            r = _matched_refs(x, r)
             return self._run(x, r).to(images.device)
         if isinstance(images, np.ndarray) or isinstance(images, list):
             arr, single = _check_uint8(images, "images")
@@ -126,7 +126,7 @@ class FixerRunner:
                 rarr = np.stack([resize_image(r, *arr.shape[1:3]) for r in rarr])  # Lanczos, as the official code
             x = _uint8_to_float(arr)  # [B, 3, H, W]
             r = None if rarr is None else _uint8_to_float(rarr)
-            r = _check_pair(x, r)
+            r = _matched_refs(x, r)
             out = self._run(x, r).mul_(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
             return out[0] if single else out
         raise ValueError(f"images: expected a uint8 numpy array [B, H, W, 3] or a float tensor [B, 3, H, W], "
@@ -205,7 +205,7 @@ def _check_uint8(a, name: str) -> tuple[np.ndarray, bool]:
     return np.ascontiguousarray(a), single
 
 
-def _check_pair(x: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor | None:
+def _matched_refs(x: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor | None:
     """The references, one per image, at the images' size (another size is resized: bicubic with antialiasing for
     tensors; uint8 arrays are resized with Lanczos before, as the official Difix code does)."""
     if r is None:

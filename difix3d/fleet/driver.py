@@ -18,7 +18,7 @@ from difix3d import storage
 from difix3d.errors import InputError
 
 from .config import FleetConfig
-from .fixers import open_fixer, pool_frames, pool_size, resolve_checkpoint
+from .fixers import open_fixer, pool_frames, pool_size, resolve_checkpoint, uses_gpu
 from .inputs import SceneRef, adopt_recorded_ids, resolve_scenes, same_scene_key
 from .progress import FleetProgress
 from .scene_task import SceneFn, backend_problem, check_scene_settings, run_scene_task
@@ -91,7 +91,7 @@ def run_fleet(config: FleetConfig, *, scene_fn: SceneFn | None = None, fixer: An
 
     cluster = ray.cluster_resources()
     gpus = float(cluster.get("GPU", 0.0))
-    use_gpu = gpus > 0 and config.device != "cpu" or config.device == "cuda"
+    use_gpu = uses_gpu(config, gpus)
     if config.device == "cuda" and gpus == 0 and todo:
         echo("[fleet] WARNING: --device cuda, but the Ray cluster has no GPU now: scene tasks wait until GPU nodes "
              "join (an autoscaling cluster adds them; a local one never will: Ctrl-C and use --device cpu or auto)")

@@ -31,11 +31,17 @@ def resolve_checkpoint(checkpoint: str | None) -> tuple[str, str | None]:
     return uri, notice
 
 
+def uses_gpu(config, cluster_gpus: float) -> bool:
+    """Whether scene tasks and fixer replicas ask for GPUs: ``--device cuda`` always (an autoscaling cluster adds GPU
+    nodes for them), ``auto`` when the cluster has GPUs now, ``cpu`` never."""
+    return config.device == "cuda" or (cluster_gpus > 0 and config.device != "cpu")
+
+
 def pool_size(config, cluster_gpus: float) -> tuple[int, int, float]:
     """(min replicas, max replicas, GPUs per replica): one replica per GPU by default, 1 CPU replica without GPUs.
     ``--device cuda`` on a cluster with no GPU yet (an autoscaling one, before its GPU nodes join) still asks for GPU
     replicas: the autoscaler adds nodes for them, where a CPU replica would have run a GPU model on CPUs."""
-    use_gpu = config.device == "cuda" or (cluster_gpus > 0 and config.device != "cpu")
+    use_gpu = uses_gpu(config, cluster_gpus)
     gpus_per_replica = config.replica_num_gpus if use_gpu else 0.0
     if config.pool_replicas > 0:
         n = config.pool_replicas
