@@ -44,9 +44,12 @@ def main() -> None:
                    help="with --profile: time the stages compiled too (one more compile each; default eager)")
     p.add_argument("--group-norm", default="auto", choices=["auto", "native", "nhwc"],
                    help="bf16 paths: nn.GroupNorm, or ours on NHWC views; auto = FixerRunner's default (nhwc)")
-    p.add_argument("--norm-stats", default="auto", choices=["auto", "group", "channel"],
-                   help="with --group-norm nhwc: statistics per group, or per channel combined per group; auto = "
-                        "ChannelsLastGroupNorm's default")
+    p.add_argument("--norm-stats", default="auto", choices=["auto", "group", "channel", "channel_shifted_sums"],
+                   help="NHWC group norm statistics: per group, per channel (var_mean), or per channel as shifted "
+                        "sums; auto = FixerRunner's default")
+    p.add_argument("--norm-affine", default="auto", choices=["auto", "inline", "realized"],
+                   help="NHWC group norm with channel statistics: scale and shift per element (inline) or once per "
+                        "sample and channel by an opaque op (realized); auto = ChannelsLastGroupNorm's default")
     p.add_argument("--upsample", default="auto", choices=["auto", "native", "transposed"],
                    help="bf16 paths: diffusers' nearest 2x + 3x3 conv, or one folded stride-2 transposed conv; "
                         "auto = FixerRunner's default")
@@ -66,6 +69,10 @@ def main() -> None:
     p.add_argument("--gpu-share", type=int, default=1, metavar="N",
                    help="with --gpu-lock: N runs share the GPU; each waits (up to 15 min) until all N have compiled "
                         "before its first timing, so no compile's autotuning runs beside a timing")
+    p.add_argument("--bandwidth", metavar="FILE", default=None,
+                   help="instead of timing: compile the last of --paths (default mode) with Inductor's bandwidth "
+                        "profile on, run one forward at the first batch and append each Triton kernel's ms, GB and "
+                        "GB/s to FILE")
     p.add_argument("--no-write", action="store_true", help="print only, do not append to results/")
     p.add_argument("--profile", metavar="FILE", default=None,
                    help="after timing, profile the last path at the first batch size without a reference and write "
@@ -92,11 +99,19 @@ def main() -> None:
     from difix3d.fixer.channels_last_norm import ChannelsLastGroupNorm
 
     if args.norm_stats != "auto":
-        ChannelsLastGroupNorm.channel_statistics = args.norm_stats == "channel"
-    norm_stats = "channel" if ChannelsLastGroupNorm.channel_statistics else "group"
+        ChannelsLastGroupNorm.channel_statistics = args.norm_stats.startswith("channel")
+        ChannelsLastGroupNorm.shifted_sums = args.norm_stats == "channel_shifted_sums"
+    if args.norm_affine != "auto":
+        ChannelsLastGroupNorm.realized_affine = args.norm_affine == "realized"
+    norm_affine = "realized" if ChannelsLastGroupNorm.realized_affine else "inline"
+    norm_stats = "group" if not ChannelsLastGroupNorm.channel_statistics else (
+        "channel_shifted_sums" if ChannelsLastGroupNorm.shifted_sums else "channel")
 
     from difix3d.fixer.model import build_model
 
+    if args.bandwidth:
+        bandwidth_profile(args, preset, device, batches[0])
+        return
     naive_ms = {}
     for path in args.paths.split(","):
         model = build_model(preset, seed=0).eval().requires_grad_(False)
@@ -112,7 +127,8 @@ def main() -> None:
                 settings = dict(path=path, batch=batch, ref=ref, height=args.height, width=args.width,
                                 preset=preset, compile_mode=args.compile_mode if path == "optimized" else "none",
                                 group_norm=group_norm,
-                                norm_stats=norm_stats if group_norm == "nhwc" else "none", upsample=upsample,
+                                norm_stats=norm_stats if group_norm == "nhwc" else "none",
+                                norm_affine=norm_affine if group_norm == "nhwc" else "none", upsample=upsample,
                                 vae_attention=vae_attention, freezing=args.freezing and path == "optimized",
                                 cudnn_benchmark_limit=torch.backends.cudnn.benchmark_limit)
                 if inductor and path == "optimized":
@@ -128,6 +144,29 @@ def main() -> None:
         del model, fwd
         if cuda:
             torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def bandwidth_profile(args, preset: str, device: torch.device, batch: int) -> None:
+    """``--bandwidth``: each Inductor kernel of one forward timed alone, with the bytes its arguments hold (Inductor's
+    ``profile_bandwidth``): which of the memory-bound kernels run below the GPU's bandwidth."""
+    from torch._inductor import config
+
+    from difix3d.fixer.model import build_model
+
+    if device.type != "cuda":
+        raise SystemExit("--bandwidth profiles Triton kernels: run it on a GPU host")
+    config.profile_bandwidth = True
+    config.profile_bandwidth_output = os.path.abspath(args.bandwidth)
+    path = args.paths.split(",")[-1]
+    model = build_model(preset, seed=0).eval().requires_grad_(False)
+    fwd = prepare(model, path, device, "default", resolve_choice(args.group_norm, "nhwc", "native", path, True),
+                  resolve_choice(args.upsample, "transposed", "native", path, True),
+                  resolve_choice(args.vae_attention, "wide", "sdpa", path, True))
+    x = (torch.rand(batch, 3, args.height, args.width, device=device, dtype=torch.bfloat16) * 2 - 1)
+    fwd(x.contiguous(memory_format=torch.channels_last), None)
+    sync(device)
+    print(f"# kernel bandwidths of one forward (batch {batch}) appended to {args.bandwidth}", flush=True)
 
 
 GPU_LOCK: str | None = None  # --gpu-lock
@@ -273,7 +312,7 @@ def write_profile(fwd, batch, h, w, device, dtype, channels_last, path: str, ite
         sync(device)
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     averages = prof.key_averages()
-    table = averages.table(sort_by=sort, row_limit=40, max_name_column_width=90)
+    table = averages.table(sort_by=sort, row_limit=60, max_name_column_width=90)
     kinds = kernel_kinds(averages, iters * batch) if device.type == "cuda" else ""
     head = f"# {iters} forwards, batch {batch}, {h}x{w}, no reference\n"
     with open(path, "w") as f:  # the kernel tables first: the stage timings below compile and may fail alone
@@ -285,12 +324,14 @@ def write_profile(fwd, batch, h, w, device, dtype, channels_last, path: str, ite
     print(stages, flush=True)
 
 
-# kernel name -> kind, first match wins (cuDNN's attention kernels also say "fprop", so attention goes first)
-KERNEL_KINDS = (("attention", re.compile(r"fmha|sdpa|flash|attention", re.I)),
+# kernel name -> kind, first match wins. Inductor's kernels go first: their names list the ops they fuse, and one
+# that adds a conv's bias says "convolution" (an earlier order counted those as cuDNN's); cuDNN's attention kernels
+# also say "fprop", so attention comes before convolution
+KERNEL_KINDS = (("inductor reduction", re.compile(r"^triton_(red|per)_")),
+                ("inductor pointwise", re.compile(r"^triton_poi_")),
+                ("attention", re.compile(r"fmha|sdpa|flash|attention", re.I)),
                 ("convolution", re.compile(r"fprop|dgrad|conv|implicit_gemm", re.I)),
                 ("gemm", re.compile(r"gemm|nvjet|cutlass|cublas", re.I)),
-                ("inductor reduction", re.compile(r"^triton_(red|per)_")),
-                ("inductor pointwise", re.compile(r"^triton_poi_")),
                 ("other", re.compile(r"")))
 
 

@@ -12,7 +12,7 @@
 
 bf16, channels_last, eager and torch.compile'd, ms per call (CUDA events, after warm-up).
 
-    python benchmarks/fixer_ops.py [--batches 1,4] [--no-compile] [--ops group_norm]
+    python benchmarks/fixer_ops.py [--batches 1,4] [--no-compile] [--ops group_norm] [--inductor KEY=VALUE]
 
 Figures go to benchmarks/results/fixer_ops.jsonl (metric ms_per_call; settings op, impl, shape, batch, compiled).
 """
@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from _common import Emitter  # noqa: E402
+from fixer_latency import apply_inductor_options  # noqa: E402
 
 # (channels, input height, input width) of the decoder's upsamplers for a 576x1024 frame (72x128 latents)
 UPSAMPLERS = [(512, 72, 128), (512, 144, 256), (256, 288, 512)]
@@ -77,8 +78,11 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-compile", action="store_true", help="eager only")
     p.add_argument("--ops", default="upsample,group_norm,vae_attention,unet_attention", help="comma list of the operations to time")
+    p.add_argument("--inductor", metavar="KEY=VALUE", action="append", default=[],
+                   help="set a torch._inductor.config option for the compiled rows (repeatable)")
     p.add_argument("--no-write", action="store_true", help="print only, do not append to results/")
     args = p.parse_args()
+    inductor = apply_inductor_options(args.inductor)
     if not torch.cuda.is_available():
         raise SystemExit("fixer_ops.py measures CUDA kernels: run it on a GPU host")
     torch.backends.cudnn.benchmark = True
@@ -101,11 +105,12 @@ def main() -> None:
             yield "upsample", f"{c}x{h}x{w}", (c, h, w), {"diffusers": base, "transposed": ours}
         for c, h, w in NORMS:
             impls = {}
-            for name in ("native", "nhwc_group_stats", "nhwc_channel_stats"):
+            for name in ("native", "nhwc_group_stats", "nhwc_channel_stats", "nhwc_channel_shifted_sums"):
                 norm = torch.nn.GroupNorm(32, c, eps=1e-6)
                 if name != "native":
                     use_channels_last_group_norm(norm)
-                    norm.channel_statistics = name == "nhwc_channel_stats"
+                    norm.channel_statistics = name != "nhwc_group_stats"
+                    norm.shifted_sums = name == "nhwc_channel_shifted_sums"
                 impls[name] = torch.nn.Sequential(norm, torch.nn.SiLU())
             yield "group_norm", f"{c}x{h}x{w}", (c, h, w), impls
         attn = Attention(512, heads=1, dim_head=512, norm_num_groups=32, residual_connection=True, bias=True,
@@ -139,8 +144,9 @@ def main() -> None:
                     except RuntimeError as e:  # an SDPA backend that cannot take this shape or device
                         print(f"# {op} {shape} b{batch}: {name} unavailable: {str(e).splitlines()[0]}", flush=True)
                         continue
+                    extra = {"inductor": inductor} if compiled and inductor else {}
                     emitter.emit("ms_per_call", ms, "ms", op=op, impl=name, shape=shape, batch=batch,
-                                 compiled=compiled)
+                                 compiled=compiled, **extra)
                     with torch.no_grad():
                         outs[name] = fn(x).float()
             first, *rest = outs.values()

@@ -88,3 +88,36 @@ def test_per_channel_statistics_equal_the_per_group_ones(groups, channels, hw):
     torch.testing.assert_close(ours(x), ref(x), atol=1e-4, rtol=1e-4)
     x64, ref64, ours64 = x.double(), ref.double(), ours.double()
     torch.testing.assert_close(ours64(x64), ref64(x64), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("groups,channels,hw", [(32, 128, (12, 20)), (4, 8, (1, 1)), (1, 6, (9, 3))])
+def test_shifted_sum_statistics_equal_var_mean(groups, channels, hw):
+    ref, ours = _pair(groups, channels, True)
+    ours.channel_statistics, ours.shifted_sums = True, True
+    torch.manual_seed(3)  # means 50x the spread: plain sums of squares would cancel away most of the variance
+    x = (torch.randn(2, channels, *hw) + torch.randn(1, channels, 1, 1) * 20 + 50).contiguous(
+        memory_format=torch.channels_last)
+    torch.testing.assert_close(ours(x), ref(x), atol=1e-4, rtol=1e-4)
+    x64, ref64, ours64 = x.double(), ref.double(), ours.double()
+    torch.testing.assert_close(ours64(x64), ref64(x64), atol=1e-11, rtol=1e-11)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_realized_affine_equals_the_inline_one_eager_and_compiled(affine, monkeypatch):
+    import difix3d.fixer.channels_last_norm as cln
+
+    ref, ours = _pair(8, 32, affine)
+    ours.requires_grad_(False)  # a serving path: the opaque op has no backward
+    ours.channel_statistics, ours.realized_affine, ours.realized_affine_min_elements = True, True, 0
+    torch.manual_seed(4)
+    x = (torch.randn(3, 32, 10, 14) * 2 + 5).contiguous(memory_format=torch.channels_last)
+    calls = []
+    op = cln.group_norm_scale_shift
+    monkeypatch.setattr(cln, "group_norm_scale_shift", lambda *a: calls.append(1) or op(*a))
+    torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
+    assert calls  # the realized path ran
+    monkeypatch.setattr(cln, "group_norm_scale_shift", op)
+    assert ours(x).is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(torch.compile(ours)(x), ref(x), atol=1e-5, rtol=1e-5)
+    x64, ref64, ours64 = x.double(), ref.double(), ours.double()
+    torch.testing.assert_close(ours64(x64), ref64(x64), atol=1e-12, rtol=1e-12)
