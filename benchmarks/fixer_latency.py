@@ -158,6 +158,7 @@ def bandwidth_profile(args, preset: str, device: torch.device, batch: int) -> No
         raise SystemExit("--bandwidth profiles Triton kernels: run it on a GPU host")
     config.profile_bandwidth = True
     config.profile_bandwidth_output = os.path.abspath(args.bandwidth)
+    config.benchmark_harness = False  # torch 2.11 calls the harness without its arguments when an output is set
     path = args.paths.split(",")[-1]
     model = build_model(preset, seed=0).eval().requires_grad_(False)
     fwd = prepare(model, path, device, "default", resolve_choice(args.group_norm, "nhwc", "native", path, True),
