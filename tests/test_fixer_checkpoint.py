@@ -1,8 +1,11 @@
 """Checkpoints: ours round-trips; SD-Turbo, official .pkl and nvidia diffusers layouts (built here, offline) load and
 reproduce outputs; corrupt and mismatched files give errors naming the file and the keys."""
 
+import io
 import json
 import os
+import pickle
+import re
 
 import pytest
 import torch
@@ -343,6 +346,64 @@ def test_missing_files_and_bad_config(ours, tmp_path):
         load_checkpoint(str(tmp_path / "empty"))
     with pytest.raises(MissingWeightsError):
         load_checkpoint(str(tmp_path / "nowhere" / "ck"))
+
+
+# what every error on a file that is not a fixer checkpoint ends with: the layouts accepted
+LAYOUTS = (r"expected model\.safetensors \+ config\.json, an official Difix \.pkl \(torch\.save of a dict with "
+           r"state_dict_unet and state_dict_vae\), or a diffusers folder with unet/ and vae/")
+BUILT = []  # what the payload below would append to, if it were ever unpickled
+
+
+def _build(what):
+    BUILT.append(what)
+
+
+class _Payload:
+    def __reduce__(self):
+        return _build, ("built",)
+
+
+def _torch_save_cut(path, legacy=False):
+    buf = io.BytesIO()
+    torch.save({"state_dict_unet": {"w": torch.zeros(256)}, "state_dict_vae": {}}, buf,
+               _use_new_zipfile_serialization=not legacy)
+    open(path, "wb").write(buf.getvalue()[:len(buf.getvalue()) // 2])
+
+
+BAD_PKLS = {
+    "text": (lambda p: open(p, "w").write("model weights: see the README\n"),
+             r"not a torch\.save file \(it starts with b'model weights: s'\)"),
+    "plain_pickle": (lambda p: pickle.dump({"unet": 1, "vae": 2}, open(p, "wb")),
+                     r"a plain Python pickle, not a torch\.save file"),
+    "plain_dict": (lambda p: torch.save({"unet": torch.zeros(1), "vae": torch.zeros(1)}, p),
+                   r"not an official Difix \.pkl: missing the keys \['state_dict_unet', 'state_dict_vae'\] "
+                   r"\(it holds \['unet', 'vae'\]\)"),
+    "truncated": (_torch_save_cut, r"corrupt or truncated torch\.save file \(RuntimeError: PytorchStreamReader failed "
+                                   r"reading zip archive: failed finding central directory\)"),
+    "truncated_legacy": (lambda p: _torch_save_cut(p, legacy=True),
+                         r"corrupt or truncated torch\.save file \(\w+Error[^)]*\)"),
+    "empty": (lambda p: open(p, "wb").close(), r"empty file \(0 bytes\), not a checkpoint"),
+    "list": (lambda p: torch.save([torch.zeros(1), 2], p), r"not an official Difix \.pkl: it holds a list, not a dict"),
+    "unet_not_a_dict": (lambda p: torch.save({"state_dict_unet": [torch.zeros(1)], "state_dict_vae": {}}, p),
+                        r"not an official Difix \.pkl: state_dict_unet is a list, not a dict of tensors"),
+    "object": (lambda p: torch.save({"state_dict_unet": _Payload(), "state_dict_vae": {}}, p),
+               r"holds Python objects other than tensors and plain containers \(\S*_build\), which are not "
+               r"unpickled as that could run arbitrary code"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_PKLS))
+def test_a_pkl_that_is_not_a_difix_checkpoint_is_named_with_its_problem(tmp_path, sd_turbo, kind):
+    write, problem = BAD_PKLS[kind]
+    path = str(tmp_path / f"{kind}.pkl")
+    write(path)
+    assert detect_format(path)[0] == "official-pkl"
+    for base in (sd_turbo, None):  # the file is judged before the base is asked for
+        with pytest.raises(CheckpointError, match=rf"^{re.escape(path)}: {problem}: {LAYOUTS}$"):
+            load_checkpoint(path, base=base)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(path)}: {problem}"):
+        convert_checkpoint(path, str(tmp_path / "ours"), base=sd_turbo)
+    assert not (tmp_path / "ours").exists() and BUILT == []  # nothing written, no object of the file built
 
 
 def test_local_looking_paths_are_not_taken_for_hub_ids(tmp_path, monkeypatch):

@@ -88,6 +88,23 @@ def test_convert_official_pkl(tmp_path, capsys):
     assert "bad.pkl: its VAE LoRA targets ['nowhere']" in capsys.readouterr().err
 
 
+def test_a_pkl_that_is_not_a_checkpoint_is_one_error_naming_it(tmp_path, capsys):
+    (tmp_path / "notes.pkl").write_text("not weights\n")
+    assert main(["convert", str(tmp_path / "notes.pkl"), str(tmp_path / "ours")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"difix3d convert: error: {tmp_path / 'notes.pkl'}: not a torch.save file"), err
+    assert "expected model.safetensors + config.json, an official Difix .pkl (torch.save of a dict with " \
+           "state_dict_unet and state_dict_vae), or a diffusers folder with unet/ and vae/" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "ours").exists()
+    (tmp_path / "empty.pkl").write_bytes(b"")
+    _write(tmp_path / "x.png", 32, 32)
+    assert main(["fix", str(tmp_path / "x.png"), "--checkpoint", str(tmp_path / "empty.pkl"), "-o",
+                 str(tmp_path / "o"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'empty.pkl'}: empty file (0 bytes), not a checkpoint: expected" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_outputs_never_replace_inputs_or_references(tmp_path, capsys):
     imgs, refs = tmp_path / "imgs", tmp_path / "refs"
     for folder in (imgs, imgs / "z", refs):

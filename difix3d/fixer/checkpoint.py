@@ -14,10 +14,13 @@ Nothing reaches the network: a hub id is looked up in the local cache only.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import pickle
 import re
+import warnings
 
 import torch
 
@@ -33,6 +36,9 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 SD_TURBO_ENV = "DIFIX3D_SD_TURBO"  # where an SD-Turbo folder lies, for .pkl checkpoints that need its base weights
+OFFICIAL_PKL_KEYS = ("state_dict_unet", "state_dict_vae")
+LAYOUTS = (f"{WEIGHTS_FILE} + {CONFIG_FILE}, an official Difix .pkl (torch.save of a dict with "
+           f"{' and '.join(OFFICIAL_PKL_KEYS)}), or a diffusers folder with unet/ and vae/")
 FETCH_SD_TURBO = ("fetch it with `huggingface-cli download stabilityai/sd-turbo --local-dir DIR` on a machine with "
                   f"internet and pass base=DIR (CLI: --base DIR) or set {SD_TURBO_ENV}=DIR")
 
@@ -96,8 +102,7 @@ def detect_format(uri: str) -> tuple[str, str]:
             if _holds_difix_keys(os.path.join(uri, "vae")):  # a Difix VAE whose config lost its Difix keys: loaded
                 return "nvidia-diffusers", uri                 # as SD-Turbo, its skip convs and LoRA were dropped
             return "sd-turbo", uri
-        raise CheckpointError(uri, f"not a fixer checkpoint: expected {WEIGHTS_FILE} + {CONFIG_FILE}, an official "
-                                   "Difix .pkl, or a diffusers folder with unet/ and vae/")
+        raise CheckpointError(uri, f"not a fixer checkpoint: expected {LAYOUTS}")
     if looks_like_hub_id(uri):
         return detect_format(_hub_cache_path(uri))
     raise MissingWeightsError(f"{uri}: no such checkpoint")
@@ -182,13 +187,19 @@ def encode_prompt(folder: str, prompt: str) -> torch.Tensor:
 
 # --- official .pkl -------------------------------------------------------------------------------------------------
 def _load_official_pkl(path: str, base: str | None) -> DifixModel:
-    try:
-        sd = torch.load(storage.bytes_io(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise CheckpointError(path, f"not a readable torch checkpoint: {e}") from e
-    need = ("state_dict_unet", "state_dict_vae")
-    if not isinstance(sd, dict) or any(k not in sd for k in need):
-        raise CheckpointError(path, f"not an official Difix .pkl: missing {[k for k in need if k not in (sd or {})]}")
+    sd = _read_pkl(path)
+    if not isinstance(sd, dict):
+        raise CheckpointError(path, f"not an official Difix .pkl: it holds a {type(sd).__name__}, not a dict: "
+                                    f"expected {LAYOUTS}")
+    missing = [k for k in OFFICIAL_PKL_KEYS if k not in sd]
+    if missing:
+        held = sorted(map(str, sd))
+        raise CheckpointError(path, f"not an official Difix .pkl: missing the keys {missing} (it holds "
+                                    f"{held[:8]}{' ...' if len(held) > 8 else ''}): expected {LAYOUTS}")
+    bad = [f"{k} is a {type(sd[k]).__name__}" for k in OFFICIAL_PKL_KEYS if not isinstance(sd[k], dict)]
+    if bad:
+        raise CheckpointError(path, f"not an official Difix .pkl: {', '.join(bad)}, not a dict of tensors: "
+                                    f"expected {LAYOUTS}")
     if not base or not os.path.isdir(base):
         missing = _unet_tensors_missing(sd["state_dict_unet"])
         if missing:
@@ -221,6 +232,36 @@ def _load_official_pkl(path: str, base: str | None) -> DifixModel:
     model.unet.load_state_dict(unet_state, strict=True)
     model.vae.load_state_dict(vae_state, strict=True)
     return model
+
+
+# how torch.save's older, non-zip format begins: its magic number, pickled
+_LEGACY_TORCH_SAVE = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[:-1]
+
+
+def _read_pkl(path: str):
+    """The object a torch.save file holds, unpickled with ``weights_only`` (tensors and plain containers only: other
+    objects are refused, never built). A file that does not load is a CheckpointError saying what it is instead: empty,
+    not a torch.save file, a plain pickle, one holding other objects, or corrupt or truncated."""
+    data = storage.read_bytes(path)
+    try:
+        with warnings.catch_warnings():  # torch's warning on a plain pickle's protocol: the error below says it all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file; the header tells what it is
+        detail = re.search(r"WeightsUnpickler error: (.*)", str(e))
+        detail = (detail[1] if detail else str(e)).strip().split("\n")[0].split(". ")[0]
+        if not data:
+            problem = "empty file (0 bytes), not a checkpoint"
+        elif not data.startswith((b"PK\x03\x04", b"\x80")):  # neither torch.save's zip archive nor a pickle
+            problem = f"not a torch.save file (it starts with {data[:16]!r})"
+        elif data.startswith(b"\x80") and not data.startswith(_LEGACY_TORCH_SAVE):
+            problem = "a plain Python pickle, not a torch.save file"
+        elif found := re.search(r"\bGLOBAL (\S+)", detail):  # weights_only refused to build an object
+            problem = (f"holds Python objects other than tensors and plain containers ({found[1]}), which are not "
+                       "unpickled as that could run arbitrary code")
+        else:
+            problem = f"corrupt or truncated torch.save file ({type(e).__name__}{': ' + detail if detail else ''})"
+        raise CheckpointError(path, f"{problem}: expected {LAYOUTS}") from e
 
 
 def _unet_tensors_missing(unet_state: dict[str, torch.Tensor]) -> int:
