@@ -12,7 +12,7 @@ import torch
 from difix3d.errors import InputError, MissingWeightsError
 from difix3d.train.config import LossWeights
 from difix3d.train.data import PairStream, ShardIndex, collate_pairs, epoch_slice, read_rows
-from difix3d.train.losses import DifixLoss, build_perceptual_net, gram_loss, shared_random_crop
+from difix3d.train.losses import VGG16_URL, DifixLoss, build_perceptual_net, gram_loss, shared_random_crop
 from difix3d.train.pairs import write_pair_shard
 
 
@@ -123,8 +123,12 @@ def test_collate_crops_aligned_windows_in_minus_one_one(tmp_path):
 
 
 def test_missing_vgg_weights_error_names_the_file_and_the_flag(tmp_path):
-    with pytest.raises(MissingWeightsError, match=r"vgg16-397923af.pth.*--allow-random-perceptual"):
+    with pytest.raises(MissingWeightsError, match=r"vgg16-397923af.pth.*--allow-random-perceptual") as e:
         build_perceptual_net("pretrained", hub_dir=str(tmp_path))
+    message = str(e.value)
+    assert message.count(VGG16_URL) == 1 and message.lower().count("fetch") == 1  # the instruction, once
+    assert str(tmp_path / "checkpoints" / "vgg16-397923af.pth") in message
+    assert "--lpips-weights" not in message  # evaluation's flag, not fine-tuning's
     with pytest.raises(MissingWeightsError, match="not found"):
         build_perceptual_net(str(tmp_path / "vgg.pth"))
 

@@ -1,7 +1,9 @@
 """Ray Train fine-tuning end to end: two gloo workers, the tiny preset, 32x32 pairs (CPU)."""
 
+import glob
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,10 +71,35 @@ def test_two_workers_train_checkpoint_survive_a_crash_and_resume(tmp_path, ray_l
     fixed = FixerRunner.from_checkpoint(result.final_uri, device="cpu").fix(np.zeros((32, 40, 3), np.uint8))
     assert fixed.shape == (32, 40, 3) and fixed.dtype == np.uint8
 
-    # a re-run of the same name + storage continues from the saved step
+    # what the console shows (worker stdout and stderr): each line once, and no error from Ray Train's PreemptionWatcher
+    output = _worker_output(ray_local)
+    assert output.count(f"[finetune] final model written to {result.final_uri}") == 1
+    assert not [line for line in output.splitlines() if "PreemptionWatcher" in line]
+
+    # a re-run of the finished run says so and leaves the exported model as it is
+    exported = _file_versions(run / "final")
+    again = finetune(cfg)
+    assert again.summary["start_step"] == again.summary["end_step"] == 12
+    assert _file_versions(run / "final") == exported
+    assert _worker_output(ray_local).count(f"[finetune] the run was already complete: step 12 of 12, final model in "
+                                           f"{result.final_uri}") == 1
+
+    # a re-run of the same name + storage with more steps continues from the saved step
     more = finetune(_config(tmp_path, shards, steps=14))
     assert more.summary["start_step"] == 12 and more.summary["end_step"] == 14
     assert more.metrics["step"] == 14
+    assert _file_versions(run / "final") != exported  # trained on: exported again
+
+
+def _file_versions(folder) -> dict:
+    """Each file's inode and modification time: an atomic rewrite changes both."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+def _worker_output(ray) -> str:
+    """What this session's Ray workers wrote to stdout and stderr: what a driver's console shows of them."""
+    logs = ray._private.worker._global_node.get_logs_dir_path()
+    return "".join(Path(path).read_text(errors="replace") for path in glob.glob(os.path.join(logs, "worker-*")))
 
 
 def _corrupt_first_row(shards):

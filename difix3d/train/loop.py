@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from typing import Any
@@ -150,6 +151,8 @@ def _train(cfg: FinetuneConfig) -> dict[str, Any]:
         streams = state["streams"]
         start = tuple(streams[rank]) if len(streams) == world else (max(s[0] for s in streams) + 1, 0)
     start_step = step
+    final = cfg.final_uri()
+    complete = rank == 0 and step >= cfg.steps and _exported_at(cfg, step)  # a re-run of a finished run
 
     # an L2-only run (lpips = gram = 0) needs no VGG: pretrained weights may then be absent
     needs_vgg = cfg.loss.lpips > 0 or cfg.loss.gram > 0
@@ -165,7 +168,10 @@ def _train(cfg: FinetuneConfig) -> dict[str, Any]:
     val_batches = _validation_batches(cfg, rank, world)
     autocast = _autocast(cfg, device)
     logger = _RankZeroLogger(cfg, rank, start_step) if rank == 0 else None
-    if logger:
+    if logger and complete:
+        logger.console(f"the run was already complete: step {step} of {cfg.steps}, final model in {final}; nothing "
+                       f"to train or export")
+    elif logger:
         logger.console(f"fine-tuning {cfg.init} from step {step} on {world} worker(s) ({device.type}); "
                        f"trainable {counts['trainable']:,} (unet {counts['unet']:,}, decoder LoRA "
                        f"{counts['decoder_lora']:,}, skip convs {counts['skip_convs']:,}, "
@@ -219,16 +225,16 @@ def _train(cfg: FinetuneConfig) -> dict[str, Any]:
         _report(metrics, model, opt, step, stream, cfg, save=is_ckpt, rank=rank)
         t0, samples = time.perf_counter(), 0  # throughput windows exclude validation and checkpointing
 
-    final = cfg.final_uri()
     if rank == 0:
         from difix3d.fixer.checkpoint import save_checkpoint
 
-        save_checkpoint(model, final)
-        logger.console(f"final model written to {final}")
+        if not complete:
+            save_checkpoint(model, final)
+            logger.console(f"final model written to {final}")
         logger.close()
     summary = {"rank": rank, "world_size": world, "start_step": start_step, "end_step": step, "final": final,
                "rows_seen": list(seen), "skipped": stream.skipped, "stream_state": list(stream.state())}
-    storage.write_json(storage.join(cfg.run_uri(), "workers", f"rank-{rank}.json"), summary)
+    storage.write_json(_summary_uri(cfg, rank), summary)  # rank 0's after the export: see _exported_at
     return summary
 
 
@@ -263,6 +269,23 @@ def _initial_weights(cfg: FinetuneConfig, checkpoint) -> tuple[torch.nn.Module, 
 
         return load_checkpoint(default_checkpoint()), None
     return load_checkpoint(cfg.init, base=cfg.base), None
+
+
+def _summary_uri(cfg: FinetuneConfig, rank: int) -> str:
+    return storage.join(cfg.run_uri(), "workers", f"rank-{rank}.json")
+
+
+def _exported_at(cfg: FinetuneConfig, step: int) -> bool:
+    """Whether this run's final model was exported from the model of ``step``: rank 0 writes its summary after the
+    export, and the export is whole (its config is written last). A run resumed further, or cut short between its
+    last checkpoint and the export, exports again."""
+    from difix3d.fixer.checkpoint import CONFIG_FILE
+
+    summary = _summary_uri(cfg, 0)
+    if not (storage.exists(summary) and storage.exists(storage.join(cfg.final_uri(), CONFIG_FILE))):
+        return False
+    done = storage.read_json(summary)
+    return done.get("end_step") == step and done.get("final") == cfg.final_uri()
 
 
 def _state_uri(cfg: FinetuneConfig, checkpoint) -> str:
@@ -424,7 +447,10 @@ class _RankZeroLogger:
         self.writer = SummaryWriter(log_dir=self.local_dir)
 
     def console(self, line: str) -> None:
-        print(f"[finetune] {line}", flush=True)
+        # not print(): Ray Train makes a worker's print() log to the root logger (shown on stderr) and also echo to
+        # stdout, since Ray wraps sys.stdout: every line reached the console twice
+        sys.stdout.write(f"[finetune] {line}\n")
+        sys.stdout.flush()
 
     def step_loss(self, step: int, loss: float) -> None:
         self.history["loss"][str(step)] = loss

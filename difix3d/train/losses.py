@@ -117,12 +117,11 @@ def build_perceptual_net(weights: str = "pretrained", hub_dir: str | None = None
     from difix3d.eval.perceptual import build_lpips, hub_checkpoint
 
     if weights == "pretrained":
-        try:
-            return build_lpips("vgg", "pretrained", hub_dir)
-        except MissingWeightsError as e:
-            raise MissingWeightsError(
-                f"VGG16 weights for the LPIPS/Gram training losses are missing: {e}. Fetch {VGG16_URL} to "
-                f"{hub_checkpoint(VGG16_URL, hub_dir)}, or {RANDOM_HINT}") from None
+        path = hub_checkpoint(VGG16_URL, hub_dir)
+        if not os.path.isfile(path):  # said here, once: build_lpips's own message tells evaluation's flags
+            raise MissingWeightsError(f"VGG16 weights for the LPIPS/Gram training losses are missing: {path} not "
+                                      f"found (no download here). Fetch {VGG16_URL} to {path}, or {RANDOM_HINT}")
+        return build_lpips("vgg", "pretrained", hub_dir)
     if weights == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -6,6 +6,7 @@ The run lives at ``<storage_path>/<name>``: re-running with the same two resumes
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -17,6 +18,8 @@ from difix3d.train.config import FinetuneConfig
 from difix3d.train.losses import build_perceptual_net
 
 log = logging.getLogger(__name__)
+
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train's switch; see _preemption_watcher_off
 
 
 @dataclass
@@ -112,7 +115,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         ),
     )
     try:
-        result = trainer.fit()
+        with _preemption_watcher_off():
+            result = trainer.fit()
         if result.error is not None:
             raise result.error
     except Exception as e:
@@ -124,3 +128,24 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     return FinetuneResult(final_uri=config.final_uri(),
                           checkpoint_path=result.checkpoint.path if result.checkpoint else None,
                           metrics=dict(result.metrics or {}), summary=summary, run_uri=config.run_uri())
+
+
+@contextlib.contextmanager
+def _preemption_watcher_off():
+    """Ray Train's preemption watcher off for the runs started inside, unless the user set its variable.
+
+    Ray Train starts a ``PreemptionWatcher`` actor (max_restarts=-1) with the workers' actor handles as constructor
+    arguments, and Ray Core logs that at ERROR level on every run ("has constructor arguments in the object store and
+    max_restarts > 0", ray-project/ray#53727): an alarm that means nothing here. The watcher gives advance notice of
+    node drains (``ray.train.get_preemption_info``, which the loop does not read); without it a worker lost to a
+    preempted node still restarts the group from the latest checkpoint (``max_preemption_failures``). Ray hands the
+    variable from the driver to its controller in ``fit()``.
+    """
+    if PREEMPTION_WATCHER_ENV in os.environ:
+        yield
+        return
+    os.environ[PREEMPTION_WATCHER_ENV] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop(PREEMPTION_WATCHER_ENV, None)
