@@ -366,3 +366,81 @@ def test_curation_settings_that_cannot_work_are_refused_before_any_task(tmp_path
                         ("--gpus-per-task", "-1")):
         with pytest.raises(SystemExit):
             parser.parse_args(["--scenes", "s", "--output", "o", flag, value])
+
+
+def test_curation_keeps_as_many_units_in_flight_as_the_clusters_cpus_and_gpus_run():
+    from difix3d.curate.job import CurateConfig, in_flight_limit
+
+    # CPU-only tasks: 16 CPUs / 2 per task = 8 running, 2 queued for the autoscaler; GPUs then bound nothing
+    assert in_flight_limit(CurateConfig(cpus_per_task=2), {"CPU": 16}, use_gpu=False) == 8 + 2
+    assert in_flight_limit(CurateConfig(cpus_per_task=2, gpus_per_task=0), {"CPU": 16, "GPU": 1}, True) == 8 + 2
+    # one GPU per task (the default on a GPU cluster): 4 GPUs run 4 units, not the 64 the CPUs would
+    assert in_flight_limit(CurateConfig(), {"CPU": 64, "GPU": 4}, use_gpu=True) == 4 + 1
+    # fractional GPUs: 0.25 each on 4 GPUs = 16; 0.1 on one = 10 and 0.07 on 7 = 100, as Ray counts them, though
+    # in floats 1 // 0.1 == 9.0 and 7 / 0.07 < 100
+    assert in_flight_limit(CurateConfig(gpus_per_task=0.25), {"CPU": 64, "GPU": 4}, use_gpu=True) == 16 + 4
+    assert in_flight_limit(CurateConfig(gpus_per_task=0.1), {"CPU": 64, "GPU": 1}, use_gpu=True) == 10 + 2
+    assert in_flight_limit(CurateConfig(gpus_per_task=0.07), {"CPU": 128, "GPU": 7}, use_gpu=True) == 100 + 25
+    # GPU tasks on a cluster with no GPU node yet: one queued at least, the demand an autoscaler adds nodes for
+    assert in_flight_limit(CurateConfig(gpus_per_task=1), {"CPU": 8}, use_gpu=False) == 1 + 1
+    assert in_flight_limit(CurateConfig(max_in_flight=3, cpus_per_task=2), {"CPU": 64, "GPU": 4}, True) == 3
+
+
+def test_curation_in_flight_bound_follows_the_cluster_as_nodes_join_and_leave():
+    from difix3d.curate.job import CurateConfig, in_flight_bound
+
+    now, cluster = [0.0], {"CPU": 8, "GPU": 1}
+    bound = in_flight_bound(CurateConfig(), True, lambda: dict(cluster), dict(cluster), every_s=10,
+                            clock=lambda: now[0])
+    assert bound.current() == 1 + 1
+    cluster.update(CPU=40, GPU=5)  # the autoscaler added a 4-GPU node for the queued unit
+    now[0] = 5.0
+    assert bound.current() == 1 + 1  # not re-read before every_s
+    now[0] = 11.0
+    assert bound.current() == 5 + 1
+    cluster.update(CPU=8, GPU=1)  # the node went idle and was removed
+    now[0] = 22.0
+    assert bound.current() == 1 + 1
+    cpu_only = {"CPU": 2}
+    bound = in_flight_bound(CurateConfig(), False, lambda: dict(cpu_only), dict(cpu_only), every_s=10,
+                            clock=lambda: now[0])
+    cpu_only["CPU"] = 34
+    now[0] = 33.0
+    assert bound.current() == 34 + 8
+    now[0] = 44.0
+    bound.resources = lambda: 1 / 0  # the GCS did not answer: the last bound holds
+    assert bound.current() == 34 + 8
+    fixed = in_flight_bound(CurateConfig(max_in_flight=3), True, lambda: dict(cluster, CPU=99, GPU=99), dict(cluster),
+                            every_s=0)
+    assert fixed.current() == 3
+
+
+def test_curation_submits_more_units_as_the_bound_grows(monkeypatch):
+    """_stream re-reads the bound each round: a job started on a small cluster fills the nodes that join."""
+    import ray
+
+    from difix3d.curate.job import CurateConfig, _stream, in_flight_bound
+    from difix3d.fleet.inputs import SceneRef
+
+    now, cluster, in_flight = [0.0], {"CPU": 1}, []
+
+    def wait(refs, num_returns=1, timeout=None):
+        in_flight.append(len(refs))
+        now[0] += 20.0  # each round takes past every_s
+        if len(in_flight) == 2:
+            cluster["CPU"] = 8  # a node joined while the first units ran
+        return refs[:1], refs[1:]
+
+    monkeypatch.setattr(ray, "wait", wait)
+    monkeypatch.setattr(ray, "get", lambda ref: {"status": "done", "pairs": 0, "unit": ref})
+
+    class Task:
+        @staticmethod
+        def remote(ref, name, config):
+            return f"{ref.scene_id}/{name}"
+
+    todo = [(f"s{i}/sparse", SceneRef(f"s{i}", f"/x/s{i}"), "sparse") for i in range(20)]
+    bound = in_flight_bound(CurateConfig(), False, lambda: dict(cluster), dict(cluster), clock=lambda: now[0])
+    done = [unit for unit, _ in _stream(Task, todo, CurateConfig(), bound, progress=False)]
+    assert sorted(done) == sorted(u for u, _, _ in todo)
+    assert in_flight[:2] == [2, 2] and max(in_flight) == 8 + 2  # 1 CPU: 1 + 1 queued; 8 CPUs: 8 + 2

@@ -155,10 +155,11 @@ def _dies_after_one_shard(ref, name, config):
 
 
 def test_a_unit_whose_task_dies_leaves_no_shards(ray_local, scenes, tmp_path):
-    from difix3d.curate.job import _stream
+    from difix3d.curate.job import _stream, in_flight_bound
 
     config = tiny_config(str(tmp_path))
     task = ray.remote(_dies_after_one_shard).options(max_retries=0)
-    results = list(_stream(task, [("seg-a/sparse", scenes[0], "sparse")], config, 1, progress=False))
+    bound = in_flight_bound(config, False, ray.cluster_resources, {})
+    results = list(_stream(task, [("seg-a/sparse", scenes[0], "sparse")], config, bound, progress=False))
     assert results[0][1]["status"] == "failed" and "worker killed" in results[0][1]["error"]
     assert not os.path.exists(os.path.join(str(tmp_path), "shards", "seg-a-sparse-00000.parquet"))

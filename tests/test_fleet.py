@@ -238,14 +238,17 @@ def test_scene_resources_and_in_flight_bound():
     # a 2-core laptop: one CPU for the replica, one scene running, one queued
     assert in_flight_limit(FleetConfig(), {"CPU": 2}, use_gpu=False) == 2
     assert in_flight_limit(FleetConfig(max_in_flight=7), {"CPU": 2}, use_gpu=False) == 7
+    # tenths of a GPU: 10 scenes on a GPU the pool does not use (1 // 0.1 is 9.0 in floats)
+    tenths = FleetConfig(scene_num_cpus=1, scene_num_gpus=0.1, fixer_mode="local")
+    assert in_flight_limit(tenths, {"CPU": 64, "GPU": 1}, use_gpu=True) == 10 + 2
 
 
 def test_in_flight_bound_follows_the_cluster_as_it_grows():
-    from difix3d.fleet.driver import InFlightBound
+    from difix3d.fleet.driver import in_flight_bound
 
     now, cluster = [0.0], {"CPU": 4, "GPU": 1}
     cfg = FleetConfig(scene_num_cpus=1, scene_num_gpus=0.25, replica_num_gpus=0.5)
-    bound = InFlightBound(cfg, True, lambda: dict(cluster), dict(cluster), every_s=10, clock=lambda: now[0])
+    bound = in_flight_bound(cfg, True, lambda: dict(cluster), dict(cluster), every_s=10, clock=lambda: now[0])
     first = bound.current()
     assert first == in_flight_limit(cfg, {"CPU": 4, "GPU": 1}, use_gpu=True)
     cluster.update(CPU=68, GPU=9)  # the autoscaler added an 8-GPU node
@@ -253,7 +256,7 @@ def test_in_flight_bound_follows_the_cluster_as_it_grows():
     assert bound.current() == first  # not re-read before every_s
     now[0] = 11.0
     assert bound.current() == in_flight_limit(cfg, {"CPU": 68, "GPU": 9}, use_gpu=True) > first
-    fixed = InFlightBound(FleetConfig(max_in_flight=3), True, lambda: dict(cluster), {"CPU": 1}, every_s=0)
+    fixed = in_flight_bound(FleetConfig(max_in_flight=3), True, lambda: dict(cluster), {"CPU": 1}, every_s=0)
     assert fixed.current() == 3
 
 

@@ -19,13 +19,14 @@ import logging
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from difix3d import storage
 from difix3d.curate.filters import FilterCounts, PsnrFilter
 from difix3d.curate.strategies import (STRATEGIES, CrossCamera, CurationStrategy, CycleReconstruction, NotApplicable,
                                        ReconstructionSettings, SparseReconstruction, UnderFitted)
 from difix3d.errors import InputError
+from difix3d.inflight import InFlightBound
 from difix3d.settings import nested_changes
 from difix3d.fleet.inputs import SceneRef, adopt_ids, resolve_scenes
 from difix3d.train.pairs import SHARD_SUFFIX, SHARDS_DIR, write_pair_shard
@@ -117,11 +118,11 @@ def run_curation(config: CurateConfig, scenes: list[SceneRef] | None = None, pro
     todo, skipped, given_up = plan(scenes, config, manifest)
     if not ray.is_initialized():
         ray.init()
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    cluster = ray.cluster_resources()
+    use_gpu = cluster.get("GPU", 0) > 0
     task = ray.remote(curate_unit).options(**unit_task_options(config, use_gpu))
-    limit = config.max_in_flight or max(1, int(ray.cluster_resources().get("CPU", 1) // max(config.cpus_per_task,
-                                                                                                1e-3)))
-    for unit, result in _stream(task, todo, config, limit, progress):
+    bound = in_flight_bound(config, use_gpu, ray.cluster_resources, cluster)
+    for unit, result in _stream(task, todo, config, bound, progress):
         prev = manifest.get(unit)
         attempts = (prev.attempts if prev else 0) + 1
         info = {**{k: v for k, v in result.items() if k != "status"}, "outcome": result["status"]}
@@ -195,6 +196,26 @@ def unit_task_options(config: CurateConfig, use_gpu: bool) -> dict[str, Any]:
     return {"num_cpus": config.cpus_per_task, "num_gpus": gpus, "max_retries": 0}
 
 
+def in_flight_limit(config: CurateConfig, cluster: dict[str, float], use_gpu: bool) -> int:
+    """Units the cluster's CPUs (and GPUs, when a unit takes some) run at once, plus a few queued: an autoscaler
+    adds nodes for pending tasks only."""
+    if config.max_in_flight > 0:
+        return config.max_in_flight
+    opts = unit_task_options(config, use_gpu)
+    slots = float(cluster.get("CPU", 1)) / max(opts["num_cpus"], 1e-3)
+    if opts["num_gpus"] > 0:
+        slots = min(slots, float(cluster.get("GPU", 0)) / opts["num_gpus"])
+    slots = max(1, int(slots + 1e-6))  # 7 GPUs / 0.07 each: 100 tasks (99.99999999999999 in floats)
+    return slots + max(1, slots // 4)
+
+
+def in_flight_bound(config: CurateConfig, use_gpu: bool, resources: Callable[[], dict[str, float]],
+                    initial: dict[str, float], **kw) -> InFlightBound:
+    """:func:`in_flight_limit`, re-read as an autoscaling cluster adds (or drops) nodes."""
+    return InFlightBound(lambda cluster: in_flight_limit(config, cluster, use_gpu), resources, initial,
+                         fixed=config.max_in_flight or None, job="curate", what="units", **kw)
+
+
 def curate_unit(scene: SceneRef, strategy_name: str, config: CurateConfig) -> dict[str, Any]:
     """Run one strategy on one scene and write its kept pairs as shards → a result dict that never raises:
     ``{"status": "done" | "not_applicable" | "failed", "shards", "pairs", "counts", "seconds", "error"}``."""
@@ -256,20 +277,21 @@ def summarize(scenes: list[SceneRef], config: CurateConfig, manifest: storage.Ma
     return CurationReport(units=units, counts=counts, skipped=skipped, given_up=list(given_up or []))
 
 
-def _stream(task, todo: list[tuple[str, SceneRef, str]], config: CurateConfig, limit: int,
+def _stream(task, todo: list[tuple[str, SceneRef, str]], config: CurateConfig, bound: InFlightBound,
             progress: bool) -> Iterator[tuple[str, dict]]:
-    """Submit at most ``limit`` tasks at once; yield (unit, result) as they finish. A task that dies (worker
-    crash, OOM kill) yields a failed result instead of ending the job."""
+    """Submit at most ``bound.current()`` tasks at once; yield (unit, result) as they finish. A task that dies
+    (worker crash, OOM kill) yields a failed result instead of ending the job."""
     import ray
     from tqdm.auto import tqdm
 
     pending, running = list(todo), {}
     bar = tqdm(total=len(todo), disable=not progress, desc="curate", unit="unit", dynamic_ncols=True)
     while pending or running:
+        limit = bound.current()
         while pending and len(running) < limit:
             unit, ref, name = pending.pop(0)
             running[task.remote(ref, name, config)] = (unit, ref, name)
-        done, _ = ray.wait(list(running), num_returns=1)
+        done, _ = ray.wait(list(running), num_returns=1, timeout=5.0)  # wake to re-read the bound as nodes join
         for ref_done in done:
             unit, ref, name = running.pop(ref_done)
             try:

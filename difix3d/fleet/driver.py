@@ -9,13 +9,13 @@ then recorded ``failed`` with its error while the rest go on.
 from __future__ import annotations
 
 import collections
-import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from difix3d import storage
 from difix3d.errors import InputError
+from difix3d.inflight import InFlightBound
 
 from .config import FleetConfig
 from .fixers import open_fixer, pool_frames, pool_size, resolve_checkpoint, uses_gpu
@@ -23,8 +23,6 @@ from .inputs import SceneRef, adopt_recorded_ids, resolve_scenes, same_scene_key
 from .progress import FleetProgress
 from .scene_task import SceneFn, backend_problem, check_scene_settings, run_scene_task
 from .summary import format_report, summary_rows, write_summary
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -177,37 +175,19 @@ def in_flight_limit(config: FleetConfig, cluster: dict[str, float], use_gpu: boo
         return config.max_in_flight
     replicas, _, gpus_per_replica = pool_size(config, float(cluster.get("GPU", 0)) if use_gpu else 0.0)
     pool_cpus = replicas if config.fixer_mode == "pool" else 0  # a replica actor holds one CPU while it lives
-    slots = (float(cluster.get("CPU", 1)) - pool_cpus) // max(config.scene_num_cpus, 1e-3)
+    slots = (float(cluster.get("CPU", 1)) - pool_cpus) / max(config.scene_num_cpus, 1e-3)
     if use_gpu and config.scene_num_gpus > 0:
         free_gpus = float(cluster.get("GPU", 0)) - (replicas * gpus_per_replica if config.fixer_mode == "pool" else 0)
-        slots = min(slots, free_gpus // config.scene_num_gpus)
-    slots = max(1, int(slots))
+        slots = min(slots, free_gpus / config.scene_num_gpus)
+    slots = max(1, int(slots + 1e-6))  # not //: 1 GPU // 0.1 is 9.0 in floats
     return slots + max(1, slots // 4)
 
 
-class InFlightBound:
-    """:func:`in_flight_limit`, re-read from the cluster's resources every ``every_s``: as an autoscaling cluster
-    adds GPU nodes for the queued scene tasks, more scenes run (sized once at submit, a fleet started on one node
-    would never grow past it)."""
-
-    def __init__(self, config: FleetConfig, use_gpu: bool, resources: Callable[[], dict[str, float]],
-                 initial: dict[str, float], every_s: float = 15.0, clock: Callable[[], float] = time.monotonic):
-        self.config, self.use_gpu, self.resources, self.every_s, self.clock = config, use_gpu, resources, every_s, clock
-        self.limit = in_flight_limit(config, initial, use_gpu)
-        self.checked_at = clock()
-
-    def current(self) -> int:
-        if self.config.max_in_flight > 0 or self.clock() - self.checked_at < self.every_s:
-            return self.limit
-        self.checked_at = self.clock()
-        try:
-            limit = in_flight_limit(self.config, self.resources(), self.use_gpu)
-        except Exception:  # noqa: BLE001 - a GCS hiccup keeps the last bound
-            return self.limit
-        if limit != self.limit:
-            log.info("fleet: cluster resources changed; scenes in flight %d -> %d", self.limit, limit)
-            self.limit = limit
-        return self.limit
+def in_flight_bound(config: FleetConfig, use_gpu: bool, resources: Callable[[], dict[str, float]],
+                    initial: dict[str, float], **kw) -> InFlightBound:
+    """:func:`in_flight_limit`, re-read as an autoscaling cluster adds GPU nodes for the queued scene tasks."""
+    return InFlightBound(lambda cluster: in_flight_limit(config, cluster, use_gpu), resources, initial,
+                         fixed=config.max_in_flight or None, job="fleet", what="scenes", **kw)
 
 
 def _stream(todo: list[_Work], manifest: storage.Manifest, config: FleetConfig, scene_fn, fixer, use_gpu: bool,
@@ -217,7 +197,7 @@ def _stream(todo: list[_Work], manifest: storage.Manifest, config: FleetConfig, 
 
     task = ray.remote(run_scene_task)
     opts = scene_task_options(config, use_gpu)
-    bound = InFlightBound(config, use_gpu, ray.cluster_resources, cluster)
+    bound = in_flight_bound(config, use_gpu, ray.cluster_resources, cluster)
     queue = collections.deque(todo)
     running: dict[Any, _Work] = {}
     ran: list[str] = []
