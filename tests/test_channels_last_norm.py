@@ -121,3 +121,20 @@ def test_realized_affine_equals_the_inline_one_eager_and_compiled(affine, monkey
     torch.testing.assert_close(torch.compile(ours)(x), ref(x), atol=1e-5, rtol=1e-5)
     x64, ref64, ours64 = x.double(), ref.double(), ours.double()
     torch.testing.assert_close(ours64(x64), ref64(x64), atol=1e-12, rtol=1e-12)
+
+
+def test_realized_affine_steps_aside_whenever_a_gradient_flows():
+    """The scale/shift op has no derivative: any gradient (a trainable bias alone, forward mode) takes the inline
+    path, which gives nn.GroupNorm's gradients."""
+    ref, ours = _pair(4, 8, True)
+    ours.realized_affine, ours.realized_affine_min_elements = True, 0
+    x = torch.randn(2, 8, 5, 6).contiguous(memory_format=torch.channels_last)
+    ours.weight.requires_grad_(False), ref.weight.requires_grad_(False)  # the bias alone trains
+    ours(x).pow(2).sum().backward()
+    ref(x).pow(2).sum().backward()
+    torch.testing.assert_close(ours.bias.grad, ref.bias.grad, atol=1e-5, rtol=1e-5)
+    ours.requires_grad_(False), ref.requires_grad_(False)
+    v = torch.randn_like(x)
+    _, tangent = torch.func.jvp(ours, (x,), (v,))
+    _, expected = torch.func.jvp(ref, (x,), (v,))
+    torch.testing.assert_close(tangent, expected, atol=1e-4, rtol=1e-4)

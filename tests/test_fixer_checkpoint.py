@@ -5,6 +5,7 @@ import io
 import json
 import os
 import pickle
+import zipfile
 import re
 
 import pytest
@@ -389,6 +390,12 @@ BAD_PKLS = {
     "object": (lambda p: torch.save({"state_dict_unet": _Payload(), "state_dict_vae": {}}, p),
                r"holds Python objects other than tensors and plain containers \(\S*_build\), which are not "
                r"unpickled as that could run arbitrary code"),
+    "legacy_protocol_4": (lambda p: torch.save({"state_dict_unet": {}, "state_dict_vae": {}}, p,
+                                               _use_new_zipfile_serialization=False, pickle_protocol=4),
+                          r"an old-format torch\.save file written with pickle protocol 4, which weights_only loading "
+                          r"cannot read: re-save it with torch\.save's defaults"),
+    "other_zip": (lambda p: zipfile.ZipFile(p, "w").writestr("a.txt", "hello"),
+                  r"a zip archive that is not a torch\.save file"),
 }
 
 

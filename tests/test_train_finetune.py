@@ -306,3 +306,33 @@ def test_an_optimizer_state_that_cannot_be_matched_is_recorded_bad_input(tmp_pat
             loop.train_loop_per_worker(cfg.to_dict())
     assert len(calls) == 1
     assert isinstance(loop.recorded_input_error(cfg), CheckpointError)
+
+
+def test_preemption_watcher_variable_is_shared_by_concurrent_runs_and_a_users_value_kept(monkeypatch):
+    """Two fine-tuning runs in threads of one process: the second still sees the watcher off after the first ends,
+    the variable is gone after both, and a value the user set is never changed."""
+    import threading
+    import time
+
+    from difix3d.train import trainer
+
+    env = trainer.PREEMPTION_WATCHER_ENV
+    monkeypatch.delenv(env, raising=False)
+    seen = {}
+
+    def run(name, hold):
+        with trainer._preemption_watcher_off():
+            time.sleep(hold)
+            seen[name] = os.environ.get(env)
+
+    first = threading.Thread(target=run, args=("first", 0.2))
+    second = threading.Thread(target=run, args=("second", 0.6))
+    first.start()
+    time.sleep(0.05)
+    second.start()
+    first.join(), second.join()
+    assert seen == {"first": "0", "second": "0"} and env not in os.environ
+    monkeypatch.setenv(env, "1")
+    with trainer._preemption_watcher_off():
+        assert os.environ[env] == "1"
+    assert os.environ[env] == "1"

@@ -55,8 +55,10 @@ class ChannelsLastGroupNorm(nn.GroupNorm):
     # 25.7 ms for the whole compiled fixer (Inductor fuses each residual add into the reduction that follows it)
     channel_statistics = True
     # per-channel moments as two plain sums of the values less each channel's first pixel ("shifted sums": no
-    # division per element, where torch.var_mean compiles to Welford's update) instead of torch.var_mean. Measured
-    # on an H200 (benchmarks/RESULTS.md): 3-11 % faster per norm, within the run-to-run noise for the whole fixer
+    # division per element, where torch.var_mean compiles to Welford's update) instead of torch.var_mean. The shift
+    # spares the cancellation of E[x^2] - E[x]^2 only while the first pixel is typical of its channel (an outlier
+    # 1e3 std away costs ~1 % of the variance in float32). Measured on an H200 (benchmarks/RESULTS.md): 3-11 %
+    # faster per norm, within the run-to-run noise for the whole fixer; off
     shifted_sums = False
     # with channel statistics: scale and shift computed once per sample and channel by an opaque op, so the kernel
     # that normalizes every pixel loads them instead of recomputing rsqrt and the group combination per element.
@@ -74,7 +76,7 @@ class ChannelsLastGroupNorm(nn.GroupNorm):
         acc = torch.promote_types(x.dtype, torch.float32)  # float32 statistics for bf16/fp16, float64 kept
         if self.channel_statistics:
             xv = x.permute(0, 2, 3, 1).reshape(b, h * w, 1, c).to(acc)  # NHWC memory seen as [B, HW, 1, C]
-            if self.shifted_sums:  # the shift keeps E[d^2] - E[d]^2 free of cancellation when |mean| >> std
+            if self.shifted_sums:  # the shift spares E[d^2] - E[d]^2 most cancellation when |mean| >> std
                 shift = xv[:, :1]
                 d = xv - shift
                 mean_d = d.sum(dim=1, keepdim=True) / (h * w)
@@ -82,8 +84,7 @@ class ChannelsLastGroupNorm(nn.GroupNorm):
                 mean_c = shift + mean_d
             else:
                 var_c, mean_c = torch.var_mean(xv, dim=1, keepdim=True, correction=0)  # [B, 1, 1, C]
-            if (self.realized_affine and c * h * w >= self.realized_affine_min_elements
-                    and not (x.requires_grad or (self.affine and self.weight.requires_grad))):  # serving only
+            if self.realized_affine and c * h * w >= self.realized_affine_min_elements and self._no_autograd(x):
                 scale, shift = group_norm_scale_shift(mean_c.view(b, c), var_c.view(b, c),
                                                       self.weight if self.affine else None,
                                                       self.bias if self.affine else None, g, self.eps)
@@ -104,6 +105,18 @@ class ChannelsLastGroupNorm(nn.GroupNorm):
             shift = -mean * scale
         y = torch.addcmul(shift, xv, scale).to(x.dtype)  # [B, HW, G, C/G] contiguous = NHWC
         return y.view(b, h, w, c).permute(0, 3, 1, 2)  # a channels_last [B, C, H, W] view
+
+    def _no_autograd(self, x: torch.Tensor) -> bool:
+        """Whether no gradient of any kind flows through this call: the opaque scale/shift op has no derivative, so
+        it serves inference only (reverse mode off or nothing requiring grad; no forward-mode level, which
+        ``torch.func.jvp`` also opens)."""
+        from torch.autograd import forward_ad
+
+        if forward_ad._current_level >= 0:
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        return not (x.requires_grad or (self.affine and (self.weight.requires_grad or self.bias.requires_grad)))
 
 
 def use_channels_last_group_norm(model: nn.Module) -> int:

@@ -234,8 +234,9 @@ def _load_official_pkl(path: str, base: str | None) -> DifixModel:
     return model
 
 
-# how torch.save's older, non-zip format begins: its magic number, pickled
-_LEGACY_TORCH_SAVE = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[:-1]
+# how torch.save's older, non-zip format begins: its magic number, pickled (the opcode and bytes of that long; the
+# protocol header and framing before it vary with the pickle protocol)
+_LEGACY_TORCH_SAVE = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[2:-1]
 
 
 def _read_pkl(path: str):
@@ -254,8 +255,13 @@ def _read_pkl(path: str):
             problem = "empty file (0 bytes), not a checkpoint"
         elif not data.startswith((b"PK\x03\x04", b"\x80")):  # neither torch.save's zip archive nor a pickle
             problem = f"not a torch.save file (it starts with {data[:16]!r})"
-        elif data.startswith(b"\x80") and not data.startswith(_LEGACY_TORCH_SAVE):
+        elif data.startswith(b"\x80") and _LEGACY_TORCH_SAVE not in data[:32]:
             problem = "a plain Python pickle, not a torch.save file"
+        elif data.startswith(b"\x80") and data[1] > 2 and "Unsupported operand" in str(e):
+            problem = (f"an old-format torch.save file written with pickle protocol {data[1]}, which weights_only "
+                       "loading cannot read: re-save it with torch.save's defaults")
+        elif data.startswith(b"PK\x03\x04") and "not in a subdirectory" in str(e):  # torch.save's zips hold a folder
+            problem = "a zip archive that is not a torch.save file"
         elif found := re.search(r"\bGLOBAL (\S+)", detail):  # weights_only refused to build an object
             problem = (f"holds Python objects other than tensors and plain containers ({found[1]}), which are not "
                        "unpickled as that could run arbitrary code")

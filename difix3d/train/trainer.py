@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,11 +142,21 @@ def _preemption_watcher_off():
     preempted node still restarts the group from the latest checkpoint (``max_preemption_failures``). Ray hands the
     variable from the driver to its controller in ``fit()``.
     """
-    if PREEMPTION_WATCHER_ENV in os.environ:
-        yield
-        return
-    os.environ[PREEMPTION_WATCHER_ENV] = "0"
+    global _WATCHER_RUNS
+    with _WATCHER_LOCK:  # runs in several threads of one process share the variable: the first sets it, the last
+        ours = _WATCHER_RUNS > 0 or PREEMPTION_WATCHER_ENV not in os.environ  # clears it; a user's value stays
+        if ours:
+            _WATCHER_RUNS += 1
+            os.environ[PREEMPTION_WATCHER_ENV] = "0"
     try:
         yield
     finally:
-        os.environ.pop(PREEMPTION_WATCHER_ENV, None)
+        if ours:
+            with _WATCHER_LOCK:
+                _WATCHER_RUNS -= 1
+                if _WATCHER_RUNS == 0:
+                    os.environ.pop(PREEMPTION_WATCHER_ENV, None)
+
+
+_WATCHER_LOCK = threading.Lock()
+_WATCHER_RUNS = 0  # fine-tuning runs in this process inside _preemption_watcher_off
