@@ -120,6 +120,9 @@ def run_curation(config: CurateConfig, scenes: list[SceneRef] | None = None, pro
         ray.init()
     cluster = ray.cluster_resources()
     use_gpu = cluster.get("GPU", 0) > 0
+    if not use_gpu and config.gpus_per_task is None and todo:
+        log.info("curate: no GPU in the cluster now, so units run on CPUs; on an autoscaling cluster whose GPU nodes "
+                 "join later, pass --gpus-per-task 1")
     task = ray.remote(curate_unit).options(**unit_task_options(config, use_gpu))
     bound = in_flight_bound(config, use_gpu, ray.cluster_resources, cluster)
     for unit, result in _stream(task, todo, config, bound, progress):
