@@ -344,6 +344,17 @@ def test_the_pool_admits_enough_frames_to_keep_every_replica_busy(monkeypatch):
     monkeypatch.setattr(pool, "start_pool", lambda checkpoint, **kw: seen.update(kw) or object())
     open_fixer(FleetConfig(pool_replicas=12), "ck", cluster_gpus=12)
     assert seen["max_replicas"] == 12 and seen["max_inflight_frames"] == 192
+    assert seen["compile_mode"] == "default"
+    open_fixer(FleetConfig(pool_compile_mode="reduce-overhead"), "ck", cluster_gpus=1)
+    assert seen["compile_mode"] == "reduce-overhead"  # CUDA graphs in the replicas, when a user asks
+    with pytest.raises(ValueError, match="pool_compile_mode must be one of default, reduce-overhead"):
+        FleetConfig(pool_compile_mode="reduce_overhead").validate()
+    from difix3d.fixer.runner import COMPILE_MODES
+    from difix3d.fleet.cli import _CHOICES, build_parser, config_from_args
+
+    assert _CHOICES["pool_compile_mode"] == COMPILE_MODES  # the flag offers what the runner takes
+    args = build_parser().parse_args(["--pool-compile-mode", "reduce-overhead"])
+    assert config_from_args(args).pool_compile_mode == "reduce-overhead"
 
 
 def test_a_set_value_of_the_wrong_kind_names_the_setting(tmp_path):

@@ -14,7 +14,8 @@ import typing
 from .config import FleetConfig
 
 _CHOICES = {"fixer_mode": ("pool", "local"), "device": ("auto", "cuda", "cpu"), "recon_preset": ("tiny", "paper"),
-            "representation": ("3dgs", "nerfacto")}
+            "representation": ("3dgs", "nerfacto"),
+            "pool_compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")}
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

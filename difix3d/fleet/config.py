@@ -55,6 +55,11 @@ class FleetConfig:
     """0: one replica per GPU in the cluster (1 CPU replica on a CPU-only cluster)."""
     pool_max_replicas: int = 0
     """0: same as the replica count; larger lets the pool autoscale with the cluster."""
+    pool_compile_mode: str = "default"
+    """torch.compile's mode in the pool's replicas (when they compile: sd-turbo on CUDA). ``reduce-overhead`` replays
+    CUDA graphs (23.2 instead of ~37 ms per 576x1024 frame for sd-turbo on an H200, benchmarks/RESULTS.md) and keeps
+    one recorded graph, with its memory, per batch size and frame size a replica sees; not yet measured inside a
+    pool beside scene tasks, hence not the default."""
     replica_num_gpus: float = 0.51
     """GPU share per fixer replica. Ray packs fractional shares onto one GPU until it is full, so at 0.5 two replicas
     would share a GPU (and leave another to scenes alone); just over half keeps one replica per GPU, with two scenes
@@ -100,6 +105,11 @@ class FleetConfig:
             raise ValueError(f"recon_preset must be 'tiny' or 'paper', not {self.recon_preset!r}")
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
+        from difix3d.fixer.runner import COMPILE_MODES
+
+        if self.pool_compile_mode not in COMPILE_MODES:
+            raise ValueError(f"pool_compile_mode must be one of {', '.join(COMPILE_MODES)}, not "
+                             f"{self.pool_compile_mode!r}")
         for name in ("scene_num_cpus", "scene_num_gpus", "scene_memory_gb", "replica_num_gpus", "pool_replicas", "pool_max_replicas",
                      "max_in_flight"):
             if getattr(self, name) < 0:

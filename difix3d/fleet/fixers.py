@@ -76,7 +76,7 @@ def open_fixer(config, checkpoint: str, cluster_gpus: float) -> tuple[Any, Calla
     waiting_for_gpus = gpus > 0 and cluster_gpus == 0  # the replicas start once the autoscaler adds GPU nodes
     client = pool.start_pool(checkpoint, name=config.pool_name, min_replicas=lo, max_replicas=hi,
                              num_gpus_per_replica=gpus, scale_beyond_free_resources=hi > lo,
-                             max_inflight_frames=inflight_frames(hi),
+                             max_inflight_frames=inflight_frames(hi), compile_mode=config.pool_compile_mode,
                              ready_timeout_s=3600.0 if waiting_for_gpus else 600.0)
     if joined:
         log.warning("joined the running fixing pool %r: it is left running at the end of this job", config.pool_name)
