@@ -57,9 +57,10 @@ class FleetConfig:
     """0: same as the replica count; larger lets the pool autoscale with the cluster."""
     pool_compile_mode: str = "default"
     """torch.compile's mode in the pool's replicas (when they compile: sd-turbo on CUDA). ``reduce-overhead`` replays
-    CUDA graphs (23.2 instead of ~37 ms per 576x1024 frame for sd-turbo on an H200, benchmarks/RESULTS.md) and keeps
-    one recorded graph, with its memory, per batch size and frame size a replica sees; not yet measured inside a
-    pool beside scene tasks, hence not the default."""
+    CUDA graphs (31.2 instead of 37.0 ms per 576x1024 sd-turbo frame at batch 1 on an H200, measured side by side
+    before the later serving rewrites; benchmarks/RESULTS.md) and keeps one recorded graph, with its memory, per
+    batch size and frame size a replica sees; not yet measured inside a pool beside scene tasks, hence not the
+    default."""
     replica_num_gpus: float = 0.51
     """GPU share per fixer replica. Ray packs fractional shares onto one GPU until it is full, so at 0.5 two replicas
     would share a GPU (and leave another to scenes alone); just over half keeps one replica per GPU, with two scenes
