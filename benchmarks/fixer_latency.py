@@ -139,8 +139,12 @@ def main() -> None:
                 elif (batch, ref) in naive_ms:
                     emitter.emit("speedup_vs_naive", naive_ms[(batch, ref)] / ms, "x", **settings)
         if args.profile and path == args.paths.split(",")[-1]:
-            write_profile(fwd, batches[0], args.height, args.width, device, dtype, path != "naive", args.profile,
-                          stage_compile=args.stage_compile)
+            kinds = write_profile(fwd, batches[0], args.height, args.width, device, dtype, path != "naive",
+                                  args.profile, stage_compile=args.stage_compile)
+            if kinds:  # the GPU's own time per frame: steadier between runs than the wall clock
+                profiled = {**settings, "batch": batches[0], "ref": False,
+                            "kernel_kinds": {k: round(v, 4) for k, v in sorted(kinds.items())}}
+                emitter.emit("kernel_ms_per_frame", sum(kinds.values()), "ms", **profiled)
         del model, fwd
         if cuda:
             torch.cuda.empty_cache()
@@ -297,8 +301,9 @@ def time_forward(fwd, batch, ref, h, w, device, dtype, channels_last, iters, war
 
 @torch.no_grad()
 def write_profile(fwd, batch, h, w, device, dtype, channels_last, path: str, iters: int = 3,
-                  stage_compile: bool = False) -> None:
-    """Kernel table of a few warm forwards: where the milliseconds go (convolutions vs norms vs attention)."""
+                  stage_compile: bool = False) -> dict[str, float]:
+    """Kernel table of a few warm forwards: where the milliseconds go (convolutions vs norms vs attention). Returns
+    GPU ms per frame by kind of kernel (empty off CUDA)."""
     from torch.profiler import ProfilerActivity, profile
 
     x = torch.rand(batch, 3, h, w, device=device, dtype=dtype) * 2 - 1
@@ -323,6 +328,9 @@ def write_profile(fwd, batch, h, w, device, dtype, channels_last, path: str, ite
     with open(path, "w") as f:
         f.write(f"{head}{stages}\n{kinds}\n{table}\n")
     print(stages, flush=True)
+    if device.type != "cuda":
+        return {}
+    return {kind: us / 1000 / (iters * batch) for kind, us in kernel_totals(averages)[0].items()}
 
 
 # kernel name -> kind, first match wins. Inductor's kernels go first: their names list the ops they fuse, and one
@@ -336,18 +344,29 @@ KERNEL_KINDS = (("inductor reduction", re.compile(r"^triton_(red|per)_")),
                 ("other", re.compile(r"")))
 
 
-def kernel_kinds(averages, frames: int) -> str:
-    """GPU milliseconds per frame by kind of kernel (leaf kernels only, not the aten ops that launch them), and the
-    20 costliest kernels of each of the two Inductor kinds: where the time above the convolutions goes."""
+def kernel_kind(name: str) -> str:
+    return next(k for k, pattern in KERNEL_KINDS if pattern.search(name))
+
+
+def kernel_totals(averages) -> tuple[dict[str, float], dict[str, list]]:
+    """GPU microseconds by kind of kernel (leaf kernels only, not the aten ops that launch them), and each kind's
+    kernels as (us, calls, name)."""
     totals: dict[str, float] = {}
     top: dict[str, list] = {}
     for event in averages:
         us = getattr(event, "self_device_time_total", 0.0)
         if us <= 0 or event.key.startswith("aten::") or event.device_type != torch.autograd.DeviceType.CUDA:
             continue
-        kind = next(k for k, pattern in KERNEL_KINDS if pattern.search(event.key))
+        kind = kernel_kind(event.key)
         totals[kind] = totals.get(kind, 0.0) + us
         top.setdefault(kind, []).append((us, event.count, event.key))
+    return totals, top
+
+
+def kernel_kinds(averages, frames: int) -> str:
+    """GPU milliseconds per frame by kind of kernel, and the 20 costliest kernels of each of the two Inductor kinds
+    and of the rest: where the time above the convolutions goes."""
+    totals, top = kernel_totals(averages)
     total = sum(totals.values()) or 1.0
     lines = [f"{'kernel kind':20s} {'ms/frame':>9s} {'share':>6s}"]
     for kind, us in sorted(totals.items(), key=lambda kv: -kv[1]):
