@@ -15,6 +15,13 @@ import torch
 import torch.nn as nn
 
 
+def group_moments(mean_c: torch.Tensor, var_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel moments ``[..., G, C/G]`` -> each group's mean and variance ``[..., G, 1]``: groups of equal-size
+    channels (Chan et al.), the mean of the channel variances plus the variance of the channel means."""
+    mean = mean_c.mean(dim=-1, keepdim=True)
+    return mean, (var_c + (mean_c - mean).square()).mean(dim=-1, keepdim=True)
+
+
 @torch.library.custom_op("difix3d::group_norm_scale_shift", mutates_args=())
 def group_norm_scale_shift(mean_c: torch.Tensor, var_c: torch.Tensor, weight: torch.Tensor | None,
                            bias: torch.Tensor | None, groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,11 +29,8 @@ def group_norm_scale_shift(mean_c: torch.Tensor, var_c: torch.Tensor, weight: to
     ``[B, C]`` (``y = x * scale + shift``). An opaque op, so that torch.compile writes the two small tensors once
     instead of inlining ``rsqrt`` and the group combination into the kernel that normalizes every pixel."""
     b, c = mean_c.shape
-    m, v = mean_c.view(b, groups, c // groups), var_c.view(b, groups, c // groups)
-    # groups of equal-size channels (Chan et al.): the mean of the channel variances plus the variance of the channel
-    # means. Few kernels: each is a launch of its own inside the compiled graph
-    var_m, mean = torch.var_mean(m, dim=2, keepdim=True, correction=0)
-    rstd = v.mean(dim=2, keepdim=True).add_(var_m).add_(eps).rsqrt_()
+    mean, var = group_moments(mean_c.view(b, groups, c // groups), var_c.view(b, groups, c // groups))
+    rstd = torch.rsqrt(var + eps)
     if weight is None:
         scale = rstd.expand(b, groups, c // groups).contiguous()
     else:
@@ -90,9 +94,7 @@ class ChannelsLastGroupNorm(nn.GroupNorm):
                                                       self.bias if self.affine else None, g, self.eps)
                 y = torch.addcmul(shift.view(b, 1, 1, c), xv, scale.view(b, 1, 1, c)).to(x.dtype)  # [B, HW, 1, C]
                 return y.view(b, h, w, c).permute(0, 3, 1, 2)
-            var_c, mean_c = var_c.view(b, 1, g, c // g), mean_c.view(b, 1, g, c // g)
-            mean = mean_c.mean(dim=3, keepdim=True)  # [B, 1, G, 1]; groups of equal-size channels (Chan et al.):
-            var = (var_c + (mean_c - mean).square()).mean(dim=3, keepdim=True)  # within + between channels
+            mean, var = group_moments(mean_c.view(b, 1, g, c // g), var_c.view(b, 1, g, c // g))  # [B, 1, G, 1]
             xv = xv.view(b, h * w, g, c // g)
         else:
             xv = x.permute(0, 2, 3, 1).reshape(b, h * w, g, c // g).to(acc)  # NHWC memory seen as [B, HW, G, C/G]
