@@ -138,3 +138,42 @@ def test_realized_affine_steps_aside_whenever_a_gradient_flows():
     _, tangent = torch.func.jvp(ours, (x,), (v,))
     _, expected = torch.func.jvp(ref, (x,), (v,))
     torch.testing.assert_close(tangent, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("groups,channels,affine", [(32, 128, True), (32, 512, False), (2, 6, True), (1, 5, True)])
+def test_triton_scale_shift_equals_the_pytorch_op(groups, channels, affine):
+    """The one-kernel scale/shift (scale_shift_kernel.py) gives the PyTorch op's numbers, eagerly and inside a
+    compiled graph, for power-of-two groups and not."""
+    from difix3d.fixer import scale_shift_kernel
+    from difix3d.fixer.channels_last_norm import group_norm_scale_shift
+
+    assert scale_shift_kernel.available()
+    torch.manual_seed(0)
+    mean = torch.randn(3, channels, device="cuda") * 4
+    var = torch.rand(3, channels, device="cuda") * 9
+    weight = torch.randn(channels, device="cuda", dtype=torch.bfloat16) if affine else None
+    bias = torch.randn(channels, device="cuda", dtype=torch.bfloat16) if affine else None
+    expected = group_norm_scale_shift(mean, var, weight, bias, groups, 1e-6)
+    got = scale_shift_kernel.group_norm_scale_shift_triton(mean, var, weight, bias, groups, 1e-6)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+    compiled = torch.compile(scale_shift_kernel.group_norm_scale_shift_triton, fullgraph=True)
+    for e, g in zip(expected, compiled(mean, var, weight, bias, groups, 1e-6)):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_served_norm_on_cuda_uses_the_triton_scale_shift_and_matches_group_norm(monkeypatch):
+    from difix3d.fixer import scale_shift_kernel
+
+    ref, ours = _pair(32, 128, True)
+    ref, ours = ref.cuda().requires_grad_(False), ours.cuda().requires_grad_(False)
+    ours.realized_affine_min_elements = 0
+    calls = []
+    fn = scale_shift_kernel.group_norm_scale_shift_triton
+    monkeypatch.setattr(scale_shift_kernel, "group_norm_scale_shift_triton", lambda *a: calls.append(1) or fn(*a))
+    x = (torch.randn(2, 128, 24, 40, device="cuda") * 3 + 2).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), atol=2e-5, rtol=1e-5)
+    assert calls
