@@ -56,10 +56,6 @@ def main() -> None:
     p.add_argument("--vae-attention", default="auto", choices=["auto", "sdpa", "wide"],
                    help="bf16 paths: the VAE's 512-wide attention heads through SDPA, or two GEMMs and a float32 "
                         "softmax; auto = FixerRunner's default")
-    p.add_argument("--silu", default="auto", choices=["auto", "exact", "approx"],
-                   help="optimized path: SiLU as compiled by Inductor (exact) or at one tanh.approx per element "
-                        "(approx_silu.py; on torch without the inline-asm op, emulated by patching Inductor's sigmoid "
-                        "codegen); auto = FixerRunner's default")
     p.add_argument("--cudnn-benchmark-limit", type=int, default=None, metavar="N",
                    help="cuDNN algorithms tried per conv shape when autotuning (torch's default 10; 0 = all)")
     p.add_argument("--freezing", action="store_true",
@@ -122,10 +118,7 @@ def main() -> None:
         group_norm = resolve_choice(args.group_norm, "nhwc", "native", path, cuda)
         upsample = resolve_choice(args.upsample, "transposed", "native", path, cuda)
         vae_attention = resolve_choice(args.vae_attention, "wide", "sdpa", path, cuda)
-        silu = resolve_choice(args.silu, runner_silu_default(), "exact", path, cuda) if path == "optimized" \
-            else "exact"
-        fwd = prepare(model, path, device, args.compile_mode, group_norm, upsample, vae_attention, args.freezing,
-                      silu)
+        fwd = prepare(model, path, device, args.compile_mode, group_norm, upsample, vae_attention, args.freezing)
         dtype = torch.float32 if path == "naive" else (torch.bfloat16 if cuda else torch.float32)
         for batch in batches:
             for ref in refs:
@@ -137,7 +130,6 @@ def main() -> None:
                                 norm_stats=norm_stats if group_norm == "nhwc" else "none",
                                 norm_affine=norm_affine if group_norm == "nhwc" else "none", upsample=upsample,
                                 vae_attention=vae_attention, freezing=args.freezing and path == "optimized",
-                                silu=silu,
                                 cudnn_benchmark_limit=torch.backends.cudnn.benchmark_limit)
                 if inductor and path == "optimized":
                     settings["inductor"] = inductor
@@ -245,31 +237,8 @@ def resolve_choice(choice: str, ours: str, original: str, path: str, cuda: bool)
     return ours if choice == "auto" else choice
 
 
-def runner_silu_default() -> str:
-    """FixerRunner's SiLU on a compiled CUDA path: approx where this torch has the inline-asm op."""
-    from difix3d.fixer import approx_silu
-
-    return "approx" if approx_silu.available() else "exact"
-
-
-def emulate_approx_sigmoid() -> None:
-    """Make Inductor emit ``0.5 + 0.5 * tanh.approx(x/2)`` for every sigmoid compiled in this process: the PTX that
-    ``approx_silu.ApproxSiLU`` compiles to through torch's inline-asm op, for torch builds that lack the op.
-    Measuring only (a process-wide patch of a private class)."""
-    from torch._inductor.codegen.triton import TritonOverrides
-
-    def sigmoid(x):
-        return (f"(0.5 + 0.5 * tl.inline_asm_elementwise('tanh.approx.f32 $0, $1;', '=f,f', "
-                f"[0.5 * ({x}).to(tl.float32)], dtype=tl.float32, is_pure=True, pack=1))")
-
-    TritonOverrides.sigmoid = staticmethod(sigmoid)
-    # the caches key on the graph, not on this patch: a cached exact compile would be reused, or this one reused later
-    torch._inductor.config.fx_graph_cache = False
-    torch._functorch.config.enable_autograd_cache = False
-
-
 def prepare(model, path: str, device: torch.device, compile_mode: str, group_norm: str = "native",
-            upsample: str = "native", vae_attention: str = "sdpa", freezing: bool = False, silu: str = "exact"):
+            upsample: str = "native", vae_attention: str = "sdpa", freezing: bool = False):
     """naive: fp32 eager, NCHW, LoRA unmerged (the original code). bf16_eager: LoRA merged, bf16 weights,
     channels_last (with ``group_norm="nhwc"``, group norms computed on NHWC views; ``upsample="transposed"``,
     upsamplers as folded transposed convs; ``vae_attention="wide"``, the VAE's wide heads as two GEMMs). optimized:
@@ -298,13 +267,6 @@ def prepare(model, path: str, device: torch.device, compile_mode: str, group_nor
             use_channels_last_group_norm(model)
     else:
         model = model.to(device)
-    if silu == "approx" and path == "optimized" and device.type == "cuda":
-        from difix3d.fixer import approx_silu
-
-        if approx_silu.available():
-            approx_silu.use_approx_silu(model)
-        else:
-            emulate_approx_sigmoid()
     if compile_mode != "none" and path == "optimized":
         if freezing:  # Inductor folds what depends only on weights (the time embedding, the prompt's keys/values)
             from torch._inductor import list_mode_options

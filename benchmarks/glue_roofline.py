@@ -9,12 +9,10 @@ activation (read once, written once). This times that pass at the VAE decoder's 
 - ``triton_silu_sigmoid`` / ``triton_silu_ex2_rcp`` / ``triton_silu_tanh``: + SiLU as Triton's ``sigmoid``
   (what Inductor emits), as PTX ``ex2.approx`` + ``rcp.approx``, and as ``0.5x(1 + tanh.approx(x/2))`` (one
   special-function instruction per element);
-- ``inductor_silu`` / ``inductor_silu_approx``: the same pass compiled by torch.compile from PyTorch ops, with
-  F.silu and with :class:`difix3d.fixer.approx_silu.ApproxSiLU` (on torch without the inline-asm op, through
-  ``--emulate-approx``: Inductor's sigmoid codegen patched to emit the same PTX, for measuring only);
+- ``inductor_silu``: the same pass compiled by torch.compile from PyTorch ops (F.silu), as the fixer is served;
 - ``inductor_var_mean`` / ``inductor_shifted_sums``: the norm's per-channel moments as compiled today.
 
-    python benchmarks/glue_roofline.py [--batch 4] [--emulate-approx]
+    python benchmarks/glue_roofline.py [--batch 4] [--shape 128x576x1024]
 
 Prints GB/s per variant and the largest error of each SiLU against F.silu in float32; figures go to
 benchmarks/results/glue_roofline.jsonl (metric ms_per_call, and tb_per_s; settings variant, shape).
@@ -35,7 +33,6 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from _common import Emitter  # noqa: E402
-from fixer_latency import emulate_approx_sigmoid  # noqa: E402
 
 ACTIVATIONS = {"none": 0, "sigmoid": 1, "ex2_rcp": 2, "tanh": 3}
 
@@ -91,16 +88,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--shape", default="128x576x1024", help="CxHxW")
-    p.add_argument("--emulate-approx", action="store_true",
-                   help="torch without the inline-asm op: patch Inductor's sigmoid codegen for inductor_silu_approx")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("glue_roofline.py measures CUDA kernels: run it on a GPU host")
-    from difix3d.fixer import approx_silu
-
-    print(f"torch {torch.__version__}, triton {triton.__version__}, inline-asm op: {approx_silu.available()}",
-          flush=True)
+    print(f"torch {torch.__version__}, triton {triton.__version__}", flush=True)
     emitter = Emitter("glue_roofline", write=not args.no_write)
     c, h, w = (int(v) for v in args.shape.split("x"))
     b = args.batch
@@ -129,24 +121,11 @@ def main() -> None:
             print(f"{'':28s} max |error| vs F.silu in float32: {err:.2e}", flush=True)
             emitter.emit("max_abs_error", err, "", variant=name, shape=shape)
 
-    def norm_silu(t, s, u, act):
-        return act((t.float() * s.view(b, c, 1, 1) + u.view(b, c, 1, 1))).to(t.dtype)
+    def norm_silu(t, s, u):
+        return F.silu(t.float() * s.view(b, c, 1, 1) + u.view(b, c, 1, 1)).to(t.dtype)
 
-    exact_fn = torch.compile(lambda t, s, u: norm_silu(t, s, u, F.silu), dynamic=False)
+    exact_fn = torch.compile(norm_silu, dynamic=False)
     record("inductor_silu", time_ms(lambda: exact_fn(x, scale, shift)))
-    if args.emulate_approx and not approx_silu.available():
-        emulate_approx_sigmoid()
-        torch._dynamo.reset()
-        approx = torch.compile(lambda t, s, u: norm_silu(t, s, u, F.silu), dynamic=False)
-    else:
-        module = approx_silu.ApproxSiLU()
-        approx = torch.compile(lambda t, s, u: norm_silu(t, s, u, module), dynamic=False)
-    record("inductor_silu_approx", time_ms(lambda: approx(x, scale, shift)))
-    xf = x.float().contiguous(memory_format=torch.channels_last)
-    err = (approx(xf, scale, shift) - exact).abs().max().item()
-    print(f"{'':28s} max |error| vs F.silu in float32: {err:.2e}", flush=True)
-    emitter.emit("max_abs_error", err, "", variant="inductor_silu_approx", shape=shape)
-
     xv = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
     var_mean = torch.compile(lambda t: torch.var_mean(t.float(), dim=1, correction=0), dynamic=False)
     record("inductor_var_mean", time_ms(lambda: var_mean(xv)), nbytes // 2)

@@ -46,7 +46,7 @@ else:
         mean = tl.sum(mean_c, axis=1) / PER_GROUP  # [BLOCK_G]
         dev = tl.where(mask, mean_c - mean[:, None], 0.0)
         var = tl.sum(var_c + dev * dev, axis=1) / PER_GROUP  # mean of the channel variances + variance of the means
-        rstd = 1.0 / tl.sqrt_rn(var + eps)
+        rstd = 1.0 / tl.sqrt_rn((var + eps).to(tl.float32))  # eps arrives as a float64 scalar
         scale = tl.broadcast_to(rstd[:, None], [BLOCK_G, BLOCK_J])
         if HAS_WEIGHT:
             scale = scale * tl.load(weight_ptr + c, mask=mask, other=0.0).to(tl.float32)
