@@ -123,6 +123,25 @@ def test_realized_affine_equals_the_inline_one_eager_and_compiled(affine, monkey
     torch.testing.assert_close(ours64(x64), ref64(x64), atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("realized", [False, True])
+def test_a_group_norm_with_a_weight_and_no_bias(realized):
+    """torch's GroupNorm(bias=False): a weight alone, on every path of ours."""
+    try:
+        ref = nn.GroupNorm(4, 16, eps=1e-6, bias=False)
+    except TypeError:
+        pytest.skip("this torch's GroupNorm has no bias argument")
+    nn.init.normal_(ref.weight)
+    ours = nn.GroupNorm(4, 16, eps=1e-6, bias=False)
+    ours.load_state_dict(ref.state_dict())
+    use_channels_last_group_norm(ours)
+    ours.realized_affine, ours.realized_affine_min_elements = realized, 0
+    x = (torch.randn(2, 16, 6, 5) * 2 + 1).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), atol=2e-5, rtol=1e-5)
+    ours.weight.requires_grad_(False)
+    torch.testing.assert_close(ours(x), ref(x).detach(), atol=2e-5, rtol=1e-5)  # grad on, nothing trains
+
+
 def test_realized_affine_steps_aside_whenever_a_gradient_flows():
     """The scale/shift op has no derivative: any gradient (a trainable bias alone, forward mode) takes the inline
     path, which gives nn.GroupNorm's gradients."""
@@ -141,10 +160,11 @@ def test_realized_affine_steps_aside_whenever_a_gradient_flows():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("groups,channels,affine", [(32, 128, True), (32, 512, False), (2, 6, True), (1, 5, True)])
+@pytest.mark.parametrize("groups,channels,affine", [(32, 128, "both"), (32, 512, "none"), (2, 6, "both"),
+                                                    (1, 5, "both"), (3, 12, "weight"), (24, 72, "bias")])
 def test_triton_scale_shift_equals_the_pytorch_op(groups, channels, affine):
     """The one-kernel scale/shift (scale_shift_kernel.py) gives the PyTorch op's numbers, eagerly and inside a
-    compiled graph, for power-of-two groups and not."""
+    compiled graph, for power-of-two groups and channels per group and not, with a weight, a bias, both or none."""
     from difix3d.fixer import scale_shift_kernel
     from difix3d.fixer.channels_last_norm import group_norm_scale_shift
 
@@ -152,14 +172,30 @@ def test_triton_scale_shift_equals_the_pytorch_op(groups, channels, affine):
     torch.manual_seed(0)
     mean = torch.randn(3, channels, device="cuda") * 4
     var = torch.rand(3, channels, device="cuda") * 9
-    weight = torch.randn(channels, device="cuda", dtype=torch.bfloat16) if affine else None
-    bias = torch.randn(channels, device="cuda", dtype=torch.bfloat16) if affine else None
+    weight = torch.randn(channels, device="cuda", dtype=torch.bfloat16) if affine in ("both", "weight") else None
+    bias = torch.randn(channels, device="cuda", dtype=torch.bfloat16) if affine in ("both", "bias") else None
     expected = group_norm_scale_shift(mean, var, weight, bias, groups, 1e-6)
     got = scale_shift_kernel.group_norm_scale_shift_triton(mean, var, weight, bias, groups, 1e-6)
     for e, g in zip(expected, got):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
     compiled = torch.compile(scale_shift_kernel.group_norm_scale_shift_triton, fullgraph=True)
     for e, g in zip(expected, compiled(mean, var, weight, bias, groups, 1e-6)):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="divisible by 5 groups"):
+        scale_shift_kernel.group_norm_scale_shift_triton(mean, var, None, None, 5, 1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_triton_scale_shift_runs_on_its_tensors_gpu_not_the_current_one():
+    from difix3d.fixer import scale_shift_kernel
+    from difix3d.fixer.channels_last_norm import group_norm_scale_shift
+
+    mean, var = torch.randn(2, 64, device="cuda:1"), torch.rand(2, 64, device="cuda:1")
+    assert torch.cuda.current_device() == 0
+    got = scale_shift_kernel.group_norm_scale_shift_triton(mean, var, None, None, 32, 1e-6)
+    for e, g in zip(group_norm_scale_shift(mean, var, None, None, 32, 1e-6), got):
+        assert g.device == mean.device
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
 
 

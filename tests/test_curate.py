@@ -415,6 +415,43 @@ def test_curation_in_flight_bound_follows_the_cluster_as_nodes_join_and_leave():
     assert fixed.current() == 3
 
 
+def test_curation_units_take_a_gpu_once_one_joins_the_cluster():
+    """gpus_per_task unset: units submitted before any GPU node joined run on CPUs, later ones take a GPU, and the
+    bound counts them as such from the reading that saw the GPUs."""
+    from types import SimpleNamespace
+
+    from difix3d.curate.job import CurateConfig, UnitTask, in_flight_bound, in_flight_limit, unit_task_options
+    from difix3d.fleet.inputs import SceneRef
+
+    config, now, cluster = CurateConfig(), [0.0], {"CPU": 8}
+    bound = in_flight_bound(config, None, lambda: dict(cluster), dict(cluster), every_s=10, clock=lambda: now[0])
+    assert bound.current() == in_flight_limit(config, {"CPU": 8}, use_gpu=False)
+    task = UnitTask(config, bound)
+    assert not task.use_gpu
+    assert unit_task_options(config, True)["num_gpus"] == 1 and unit_task_options(config, False)["num_gpus"] == 0
+    placed = []
+
+    def submit(gpu):
+        placed.append(gpu)
+        return f"unit-{len(placed)}"
+
+    task.tasks = {gpu: SimpleNamespace(remote=lambda ref, name, cfg, gpu=gpu: submit(gpu)) for gpu in (0, 1)}
+    ref = SceneRef("s0", "/x/s0")
+    cpu_units = [task.remote(ref, "sparse", config) for _ in range(3)]
+    assert task.uncounted(cpu_units) == 0  # no GPU yet: the bound counts every unit
+    cluster.update(CPU=40, GPU=4)  # an autoscaler added a GPU node
+    now[0] = 11.0
+    assert bound.current() == 4 + 1  # one GPU per unit now bounds it
+    gpu_unit = task.remote(ref, "sparse", config)
+    assert placed == [False, False, False, True]
+    # the CPU units still running do not hold GPU units back: 5 GPU slots besides them
+    assert task.uncounted(cpu_units + [gpu_unit]) == 3 and task.uncounted([cpu_units[0], gpu_unit]) == 1
+    assert unit_task_options(CurateConfig(gpus_per_task=0.5), False) == unit_task_options(
+        CurateConfig(gpus_per_task=0.5), True)  # a given share never changes
+    fixed = in_flight_bound(CurateConfig(max_in_flight=3), None, lambda: dict(cluster), {"CPU": 8}, every_s=0)
+    assert fixed.current() == 3 and fixed.cluster["GPU"] == 4  # a fixed cap still sees the GPUs for placement
+
+
 def test_curation_submits_more_units_as_the_bound_grows(monkeypatch):
     """_stream re-reads the bound each round: a job started on a small cluster fills the nodes that join."""
     import ray

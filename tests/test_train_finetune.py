@@ -336,3 +336,27 @@ def test_preemption_watcher_variable_is_shared_by_concurrent_runs_and_a_users_va
     with trainer._preemption_watcher_off():
         assert os.environ[env] == "1"
     assert os.environ[env] == "1"
+
+
+def test_a_shared_export_folder_is_complete_only_for_the_run_that_wrote_it_last(tmp_path):
+    """Two runs exporting to one ``export_uri``: a re-run of the first must export again, not call itself complete
+    over the second run's model."""
+    from difix3d.fixer.checkpoint import checkpoint_provenance, save_checkpoint
+    from difix3d.fixer.model import build_model
+    from difix3d.train.loop import _exported_at, _provenance
+
+    export = str(tmp_path / "shared-export")
+    first = _config(tmp_path, "unused", name="first", export_uri=export)
+    second = _config(tmp_path, "unused", name="second", export_uri=export)
+    assert checkpoint_provenance(export) is None and not _exported_at(first, 12)  # nothing exported yet
+    model = build_model("tiny", seed=0)
+    save_checkpoint(model, export, provenance=_provenance(first, 12))
+    assert _exported_at(first, 12) and not _exported_at(first, 14) and not _exported_at(second, 12)
+    save_checkpoint(model, export, provenance=_provenance(second, 12))  # the second run exports over it
+    assert not _exported_at(first, 12) and _exported_at(second, 12)
+    assert checkpoint_provenance(export) == {"finetune_run": second.run_uri(), "step": 12}
+    assert load_checkpoint(export).config.preset == "tiny"  # loading ignores the provenance
+    save_checkpoint(model, export)  # a plain export (difix3d convert) records none
+    assert checkpoint_provenance(export) is None and not _exported_at(second, 12)
+    (Path(export) / "config.json").write_text("{not json")
+    assert checkpoint_provenance(export) is None

@@ -50,7 +50,7 @@ def build_job_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-psnr", type=float, default=d.filter.min_psnr, help="drop pairs below (hopeless)")
     p.add_argument("--max-psnr", type=float, default=d.filter.max_psnr, help="drop pairs above (nearly perfect)")
     p.add_argument("--shard-size", type=positive_int, default=d.shard_size, help="pairs per shard")
-    p.add_argument("--gpus-per-task", type=non_negative_float, default=None, help="default: 1 on a GPU cluster, else 0")
+    p.add_argument("--gpus-per-task", type=non_negative_float, default=None, help="default: 1 for units submitted while the cluster has a GPU, else 0 (they run on CPUs)")
     p.add_argument("--max-attempts", type=positive_int, default=d.max_attempts, help="tries per (scene, strategy) unit")
     p.add_argument("--seed", type=int, default=d.recon.seed, help="seed of the reconstructions")
     p.add_argument("--tiny", action="store_true", help="tiny 3DGS preset (demos, CPU); --iterations stays as given")

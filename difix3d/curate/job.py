@@ -119,13 +119,11 @@ def run_curation(config: CurateConfig, scenes: list[SceneRef] | None = None, pro
     if not ray.is_initialized():
         ray.init()
     cluster = ray.cluster_resources()
-    use_gpu = cluster.get("GPU", 0) > 0
-    if not use_gpu and config.gpus_per_task is None and todo:
-        log.info("curate: no GPU in the cluster now, so units run on CPUs; on an autoscaling cluster whose GPU nodes "
-                 "join later, pass --gpus-per-task 1")
-    task = ray.remote(curate_unit).options(**unit_task_options(config, use_gpu))
-    bound = in_flight_bound(config, use_gpu, ray.cluster_resources, cluster)
-    for unit, result in _stream(task, todo, config, bound, progress):
+    if cluster.get("GPU", 0) <= 0 and config.gpus_per_task is None and todo:
+        log.info("curate: no GPU in the cluster now, so units run on CPUs until one joins; to keep them all for GPU "
+                 "nodes an autoscaler adds, pass --gpus-per-task 1")
+    bound = in_flight_bound(config, None, ray.cluster_resources, cluster)
+    for unit, result in _stream(UnitTask(config, bound), todo, config, bound, progress):
         prev = manifest.get(unit)
         attempts = (prev.attempts if prev else 0) + 1
         info = {**{k: v for k, v in result.items() if k != "status"}, "outcome": result["status"]}
@@ -193,6 +191,40 @@ def plan(scenes: list[SceneRef], config: CurateConfig, manifest: storage.Manifes
     return todo, skipped, given_up
 
 
+class UnitTask:
+    """:func:`curate_unit` as a Ray task whose resources follow the cluster: with ``gpus_per_task`` unset, a unit
+    submitted while the cluster has no GPU runs on CPUs, and one submitted after a GPU node has joined (as
+    ``bound.cluster`` last read it) takes a GPU. The bound then counts GPU slots, so the CPU units still running are
+    extra to it (:meth:`uncounted`): the GPUs fill at once instead of after the CPU units end."""
+
+    def __init__(self, config: CurateConfig, bound: InFlightBound):
+        import ray
+
+        self.bound, self.config = bound, config
+        self.tasks = {gpu: ray.remote(curate_unit).options(**unit_task_options(config, gpu)) for gpu in (False, True)}
+        self.use_gpu = self.gpu_now()
+        self.on_cpu: set = set()  # object refs of the units submitted without a GPU
+
+    def gpu_now(self) -> bool:
+        return self.config.gpus_per_task is None and self.bound.cluster.get("GPU", 0) > 0
+
+    def remote(self, ref: SceneRef, name: str, config: CurateConfig):
+        use_gpu = self.gpu_now()
+        if use_gpu != self.use_gpu:
+            log.info("curate: %s; the next units run on %s", "a GPU joined the cluster" if use_gpu else
+                     "the cluster has no GPU now", "GPUs" if use_gpu else "CPUs")
+        self.use_gpu = use_gpu
+        out = self.tasks[use_gpu].remote(ref, name, config)
+        if not use_gpu:
+            self.on_cpu.add(out)
+        return out
+
+    def uncounted(self, running: Iterable) -> int:
+        """In-flight units the bound does not count: those on CPUs while new units go to GPUs."""
+        self.on_cpu &= set(running)
+        return len(self.on_cpu) if self.gpu_now() else 0
+
+
 def unit_task_options(config: CurateConfig, use_gpu: bool) -> dict[str, Any]:
     """Resources of one (scene, strategy) task: it fits one or two 3DGS models on one GPU (or CPU)."""
     gpus = config.gpus_per_task if config.gpus_per_task is not None else (1.0 if use_gpu else 0.0)
@@ -212,10 +244,14 @@ def in_flight_limit(config: CurateConfig, cluster: dict[str, float], use_gpu: bo
     return slots + max(1, slots // 4)
 
 
-def in_flight_bound(config: CurateConfig, use_gpu: bool, resources: Callable[[], dict[str, float]],
+def in_flight_bound(config: CurateConfig, use_gpu: bool | None, resources: Callable[[], dict[str, float]],
                     initial: dict[str, float], **kw) -> InFlightBound:
-    """:func:`in_flight_limit`, re-read as an autoscaling cluster adds (or drops) nodes."""
-    return InFlightBound(lambda cluster: in_flight_limit(config, cluster, use_gpu), resources, initial,
+    """:func:`in_flight_limit`, re-read as an autoscaling cluster adds (or drops) nodes; ``use_gpu=None``: units take
+    a GPU whenever the cluster has one at that reading (as :class:`UnitTask` places them)."""
+    def limit(cluster: dict[str, float]) -> int:
+        return in_flight_limit(config, cluster, cluster.get("GPU", 0) > 0 if use_gpu is None else use_gpu)
+
+    return InFlightBound(limit, resources, initial,
                          fixed=config.max_in_flight or None, job="curate", what="units", **kw)
 
 
@@ -288,9 +324,10 @@ def _stream(task, todo: list[tuple[str, SceneRef, str]], config: CurateConfig, b
     from tqdm.auto import tqdm
 
     pending, running = list(todo), {}
+    uncounted = getattr(task, "uncounted", None)  # UnitTask: CPU units still running once GPUs take new ones
     bar = tqdm(total=len(todo), disable=not progress, desc="curate", unit="unit", dynamic_ncols=True)
     while pending or running:
-        limit = bound.current()
+        limit = bound.current() + (uncounted(running) if uncounted else 0)
         while pending and len(running) < limit:
             unit, ref, name = pending.pop(0)
             running[task.remote(ref, name, config)] = (unit, ref, name)

@@ -97,8 +97,7 @@ class ChannelsLastGroupNorm(nn.GroupNorm):
                 scale_shift = group_norm_scale_shift
                 if self.triton_scale_shift and x.is_cuda and acc == torch.float32 and scale_shift_kernel.available():
                     scale_shift = scale_shift_kernel.group_norm_scale_shift_triton
-                scale, shift = scale_shift(mean_c.view(b, c), var_c.view(b, c), self.weight if self.affine else None,
-                                           self.bias if self.affine else None, g, self.eps)
+                scale, shift = scale_shift(mean_c.view(b, c), var_c.view(b, c), self.weight, self.bias, g, self.eps)
                 y = torch.addcmul(shift.view(b, 1, 1, c), xv, scale.view(b, 1, 1, c)).to(x.dtype)  # [B, HW, 1, C]
                 return y.view(b, h, w, c).permute(0, 3, 1, 2)
             mean, var = group_moments(mean_c.view(b, 1, g, c // g), var_c.view(b, 1, g, c // g))  # [B, 1, G, 1]
@@ -107,8 +106,9 @@ class ChannelsLastGroupNorm(nn.GroupNorm):
             xv = x.permute(0, 2, 3, 1).reshape(b, h * w, g, c // g).to(acc)  # NHWC memory seen as [B, HW, G, C/G]
             var, mean = torch.var_mean(xv, dim=(1, 3), keepdim=True, correction=0)  # [B, 1, G, 1]
         scale = torch.rsqrt(var + self.eps)
-        if self.affine:
+        if self.weight is not None:  # None without affine; torch's GroupNorm(bias=False) has a weight alone
             scale = scale * self.weight.to(acc).view(1, 1, g, c // g)  # [B, 1, G, C/G]
+        if self.bias is not None:
             shift = self.bias.to(acc).view(1, 1, g, c // g) - mean * scale
         else:
             shift = -mean * scale
@@ -125,7 +125,7 @@ class ChannelsLastGroupNorm(nn.GroupNorm):
             return False
         if not torch.is_grad_enabled():
             return True
-        return not (x.requires_grad or (self.affine and (self.weight.requires_grad or self.bias.requires_grad)))
+        return not (x.requires_grad or any(p.requires_grad for p in (self.weight, self.bias) if p is not None))
 
 
 def use_channels_last_group_norm(model: nn.Module) -> int:

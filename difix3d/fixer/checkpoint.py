@@ -43,10 +43,11 @@ FETCH_SD_TURBO = ("fetch it with `huggingface-cli download stabilityai/sd-turbo 
                   f"internet and pass base=DIR (CLI: --base DIR) or set {SD_TURBO_ENV}=DIR")
 
 
-def save_checkpoint(model: DifixModel, uri: str) -> str:
+def save_checkpoint(model: DifixModel, uri: str, provenance: dict | None = None) -> str:
     """Write ``model`` in our format under ``uri`` (a folder URI); returns ``uri``. Weights are written as they are
     (dtype kept; a model merged for serving as its merged weights, see :func:`_export_state`), the config last so a
-    half-written checkpoint is never mistaken for a whole one."""
+    half-written checkpoint is never mistaken for a whole one. ``provenance`` (JSON-able, e.g. the fine-tuning run
+    and step that produced it) is kept in the config for :func:`checkpoint_provenance`; loading ignores it."""
     from safetensors.torch import save
 
     state = _export_state(model, lambda k: True)
@@ -55,9 +56,25 @@ def save_checkpoint(model: DifixModel, uri: str) -> str:
     if storage.exists(config_uri):  # over an older checkpoint: never new weights beside its config, if cut short
         storage.delete(config_uri)
     storage.write_bytes(storage.join(uri, WEIGHTS_FILE), save(state))
-    storage.write_json(storage.join(uri, CONFIG_FILE),
-                       {"format": FORMAT, "version": FORMAT_VERSION, "config": model.config.to_dict()})
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "config": model.config.to_dict()}
+    if provenance is not None:
+        meta["provenance"] = provenance
+    storage.write_json(storage.join(uri, CONFIG_FILE), meta)
     return uri
+
+
+def checkpoint_provenance(uri: str) -> dict | None:
+    """The ``provenance`` a checkpoint of ours at ``uri`` was saved with; None when it has none, or when ``uri``
+    holds no whole checkpoint of ours (no config yet, or not our format)."""
+    config_uri = storage.join(uri, CONFIG_FILE)
+    if not storage.exists(config_uri):
+        return None
+    try:
+        meta = json.loads(storage.read_text(config_uri))
+    except ValueError:
+        return None
+    provenance = meta.get("provenance") if isinstance(meta, dict) and meta.get("format") == FORMAT else None
+    return provenance if isinstance(provenance, dict) else None
 
 
 def load_checkpoint(uri: str, device: str | torch.device | None = None, base: str | None = None) -> DifixModel:

@@ -47,7 +47,7 @@ else:
         mean = tl.sum(mean_c, axis=1) / PER_GROUP  # [BLOCK_G]
         dev = tl.where(mask, mean_c - mean[:, None], 0.0)
         var = tl.sum(var_c + dev * dev, axis=1) / PER_GROUP  # mean of the channel variances + variance of the means
-        rstd = 1.0 / tl.sqrt_rn((var + eps).to(tl.float32))  # eps arrives as a float64 scalar
+        rstd = 1.0 / tl.sqrt_rn((var + eps).to(tl.float32))  # Inductor passes eps as a float64 scalar
         scale = tl.broadcast_to(rstd[:, None], [BLOCK_G, BLOCK_J])
         if HAS_WEIGHT:
             scale = scale * tl.load(weight_ptr + c, mask=mask, other=0.0).to(tl.float32)
@@ -64,20 +64,27 @@ else:
         scale = torch.empty_like(mean_c)
         shift = torch.empty_like(mean_c)
         per_group = c // groups
-        wrap_triton(_scale_shift)[(b,)](
-            mean_c, var_c, mean_c if weight is None else weight, mean_c if bias is None else bias, scale, shift,
-            c, eps, GROUPS=groups, PER_GROUP=per_group, BLOCK_G=_pow2(groups), BLOCK_J=_pow2(per_group),
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, num_warps=4)
+        with torch.cuda.device(mean_c.device):  # Triton launches on the current device, which need not be theirs
+            wrap_triton(_scale_shift)[(b,)](
+                mean_c, var_c, mean_c if weight is None else weight, mean_c if bias is None else bias, scale, shift,
+                c, eps, GROUPS=groups, PER_GROUP=per_group, BLOCK_G=_pow2(groups), BLOCK_J=_pow2(per_group),
+                HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, num_warps=4)
         return scale, shift
 
 
 def group_norm_scale_shift_triton(mean_c: torch.Tensor, var_c: torch.Tensor, weight: torch.Tensor | None,
                                   bias: torch.Tensor | None, groups: int, eps: float
                                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same contract as ``difix3d::group_norm_scale_shift`` (float ``[B, C]`` moments, contiguous, on CUDA; the
-    channels split evenly into ``groups``) in one kernel launch."""
+    """``difix3d::group_norm_scale_shift`` for float32 ``[B, C]`` moments on CUDA (the channels split evenly into
+    ``groups``; ``weight`` and ``bias`` ``[C]``, either may be None) in one kernel launch. The same numbers up to
+    float32 rounding (``1/sqrt`` for ``rsqrt``, another summation order)."""
     if not _AVAILABLE:
         raise RuntimeError("group_norm_scale_shift_triton needs Triton (pip install triton) and torch >= 2.6")
     if mean_c.dtype != torch.float32 or var_c.dtype != torch.float32:
         raise ValueError(f"group_norm_scale_shift_triton: float32 moments expected, got {mean_c.dtype}/{var_c.dtype}")
+    if mean_c.dim() != 2 or mean_c.shape[1] % groups:
+        raise ValueError(f"group_norm_scale_shift_triton: [B, C] moments with C divisible by {groups} groups "
+                         f"expected, got shape {tuple(mean_c.shape)}")
+    weight = None if weight is None else weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
     return _scale_shift_op(mean_c.contiguous(), var_c.contiguous(), weight, bias, groups, float(eps))

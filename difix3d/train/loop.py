@@ -229,12 +229,12 @@ def _train(cfg: FinetuneConfig) -> dict[str, Any]:
         from difix3d.fixer.checkpoint import save_checkpoint
 
         if not complete:
-            save_checkpoint(model, final)
+            save_checkpoint(model, final, provenance=_provenance(cfg, step))
             logger.console(f"final model written to {final}")
         logger.close()
     summary = {"rank": rank, "world_size": world, "start_step": start_step, "end_step": step, "final": final,
                "rows_seen": list(seen), "skipped": stream.skipped, "stream_state": list(stream.state())}
-    storage.write_json(_summary_uri(cfg, rank), summary)  # rank 0's after the export: see _exported_at
+    storage.write_json(_summary_uri(cfg, rank), summary)
     return summary
 
 
@@ -275,17 +275,19 @@ def _summary_uri(cfg: FinetuneConfig, rank: int) -> str:
     return storage.join(cfg.run_uri(), "workers", f"rank-{rank}.json")
 
 
-def _exported_at(cfg: FinetuneConfig, step: int) -> bool:
-    """Whether this run's final model was exported from the model of ``step``: rank 0 writes its summary after the
-    export, and the export is whole (its config is written last). A run resumed further, or cut short between its
-    last checkpoint and the export, exports again."""
-    from difix3d.fixer.checkpoint import CONFIG_FILE
+def _provenance(cfg: FinetuneConfig, step: int) -> dict:
+    """What an exported model records of the run that exported it (see :func:`_exported_at`)."""
+    return {"finetune_run": cfg.run_uri(), "step": step}
 
-    summary = _summary_uri(cfg, 0)
-    if not (storage.exists(summary) and storage.exists(storage.join(cfg.final_uri(), CONFIG_FILE))):
-        return False
-    done = storage.read_json(summary)
-    return done.get("end_step") == step and done.get("final") == cfg.final_uri()
+
+def _exported_at(cfg: FinetuneConfig, step: int) -> bool:
+    """Whether the final model at ``cfg.final_uri()`` is this run's export of the model of ``step``: the export is
+    whole (its config, written last, is there) and records this run and step. A run resumed further, one cut short
+    between its last checkpoint and the export, or one whose export folder another run has written since (a shared
+    ``export_uri``) exports again."""
+    from difix3d.fixer.checkpoint import checkpoint_provenance
+
+    return checkpoint_provenance(cfg.final_uri()) == _provenance(cfg, step)
 
 
 def _state_uri(cfg: FinetuneConfig, checkpoint) -> str:
