@@ -10,6 +10,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+# torch.compile's modes (FixerRunner, the pool and the fleet take one); the two with CUDA graphs replay recorded
+# kernels instead of launching them one by one, which took the compiled sd-turbo fixer from 37.0 to 31.2 ms per
+# 576x1024 frame at batch 1 on an H200 (benchmarks/RESULTS.md). Here, away from torch, for the command lines
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
 # LoRA targets of the official Difix / pix2pix-turbo code: a module of the VAE *decoder* named so, or whose name ends
 # in "." + one of them, is wrapped (the official Difix code lists the decoder's matching modules by full name; the
 # frozen encoder gets none, see difix3d.fixer.model.decoder_lora_modules).

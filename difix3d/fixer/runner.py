@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from difix3d.device import default_device, default_dtype
 from difix3d.fixer.channels_last_norm import use_channels_last_group_norm
+from difix3d.fixer.config import COMPILE_MODES, CUDA_GRAPH_MODES
 from difix3d.fixer.model import DifixModel
 from difix3d.fixer.transposed_upsample import use_transposed_upsample
 from difix3d.fixer.wide_head_attention import use_wide_head_attention
@@ -21,11 +22,6 @@ MIN_SIDE = 32  # smaller frames are padded up (and cropped back): a narrow model
 # compile=None compiles on CUDA from this size up: sd-turbo (949 M) runs ~3x faster compiled, while a small model
 # gains little and pays a compile per batch size and image size (minutes of stalls for the bundled 1.9 M demo fixer)
 COMPILE_MIN_PARAMS = 100_000_000
-# torch.compile's modes; the two with CUDA graphs replay recorded kernels without launching them one by one, which
-# took the compiled sd-turbo fixer from 37.0 to 31.2 ms per 576x1024 frame at batch 1 on an H200 (25.7 ms with the
-# serving rewrites below; benchmarks/RESULTS.md)
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def compile_pays(model: torch.nn.Module, device: torch.device) -> bool:

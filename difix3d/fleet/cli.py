@@ -11,11 +11,13 @@ import sys
 import textwrap
 import typing
 
+from difix3d.fixer.config import COMPILE_MODES
+
 from .config import FleetConfig
 
 _CHOICES = {"fixer_mode": ("pool", "local"), "device": ("auto", "cuda", "cpu"), "recon_preset": ("tiny", "paper"),
             "representation": ("3dgs", "nerfacto"),
-            "pool_compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")}
+            "pool_compile_mode": COMPILE_MODES}
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

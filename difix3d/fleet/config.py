@@ -106,7 +106,7 @@ class FleetConfig:
             raise ValueError(f"recon_preset must be 'tiny' or 'paper', not {self.recon_preset!r}")
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
-        from difix3d.fixer.runner import COMPILE_MODES
+        from difix3d.fixer.config import COMPILE_MODES
 
         if self.pool_compile_mode not in COMPILE_MODES:
             raise ValueError(f"pool_compile_mode must be one of {', '.join(COMPILE_MODES)}, not "

@@ -100,7 +100,7 @@ class PoolConfig:
         for field in ("max_wait_ms", "batch_timeout_s"):
             if getattr(self, field) < 0:
                 raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
-        from difix3d.fixer.runner import COMPILE_MODES
+        from difix3d.fixer.config import COMPILE_MODES
 
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode: expected one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
