@@ -473,3 +473,13 @@ def test_the_baseline_trains_real_views_at_weight_one_and_the_progressive_run_at
     reconstruct_scene(street, str(tmp_path / "o"), config, IdentityViewFixer(), progress=False, device="cpu")
     assert len(weights) == 24  # 12 baseline steps, then 12 progressive steps before any round
     assert set(weights[:12]) == {1.0} and set(weights[12:]) == {config.sampling.real_weight}
+
+
+def test_a_mistyped_eval_split_or_a_negative_budget_is_an_error_not_an_empty_score(street, tmp_path):
+    from difix3d.errors import InputError
+
+    cfg = tiny_config(eval_splits=("tets",), post_render=False)
+    with pytest.raises(InputError, match=r"none of the eval splits \['tets'\] has views in this scene"):
+        reconstruct_scene(street, str(tmp_path / "typo"), cfg, IdentityViewFixer(), progress=False, device="cpu")
+    with pytest.raises(ValueError, match="trainer.iterations"):
+        TrainerConfig(iterations=-5)

@@ -360,3 +360,20 @@ def test_a_shared_export_folder_is_complete_only_for_the_run_that_wrote_it_last(
     assert checkpoint_provenance(export) is None and not _exported_at(second, 12)
     (Path(export) / "config.json").write_text("{not json")
     assert checkpoint_provenance(export) is None
+
+
+def test_a_resumed_run_refuses_other_weights_or_stream_settings_and_keeps_its_record(tmp_path):
+    from difix3d.train.trainer import CONFIG_RECORD, check_resume_settings
+
+    cfg = _config(tmp_path, str(tmp_path / "pairs"), init="bundled")
+    run = tmp_path / "runs" / "ft"
+    run.mkdir(parents=True)
+    cfg.write(str(run / CONFIG_RECORD))
+    check_resume_settings(_config(tmp_path, str(tmp_path / "pairs"), init="tiny"))  # no checkpoint yet: a new start
+    (run / "checkpoint_000000").mkdir()
+    check_resume_settings(_config(tmp_path, str(tmp_path / "pairs"), init="bundled", steps=20, lr=1e-4))  # may change
+    with pytest.raises(InputError, match=r"init 'bundled' -> 'tiny'; train_vae False -> True"):
+        check_resume_settings(_config(tmp_path, str(tmp_path / "pairs"), init="tiny", train_vae=True))
+    assert json.loads((run / CONFIG_RECORD).read_text())["init"] == "bundled"
+    with pytest.raises(ValueError, match="multiples of 8"):
+        _config(tmp_path, "p", height=30)

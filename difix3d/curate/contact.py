@@ -46,6 +46,10 @@ def write_contact_sheet(shard_uri: str, out_uri: str, max_rows: int = 8) -> list
         rows.append(row)
         if len(rows) >= max_rows:
             break
+    if not rows:
+        from difix3d.errors import InputError
+
+        raise InputError(shard_uri, "the shard has no pairs to show (0 rows)")
     imageio.write_image(out_uri, contact_sheet(rows, max_rows))
     return [{k: r[k] for k in ("scene", "camera", "strategy", "psnr")} for r in rows]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from difix3d.argtypes import HelpFormatter
+from difix3d.argtypes import HelpFormatter, positive_int
 from difix3d.errors import InputError
 from difix3d.eval.config import EvalConfig
 from difix3d.eval.metrics import ALL_METRICS
@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-workers", type=int, default=d.min_workers, help="metric actors to start with (Ray Data grows the pool to --workers)")
     p.add_argument("--num-gpus-per-worker", type=float, default=d.num_gpus_per_worker, help="GPU share per actor")
     p.add_argument("--num-cpus-per-worker", type=float, default=d.num_cpus_per_worker, help="CPUs per actor")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="views per actor call")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="views per actor call")
     p.add_argument("--lpips-net", default=d.lpips_net, choices=["alex", "vgg", "squeeze"])
     p.add_argument("--lpips-weights", default=d.lpips_weights, choices=["pretrained", "random"],
                    help="random: stand-in backbone (values not comparable to published LPIPS)")
@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="random: stand-in feature net (values not comparable to published FID/KID)")
     p.add_argument("--hub-dir", default=None, help="torch hub folder holding checkpoints/ (default: torch's)")
     p.add_argument("--baseline-method", default=d.baseline_method, help="method the others are compared against")
-    p.add_argument("--bootstrap-resamples", type=int, default=d.bootstrap_resamples,
+    p.add_argument("--bootstrap-resamples", type=positive_int, default=d.bootstrap_resamples,
                    help="resamples of the bootstrap confidence intervals")
     p.add_argument("--overwrite", action="store_true", help="recompute even when outputs exist")
 

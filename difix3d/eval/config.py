@@ -63,6 +63,11 @@ class EvalConfig:
             raise ValueError(f"unknown metrics {unknown}; choose from {list(ALL_METRICS)}")
         if self.workers < 1 or self.min_workers < 1 or self.min_workers > self.workers:
             raise ValueError(f"need 1 <= min_workers <= workers, got {self.min_workers} and {self.workers}")
+        for name in ("batch_size", "bootstrap_resamples", "kid_subsets", "kid_subset_size", "kid_max_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"confidence must lie between 0 and 1, got {self.confidence}")
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)

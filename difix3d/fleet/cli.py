@@ -55,7 +55,7 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
 def main(argv: list[str] | None = None) -> int:
     """Parse, check, run (``run_fleet`` joins the cluster under ``ray job submit`` or starts an embedded one once the
     inputs are checked), report."""
-    from difix3d.errors import Difix3DError
+    from difix3d.errors import USER_PATH_ERRORS, Difix3DError, user_error_message
 
     from .driver import run_fleet
     from .scene_task import check_scene_settings
@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         report = run_fleet(config)
-    except Difix3DError as e:
-        print(f"reconstruct_fleet: error: {e}", file=sys.stderr)
+    except (Difix3DError,) + USER_PATH_ERRORS as e:
+        print(f"reconstruct_fleet: error: {user_error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # the driver said how to resume; no traceback
         return 130

@@ -452,6 +452,11 @@ class _SceneData:
                                  f"renders/<method>/{split}/<name>.png")
             if idx:
                 evals[split] = ([scene.cameras[i] for i in idx], [scene.load_image(i) for i in idx])
+        if config.eval_splits and not evals:  # a mistyped split would otherwise score nothing, silently
+            raise InputError(getattr(scene, "root", scene.name),
+                             f"none of the eval splits {list(config.eval_splits)} has views in this scene (it has "
+                             f"{sorted(s for s, v in scene.splits.items() if len(v))}); set eval_splits to some of "
+                             "those, or to [] to score nothing")
         return cls(train=train, train_uint8=train_u8, targets=list(targets), evals=evals,
                    rotation_weight=config.schedule.rotation_weight)
 

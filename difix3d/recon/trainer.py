@@ -51,6 +51,13 @@ class TrainerConfig:
     checkpoint_every: int = 0  # save a resumable checkpoint every N steps (0: only at the end)
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # iterations 0: no training, e.g. a pretrained 3DGS (init_ply) rendered and fixed as it is
+        for name, low in (("iterations", 0), ("batch_size", 1), ("eval_every", 0), ("checkpoint_every", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"trainer.{name}: expected a whole number >= {low}, got {value!r}")
+
     @classmethod
     def tiny(cls, iterations: int = 300, **kw) -> "TrainerConfig":
         return cls(iterations=iterations, **kw)

@@ -126,6 +126,8 @@ class FinetuneConfig:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
                     or value < low:
                 raise ValueError(f"{name}: expected a number >= {low}, got {value!r}")
+        if self.height % 8 or self.width % 8:  # the VAE downsamples by 8 and its skips must meet the decoder's sizes
+            raise ValueError(f"height and width: multiples of 8 expected, got {self.height}x{self.width}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas: expected two numbers in [0, 1), got {self.betas!r}")
 

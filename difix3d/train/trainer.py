@@ -81,6 +81,34 @@ def check_init(config: FinetuneConfig) -> None:
     detect_format(config.init)  # MissingWeightsError / CheckpointError naming the location
 
 
+CONFIG_RECORD = "finetune_config.json"
+# settings a run with checkpoints cannot change when it resumes: where its weights started, the parameters its
+# optimizer state trains, and the pair stream its saved position points into (the workers check the last three
+# again against the checkpoint itself)
+RESUME_FIXED = ("init", "optimizer", "train_vae", "train_shards", "seed", "shuffle_window")
+
+
+def check_resume_settings(config: FinetuneConfig) -> None:
+    """A re-run of a run that has checkpoints resumes from them: refuse settings in :data:`RESUME_FIXED` that differ
+    from the run's record (``finetune_config.json``), naming them, before anything is rewritten or trained."""
+    from difix3d.errors import InputError
+
+    record = storage.join(config.run_uri(), CONFIG_RECORD)
+    if not storage.exists(record) or not any(os.path.basename(u.rstrip("/")).startswith("checkpoint_")
+                                             for u in storage.list_dir(config.run_uri())):
+        return
+    try:
+        saved = storage.read_json(record)
+    except ValueError as e:
+        raise InputError(record, f"not a readable run record ({e}); move it aside to resume") from e
+    now = config.to_dict()
+    changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in RESUME_FIXED
+               if isinstance(saved, dict) and k in saved and saved[k] != now[k]]
+    if changed:
+        raise InputError(record, f"this run resumes from its checkpoints, which were trained with other settings "
+                                 f"({'; '.join(changed)}): re-run with the recorded settings, or start a new --name")
+
+
 def finetune(config: FinetuneConfig) -> FinetuneResult:
     """Run (or resume) a fine-tuning job on the Ray cluster this process is connected to."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -101,7 +129,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     if config.perceptual_weights != "random" and (config.loss.lpips > 0 or config.loss.gram > 0):
         build_perceptual_net(config.perceptual_weights)  # MissingWeightsError before any worker starts
     storage_fs, storage_root = storage.resolve(config.storage_path)
-    config.write(storage.join(config.run_uri(), "finetune_config.json"))
+    check_resume_settings(config)  # before the record below is rewritten with this run's settings
+    config.write(storage.join(config.run_uri(), CONFIG_RECORD))
     resources = {"CPU": config.cpus_per_worker} | ({"GPU": 1} if config.use_gpu else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
