@@ -351,8 +351,9 @@ def test_curation_undistorts_scenes_and_reports_units_that_do_not_apply(segment,
     report = job.CurationReport(units={"seg-a/cross_camera": {**result, "outcome": "not_applicable",
                                                               "status": "done"}},
                                 counts=FilterCounts(), skipped=[])
-    assert print_report(report, config) == 0
-    assert "NOT APPLICABLE seg-a/cross_camera:" in capsys.readouterr().out
+    assert print_report(report, config) == 1  # nothing applied and no pairs: not a success
+    out = capsys.readouterr().out
+    assert "NOT APPLICABLE seg-a/cross_camera:" in out and "no pairs: no unit applied" in out
 
 
 def test_curation_settings_that_cannot_work_are_refused_before_any_task(tmp_path):

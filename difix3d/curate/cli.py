@@ -78,7 +78,8 @@ def config_from_args(args: argparse.Namespace):
 
 
 def print_report(report, config) -> int:
-    """Print the per-strategy counts, totals and failures → the job's exit code (1 if any unit failed)."""
+    """Print the per-strategy counts, totals and failures → the job's exit code (1 if any unit failed, or if no unit
+    applied and the output holds no pairs)."""
     given_up = set(report.given_up)
     print(report.counts.table())
     print(f"{len(report.shards)} shards, {report.counts.total('kept')} pairs, {len(report.skipped)} units already "
@@ -90,4 +91,7 @@ def print_report(report, config) -> int:
         print(f"{'GAVE UP' if unit in given_up else 'FAILED'} {unit}: {error}")
     for unit, reason in sorted(report.not_applicable.items()):  # no pairs, no failure: said, or a typo goes unseen
         print(f"NOT APPLICABLE {unit}: {reason}")
+    if report.not_applicable and not report.shards and not report.failed:
+        print("no pairs: no unit applied to its scene (above); check --strategies and their options")
+        return 1  # nothing to fine-tune on: a script chaining curation into fine-tuning should stop here
     return 1 if report.failed else 0
