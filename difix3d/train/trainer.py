@@ -71,7 +71,7 @@ def check_init(config: FinetuneConfig) -> None:
                     "bundled, or a checkpoint)", config.init)
     if config.init in PRESETS or config.init == "bundled":
         return
-    if any(os.path.basename(u.rstrip("/")).startswith("checkpoint_") for u in storage.list_dir(config.run_uri())):
+    if has_checkpoints(config):
         return
     if "/" not in config.init and "." not in config.init and not storage.exists(config.init):  # a mistyped preset
         from difix3d.errors import MissingWeightsError
@@ -82,27 +82,30 @@ def check_init(config: FinetuneConfig) -> None:
 
 
 CONFIG_RECORD = "finetune_config.json"
-# settings a run with checkpoints cannot change when it resumes: where its weights started, the parameters its
-# optimizer state trains, and the pair stream its saved position points into (the workers check the last three
-# again against the checkpoint itself)
-RESUME_FIXED = ("init", "optimizer", "train_vae", "train_shards", "seed", "shuffle_window")
+
+
+def has_checkpoints(config: FinetuneConfig) -> bool:
+    """Whether the run already saved Ray Train checkpoints: a re-run resumes from them, not from ``init``."""
+    return any(os.path.basename(u.rstrip("/")).startswith("checkpoint_") for u in storage.list_dir(config.run_uri()))
 
 
 def check_resume_settings(config: FinetuneConfig) -> None:
-    """A re-run of a run that has checkpoints resumes from them: refuse settings in :data:`RESUME_FIXED` that differ
-    from the run's record (``finetune_config.json``), naming them, before anything is rewritten or trained."""
+    """A re-run of a run that has checkpoints resumes from them: refuse a changed ``init`` (where its weights
+    started) or a change to what the workers check against each checkpoint (the optimizer setup and the pair stream,
+    ``difix3d.train.loop``), comparing with the run's record (``finetune_config.json``) before it is rewritten or
+    anything trains."""
     from difix3d.errors import InputError
+    from difix3d.train.loop import _OPTIMIZER_SETUP, _STREAM_SETUP
 
     record = storage.join(config.run_uri(), CONFIG_RECORD)
-    if not storage.exists(record) or not any(os.path.basename(u.rstrip("/")).startswith("checkpoint_")
-                                             for u in storage.list_dir(config.run_uri())):
+    if not storage.exists(record) or not has_checkpoints(config):
         return
     try:
         saved = storage.read_json(record)
     except ValueError as e:
         raise InputError(record, f"not a readable run record ({e}); move it aside to resume") from e
     now = config.to_dict()
-    changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in RESUME_FIXED
+    changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in ("init", *_OPTIMIZER_SETUP, *_STREAM_SETUP)
                if isinstance(saved, dict) and k in saved and saved[k] != now[k]]
     if changed:
         raise InputError(record, f"this run resumes from its checkpoints, which were trained with other settings "
