@@ -320,6 +320,11 @@ def write_profile(fwd, batch, h, w, device, dtype, channels_last, path: str, ite
     averages = prof.key_averages()
     table = averages.table(sort_by=sort, row_limit=60, max_name_column_width=90)
     kinds = kernel_kinds(averages, iters * batch) if device.type == "cuda" else ""
+    if device.type == "cuda":
+        trace = path + ".trace.json"
+        prof.export_chrome_trace(trace)
+        kinds += "\n" + idle_gaps(trace, iters, batch)
+        os.remove(trace)  # tens of MB; the summary is what is kept
     head = f"# {iters} forwards, batch {batch}, {h}x{w}, no reference\n"
     with open(path, "w") as f:  # the kernel tables first: the stage timings below compile and may fail alone
         f.write(f"{head}{kinds}\n{table}\n")
@@ -377,6 +382,43 @@ def kernel_kinds(averages, frames: int) -> str:
         if rows:
             lines.append(f"\n{kind}: us/frame  calls/frame  kernel")
             lines += [f"  {us / frames:9.1f} {count / frames:6.1f}  {key[:110]}" for us, count, key in rows]
+    return "\n".join(lines) + "\n"
+
+
+def idle_gaps(trace_path: str, forwards: int, batch: int, top: int = 15) -> str:
+    """Where the GPU waits between kernels (what the kernel sums miss): from a chrome trace of ``forwards`` forwards,
+    the kernels per forward, the idle time per frame, the gaps by size, and the kernel pairs with the most idle
+    time between them (names cut at 60 characters)."""
+    import json
+
+    with open(trace_path) as f:
+        events = json.load(f).get("traceEvents", [])
+    gpu = sorted((e["ts"], e["ts"] + e.get("dur", 0), e["name"]) for e in events
+                 if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy"))
+    if len(gpu) < 2:
+        return "idle gaps: no GPU events in the trace\n"
+    gaps, pairs = [], {}
+    end, prev = gpu[0][1], gpu[0][2]
+    for start, stop, name in gpu[1:]:
+        if start > end:
+            gap = start - end
+            gaps.append(gap)
+            key = (prev[:60], name[:60])
+            n, us = pairs.get(key, (0, 0.0))
+            pairs[key] = (n + 1, us + gap)
+        if stop >= end:
+            end, prev = stop, name
+    frames = forwards * batch
+    span = gpu[-1][1] - gpu[0][0]
+    lines = [f"idle gaps: {len(gpu) / forwards:.0f} GPU events per forward; span {span / 1000 / frames:.3f} ms/frame, "
+             f"idle {sum(gaps) / 1000 / frames:.3f} ms/frame in {len(gaps) / forwards:.0f} gaps per forward"]
+    for lo, hi in ((0, 2), (2, 5), (5, 10), (10, 50), (50, float("inf"))):
+        sel = [g for g in gaps if lo <= g < hi]
+        lines.append(f"  gaps {lo:>3}-{hi:<4} us: {len(sel) / forwards:7.1f} per forward, "
+                     f"{sum(sel) / 1000 / frames:.3f} ms/frame")
+    lines.append(f"idle us/frame  gaps/forward  after -> before")
+    for (a, b), (n, us) in sorted(pairs.items(), key=lambda kv: -kv[1][1])[:top]:
+        lines.append(f"  {us / frames:9.1f} {n / forwards:6.1f}  {a} -> {b}")
     return "\n".join(lines) + "\n"
 
 

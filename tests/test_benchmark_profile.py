@@ -43,3 +43,24 @@ def test_kernel_totals_sum_cuda_leaf_kernels_by_kind():
     ])
     assert totals == {"inductor pointwise": 150.0, "convolution": 400.0}
     assert len(top["inductor pointwise"]) == 2
+
+
+def test_idle_gaps_count_only_time_no_kernel_runs(tmp_path):
+    """Overlapping kernels leave no gap; each gap is charged to the kernel pair around it; CPU events are ignored."""
+    import json
+
+    from fixer_latency import idle_gaps
+
+    kernels = [(0, 10, "conv"), (12, 5, "norm"), (30, 10, "conv"), (41, 3, "gemm"), (43, 100, "attn"),
+               (150, 1, "norm")]
+    events = [{"ph": "X", "cat": "kernel", "ts": t, "dur": d, "name": n} for t, d, n in kernels]
+    events.append({"ph": "X", "cat": "cpu_op", "ts": 0, "dur": 500, "name": "aten::conv"})
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    text = idle_gaps(str(trace), forwards=1, batch=2)
+    # gaps: conv->norm 2 us, norm->conv 13, conv->gemm 1, attn->norm 7 (gemm overlaps attn): 23 us over 2 frames
+    assert "idle 0.011 ms/frame in 4 gaps per forward" in text  # 11.5 us
+    lines = text.splitlines()
+    pairs = lines[lines.index("idle us/frame  gaps/forward  after -> before") + 1:]
+    assert pairs[0].split() == ["6.5", "1.0", "norm", "->", "conv"]
+    assert pairs[1].split() == ["3.5", "1.0", "attn", "->", "norm"]
