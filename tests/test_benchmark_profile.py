@@ -64,3 +64,22 @@ def test_idle_gaps_count_only_time_no_kernel_runs(tmp_path):
     pairs = lines[lines.index("idle us/frame  gaps/forward  after -> before") + 1:]
     assert pairs[0].split() == ["6.5", "1.0", "norm", "->", "conv"]
     assert pairs[1].split() == ["3.5", "1.0", "attn", "->", "norm"]
+
+
+def test_conv_fusion_reports_cudnns_reasons_in_one_line():
+    """A refused cuDNN graph is recorded with its distinct reasons, not cuDNN's whole multi-engine log."""
+    from conv_fusion import refusal
+
+    message = (
+        "no engine proposed a plan (the backend declined: No valid engine configs for ____\n"
+        '{"engineId":9,"smVersion":900}\n'
+        "Warning: CUDNN_STATUS_NOT_SUPPORTED_ARCH_MISMATCH; Reason: FORT_NATIVE_10X engine is only supported since "
+        "Blackwell architecture\n"
+        "Warning: CUDNN_STATUS_NOT_SUPPORTED_ARCH_MISMATCH; Reason: initial_compatibility_check()\n"
+        "Warning: CUDNN_STATUS_NOT_SUPPORTED_DATA_TYPE; Reason: !is_matching_input_datatype\n"
+        "Warning: CUDNN_STATUS_NOT_SUPPORTED; Reason: ptr->isSupported()\n"
+        '{"engineId":1,"smVersion":900}\n'
+        "Warning: CUDNN_STATUS_NOT_SUPPORTED_DATA_TYPE; Reason: !is_matching_input_datatype\n")
+    assert refusal(RuntimeError(message)) == (
+        "FORT_NATIVE_10X engine is only supported since Blackwell architecture; !is_matching_input_datatype")
+    assert refusal(RuntimeError("plain failure")) == "plain failure"
