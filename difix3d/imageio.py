@@ -7,6 +7,7 @@ Parquet) they are ``uint8`` ``[H, W, 3]`` numpy arrays, or PNG bytes.
 from __future__ import annotations
 
 import io
+import logging
 
 import numpy as np
 import torch
@@ -14,6 +15,8 @@ from PIL import Image, UnidentifiedImageError
 
 from difix3d import storage
 from difix3d.errors import InputError
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -98,7 +101,27 @@ def _pil_to_rgb8(im: Image.Image, source: str) -> np.ndarray:
         return _gray_to_rgb(_float_to_uint8(np.asarray(im), source))
     if im.mode.startswith("I;16") or im.mode == "I":  # "I": 16-bit PNGs open so, and 32-bit integer TIFFs
         return _gray_to_rgb(_uint16_to_uint8(np.asarray(im), source))
+    if "A" in im.getbands() or "transparency" in im.info:
+        return _composite_over_white(np.asarray(im.convert("RGBA"), dtype=np.uint8), source)
     return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+_warned_transparency = False
+
+
+def _composite_over_white(rgba: np.ndarray, source: str) -> np.ndarray:
+    """An RGBA image's RGB, its transparent pixels composited over white as nerfstudio's Blender loader does (their
+    stored colour is arbitrary, often black). Said once per process, naming the first such file."""
+    global _warned_transparency
+    alpha = rgba[..., 3:].astype(np.float32) / 255.0
+    if alpha.min() >= 1.0:
+        return np.ascontiguousarray(rgba[..., :3])
+    if not _warned_transparency:
+        _warned_transparency = True
+        log.warning("%s: image has transparent pixels; they are composited over white (as nerfstudio's Blender loader "
+                    "does). Other such images are composited the same way without a further message", source)
+    rgb = rgba[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
 
 def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
@@ -161,18 +184,26 @@ def _decode_tiff_without_pil(data: bytes, source: str) -> tuple[np.ndarray, int]
     if not (rgb or gray):
         raise InputError(source, f"unsupported TIFF layout (photometric {photometric}, samples "
                                  f"{list(samples.shape)}): save the image as RGB or grayscale")
+    channels = 3 if rgb else 1
+    alpha = samples[..., channels] if samples.shape[-1] > channels else None  # the first extra sample
     samples = samples[..., :3] if rgb else samples[..., 0]
-    if samples.dtype.kind == "f":
-        out = _float_to_uint8(samples, source)
-    elif samples.dtype == np.uint8:
-        out = samples
-    elif samples.dtype.kind in "ui":
-        out = _uint16_to_uint8(samples, source)
-    else:
+    if samples.dtype.kind not in "fui":
         raise InputError(source, f"unsupported TIFF sample type {samples.dtype}: save the image as 8/16-bit")
+    out = _tiff_samples_to_uint8(samples, source)
     if photometric == 0:
         out = 255 - out
-    return (out if rgb else _gray_to_rgb(out)), orientation
+    out = out if rgb else _gray_to_rgb(out)
+    if alpha is not None:
+        out = _composite_over_white(np.dstack([out, _tiff_samples_to_uint8(alpha, source)]), source)
+    return out, orientation
+
+
+def _tiff_samples_to_uint8(samples: np.ndarray, source: str) -> np.ndarray:
+    if samples.dtype.kind == "f":
+        return _float_to_uint8(samples, source)
+    if samples.dtype == np.uint8:
+        return samples
+    return _uint16_to_uint8(samples, source)
 
 
 def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:

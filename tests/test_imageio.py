@@ -244,3 +244,40 @@ def test_32_bit_integer_values_outside_16_bit_are_an_error_naming_the_file():
 
 def test_tiff_files_count_as_images():
     assert ".tif" in IMAGE_EXTENSIONS and ".tiff" in IMAGE_EXTENSIONS
+
+
+def test_transparent_pixels_are_composited_over_white_and_said_once(caplog, monkeypatch):
+    import difix3d.imageio as imageio
+
+    monkeypatch.setattr(imageio, "_warned_transparency", False)
+    rgba = np.array([[[10, 20, 30, 255], [0, 0, 0, 0], [200, 100, 0, 128]]], dtype=np.uint8)
+    with caplog.at_level("WARNING", logger="difix3d.imageio"):
+        out = decode_image(_png(Image.fromarray(rgba, "RGBA")), "cutout.png")
+        decode_image(_png(Image.fromarray(rgba, "RGBA")), "cutout2.png")
+    a = 128 / 255
+    expected = [[10, 20, 30], [255, 255, 255], [round(200 * a + 255 * (1 - a)), round(100 * a + 255 * (1 - a)),
+                                                round(255 * (1 - a))]]
+    np.testing.assert_array_equal(out[0], np.array(expected, dtype=np.uint8))
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "cutout.png" in messages[0] and "white" in messages[0]
+
+
+def test_opaque_alpha_and_palette_transparency():
+    opaque = np.dstack([np.full((2, 2, 3), 7, np.uint8), np.full((2, 2), 255, np.uint8)])
+    np.testing.assert_array_equal(decode_image(_png(Image.fromarray(opaque, "RGBA")), "opaque.png"),
+                                  np.full((2, 2, 3), 7, np.uint8))
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([0, 0, 0, 50, 60, 70] + [0] * 762)
+    palette.putpixel((1, 0), 1)
+    palette.info["transparency"] = 0  # palette index 0 is transparent
+    out = decode_image(_png(palette), "palette.png")
+    np.testing.assert_array_equal(out[0], np.array([[255, 255, 255], [50, 60, 70]], dtype=np.uint8))
+
+
+def test_float_rgba_tiff_read_through_tifffile_is_composited_over_white():
+    tifffile = pytest.importorskip("tifffile")
+    rgba = np.array([[[0.0, 0.5, 1.0, 1.0], [0.2, 0.2, 0.2, 0.0]]], np.float32)
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, rgba, photometric="rgb", extrasamples=["unassalpha"])
+    out = decode_image(buf.getvalue(), "rgba32f.tif")
+    np.testing.assert_array_equal(out, [[[0, 128, 255], [255, 255, 255]]])
