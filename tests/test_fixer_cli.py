@@ -150,3 +150,22 @@ def test_a_missing_reference_is_named_before_the_model_loads(tmp_path, capsys, m
     assert "a.png: no reference for this image (looked for" in err and "1 of 1 inputs have none" in err
     assert main(["fix", str(tmp_path / "in"), "--ref", str(tmp_path / "nope.png"), "-o", str(tmp_path / "o")]) == 2
     assert "nope.png: reference image not found" in capsys.readouterr().err
+
+
+def test_an_output_that_cannot_be_a_folder_is_named_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from difix3d.fixer import runner as runner_mod
+
+    _write(tmp_path / "in" / "a.png", 16, 16)
+    (tmp_path / "taken.png").write_bytes(b"not a folder")
+    monkeypatch.setattr(runner_mod.FixerRunner, "from_checkpoint",
+                        classmethod(lambda cls, *a, **k: pytest.fail("model loaded before -o was checked")))
+    assert main(["fix", str(tmp_path / "in"), "-o", str(tmp_path / "taken.png")]) == 2
+    assert "taken.png: -o names a file, not a folder" in capsys.readouterr().err
+    assert main(["fix", str(tmp_path / "in"), "-o", str(tmp_path / "taken.png" / "sub")]) != 0
+    err = capsys.readouterr().err
+    assert "taken.png" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert main(["fix", str(tmp_path / "in"), "-o", str(locked)]) == 2
+        assert "not writable" in capsys.readouterr().err

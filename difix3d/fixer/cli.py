@@ -53,6 +53,7 @@ def run_fix(args: argparse.Namespace) -> int:
         raise InputError(" ".join(args.inputs), f"no images found (extensions {', '.join(IMAGE_EXTENSIONS)})")
     _check_output_spares_inputs(args.output, args.inputs, jobs, args.ref)
     _check_references_exist(args.ref, jobs)  # before the model loads: a wrong --ref is said at once
+    _check_output_folder(args.output)
     runner = FixerRunner.from_checkpoint(args.checkpoint or default_checkpoint(), device=args.device,
                                          compile=args.compile, max_batch=args.batch, base=args.base)
     ref_for = _reference_lookup(args.ref)
@@ -112,6 +113,16 @@ def _check_output_spares_inputs(output: str, inputs: list[str], jobs: list[tuple
     for src in [src for src, _ in jobs] + ([ref] if ref else []):
         if _location(src) in written:
             raise InputError(src, f"-o {output} would overwrite this file: choose another output folder")
+
+
+def _check_output_folder(output: str) -> None:
+    """Create ``-o`` before the model loads, so that a file in its place or a folder the user may not write is said at
+    once instead of after loading (and, for a file, after the first batch)."""
+    if storage.exists(output) and not storage.is_dir(output):
+        raise InputError(output, "-o names a file, not a folder: give a folder for the fixed images")
+    storage.makedirs(output)  # a file among its parents, or no permission: one line naming the path (errors.py)
+    if storage.is_local(output) and not os.access(storage.resolve(output)[1], os.W_OK | os.X_OK):
+        raise InputError(output, "output folder is not writable: choose another -o or fix its permissions")
 
 
 def list_inputs(inputs: list[str]) -> list[tuple[str, str]]:
