@@ -94,12 +94,9 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as e:  # unknown fields, bad values: before Ray starts
         where = f"finetune settings (--config {args.config} and the options)" if args.config else "finetune arguments"
         raise InputError(where, str(e)) from e
-    from difix3d.train.pairs import list_shards
-    from difix3d.train.trainer import check_init
+    from difix3d.train.trainer import check_init, check_shards
 
-    list_shards(config.train_shards)  # a mistyped path or init fails at once, not after Ray's start
-    if config.val_shards:
-        list_shards(config.val_shards)
+    check_shards(config)  # a mistyped path, a shard that is not one, or a bad init fails at once, before Ray starts
     check_init(config)
     ray.init()  # joins the cluster under `ray job submit`, else starts a local one
     result = finetune(config)

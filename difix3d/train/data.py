@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from difix3d import storage
 from difix3d.errors import InputError
 from difix3d.imageio import to_tensor
-from difix3d.train.pairs import decode_pair_row, list_shards, read_pair_table
+from difix3d.train.pairs import PAIR_SCHEMA, decode_pair_row, list_shards, read_pair_table
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +43,18 @@ class ShardIndex:
         rows = []
         for uri in shards:
             try:
-                rows.append(pq.read_metadata(storage.bytes_io(uri)).num_rows)
+                meta = pq.read_metadata(storage.bytes_io(uri))
+                missing = [n for n in PAIR_SCHEMA.names if n not in meta.schema.to_arrow_schema().names]
+                rows.append(meta.num_rows)
             except FileNotFoundError:
                 raise InputError(uri, "pair shard not found") from None
             except (pa.ArrowInvalid, ValueError, TypeError) as e:  # a footer that is not Parquet's
                 raise InputError(uri, f"not a readable Parquet pair shard ({e})") from e
             except OSError as e:  # storage I/O: may pass, so not recorded as bad input (see train.loop)
                 raise OSError(f"{uri}: cannot read the pair shard's footer ({e})") from e
+            if missing:  # said from the footer, before any row is read
+                raise InputError(uri, f"not a pair shard: missing columns {missing} (pair shards are written by "
+                                      "`difix3d curate`; see difix3d.train.pairs.PAIR_SCHEMA)")
         return cls(tuple(shards), tuple(rows))
 
     @property

@@ -58,6 +58,16 @@ def worker_env(config: FinetuneConfig) -> dict[str, str]:
             "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")}
 
 
+def check_shards(config: FinetuneConfig) -> None:
+    """The training (and validation) shards exist and each footer holds the pair columns: an InputError naming the
+    shard, on the driver. Workers would find the same, but only after Ray Train's restarts."""
+    from difix3d.train.data import ShardIndex
+
+    ShardIndex.build(config.train_shards)
+    if config.val_shards:
+        ShardIndex.build(config.val_shards)
+
+
 def check_init(config: FinetuneConfig) -> None:
     """A new run's ``init`` checkpoint exists and is one the loaders know: checked on the driver, since a worker
     finding it missing fails every restart of the worker group alike. A run with checkpoints of its own resumes
@@ -119,14 +129,11 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
 
     from difix3d.fixer.checkpoint import SD_TURBO_ENV
     from difix3d.train.loop import INPUT_ERROR_FILE, recorded_input_error, train_loop_per_worker
-    from difix3d.train.pairs import list_shards
 
     if config.base is None and os.environ.get(SD_TURBO_ENV):  # workers may run on machines without the variable
         config = dataclasses.replace(config, base=os.environ[SD_TURBO_ENV])
     config = with_absolute_paths(config)  # Ray Train workers run in another working folder than the driver
-    list_shards(config.train_shards)  # fail here, naming the URI, rather than inside every worker
-    if config.val_shards:
-        list_shards(config.val_shards)
+    check_shards(config)  # fail here, naming the shard, rather than inside every worker after Ray's restarts
     check_init(config)
     storage.delete(storage.join(config.run_uri(), INPUT_ERROR_FILE))  # a re-run after fixing the data starts clean
     if config.perceptual_weights != "random" and (config.loss.lpips > 0 or config.loss.gram > 0):
