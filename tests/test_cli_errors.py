@@ -4,10 +4,11 @@ any Ray work starts, never a traceback."""
 import os
 import sys
 
+import numpy as np
 import pytest
 
 from difix3d.cli import main as difix3d_main
-from difix3d.errors import Difix3DError, MissingWeightsError
+from difix3d.errors import Difix3DError, InputError, MissingWeightsError
 
 JOBS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs")
 
@@ -64,6 +65,9 @@ def test_fleet_job_settings_are_checked_before_work(tmp_path, capsys):
     out = tmp_path / "fleet"
     assert fleet_main(["--scene-num-cpus", "-1", "--output", str(out)]) == 2
     assert "scene_num_cpus must be >= 0, got -1.0" in capsys.readouterr().err
+    assert not out.exists()
+    assert fleet_main(["--set", "trainer.iterations=5", "--output", str(out)]) == 2  # the tiny preset's first round: 100
+    assert "is not below trainer.iterations 5: no Difix3D round would run" in capsys.readouterr().err
     assert not out.exists()
     from difix3d.fleet.config import FleetConfig
 
@@ -179,3 +183,25 @@ def test_a_mistyped_init_preset_lists_the_presets(tmp_path):
 
     with pytest.raises(MissingWeightsError, match=r"tyni: no such checkpoint, nor a preset \(init takes .*tiny"):
         check_init(FinetuneConfig(train_shards="x", storage_path=str(tmp_path), name="run", init="tyni"))
+
+
+def test_a_shard_without_the_pair_columns_is_named_before_ray_starts(tmp_path, capsys, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from difix3d.train.config import FinetuneConfig
+    from difix3d.train.pairs import write_pair_shard
+    from difix3d.train.trainer import finetune
+
+    good = tmp_path / "pairs" / "a.parquet"
+    image = np.zeros((8, 8, 3), np.uint8)
+    write_pair_shard(str(good), [dict(degraded=image, target=image, reference=None, scene="s", camera="c",
+                                      strategy="sparse", psnr=20.0)])
+    pq.write_table(pa.table({"image": [b"x"], "label": [1]}), str(tmp_path / "pairs" / "b.parquet"))
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init before the shards were checked"))
+    assert _exit_code(difix3d_main, ["finetune", "--train-shards", str(tmp_path / "pairs")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "b.parquet: not a pair shard: missing columns ['degraded', 'target'" in err and len(err.splitlines()) == 1
+    with pytest.raises(InputError, match="b.parquet: not a pair shard"):  # the library entry point checks too
+        finetune(FinetuneConfig(train_shards=str(tmp_path / "pairs"), storage_path=str(tmp_path / "runs")))

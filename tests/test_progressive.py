@@ -469,10 +469,20 @@ def test_the_baseline_trains_real_views_at_weight_one_and_the_progressive_run_at
 
     monkeypatch.setattr(GaussianSplat, "train_step", recording_step)
     config = tiny_config(iterations=12)
-    config = dataclasses.replace(config, schedule=dataclasses.replace(config.schedule, pretrain_iters=100))
+    config = dataclasses.replace(config, schedule=dataclasses.replace(config.schedule, max_rounds=0))
     reconstruct_scene(street, str(tmp_path / "o"), config, IdentityViewFixer(), progress=False, device="cpu")
-    assert len(weights) == 24  # 12 baseline steps, then 12 progressive steps before any round
+    assert len(weights) == 24  # 12 baseline steps, then 12 progressive steps without rounds
     assert set(weights[:12]) == {1.0} and set(weights[12:]) == {config.sampling.real_weight}
+
+
+def test_a_budget_that_ends_before_the_first_round_is_refused_before_training(street, tmp_path):
+    """The 'difix3d' results of a run without rounds would be plain training under Difix3D's name."""
+    config = tiny_config(iterations=12)
+    late = dataclasses.replace(config, schedule=dataclasses.replace(config.schedule, pretrain_iters=12))
+    with pytest.raises(ValueError, match=r"schedule.pretrain_iters 12 is not below trainer.iterations 12: no Difix3D "
+                                         r"round would run"):
+        reconstruct_scene(street, str(tmp_path / "late"), late, IdentityViewFixer(), progress=False, device="cpu")
+    assert not (tmp_path / "late").exists()  # refused before anything was written
 
 
 def test_a_mistyped_eval_split_or_a_negative_budget_is_an_error_not_an_empty_score(street, tmp_path):

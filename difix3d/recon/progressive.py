@@ -124,6 +124,11 @@ class ProgressiveConfig:
         self.schedule.check()
         self.sampling.check()
         budget = int(self.trainer.iterations)
+        if budget > 0 and self.schedule.max_rounds != 0 and not self.schedule.round_starts(budget):
+            raise ValueError(f"schedule.pretrain_iters {self.schedule.pretrain_iters} is not below trainer.iterations "
+                             f"{budget}: no Difix3D round would run, and the 'difix3d' results would be plain "
+                             "training; lower schedule.pretrain_iters or raise trainer.iterations (or set "
+                             "schedule.max_rounds to 0 to train without rounds on purpose)")
         name = "nerf" if self.representation == "nerfacto" else "gaussian"
         backend = getattr(self, name)
         for field_name, value in (("trainer", self.trainer), (name, backend)):  # gaussian's scales its learning rates
