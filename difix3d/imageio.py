@@ -101,26 +101,31 @@ def _pil_to_rgb8(im: Image.Image, source: str) -> np.ndarray:
         return _gray_to_rgb(_float_to_uint8(np.asarray(im), source))
     if im.mode.startswith("I;16") or im.mode == "I":  # "I": 16-bit PNGs open so, and 32-bit integer TIFFs
         return _gray_to_rgb(_uint16_to_uint8(np.asarray(im), source))
-    if "A" in im.getbands() or "transparency" in im.info:
-        return _composite_over_white(np.asarray(im.convert("RGBA"), dtype=np.uint8), source)
+    if im.mode in ("RGBa", "La"):  # premultiplied alpha: PIL converts to straight alpha
+        im = im.convert(im.mode.upper())
+    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+        return _composite_over_background(np.asarray(im.convert("RGBA"), dtype=np.uint8), source)
     return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
 _warned_transparency = False
 
 
-def _composite_over_white(rgba: np.ndarray, source: str) -> np.ndarray:
-    """An RGBA image's RGB, its transparent pixels composited over white as nerfstudio's Blender loader does (their
-    stored colour is arbitrary, often black). Said once per process, naming the first such file."""
+def _composite_over_background(rgba: np.ndarray, source: str, premultiplied: bool = False) -> np.ndarray:
+    """An RGBA image's RGB, its transparent pixels composited over black: the background the 3DGS renderer draws by
+    default, so a render and its ground truth agree where nothing is (the colour a file stores under zero alpha is
+    arbitrary). Said once per process, naming the first such file. ``premultiplied``: the RGB is already alpha-scaled."""
     global _warned_transparency
     alpha = rgba[..., 3:].astype(np.float32) / 255.0
     if alpha.min() >= 1.0:
         return np.ascontiguousarray(rgba[..., :3])
     if not _warned_transparency:
         _warned_transparency = True
-        log.warning("%s: image has transparent pixels; they are composited over white (as nerfstudio's Blender loader "
-                    "does). Other such images are composited the same way without a further message", source)
-    rgb = rgba[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
+        log.warning("%s: image has transparent pixels; they are composited over black, the 3DGS renderer's default "
+                    "background. Other such images are composited the same way without a further message", source)
+    rgb = rgba[..., :3].astype(np.float32)
+    if not premultiplied:
+        rgb = rgb * alpha
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
 
@@ -172,6 +177,7 @@ def _decode_tiff_without_pil(data: bytes, source: str) -> tuple[np.ndarray, int]
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
             page = tif.pages[0]
             samples = page.asarray()
+            extrasamples = page.extrasamples
             photometric = int(page.photometric)
             tag = page.tags.get(EXIF_ORIENTATION)
             orientation = int(tag.value) if tag is not None else 1
@@ -185,7 +191,10 @@ def _decode_tiff_without_pil(data: bytes, source: str) -> tuple[np.ndarray, int]
         raise InputError(source, f"unsupported TIFF layout (photometric {photometric}, samples "
                                  f"{list(samples.shape)}): save the image as RGB or grayscale")
     channels = 3 if rgb else 1
-    alpha = samples[..., channels] if samples.shape[-1] > channels else None  # the first extra sample
+    kinds = [int(k) for k in (extrasamples or ())]  # TIFF ExtraSamples: 0 unspecified, 1 associated, 2 straight alpha
+    alpha = None
+    if samples.shape[-1] > channels and kinds and kinds[0] in (1, 2):  # other extra samples (depth, IR) are dropped
+        alpha = samples[..., channels]
     samples = samples[..., :3] if rgb else samples[..., 0]
     if samples.dtype.kind not in "fui":
         raise InputError(source, f"unsupported TIFF sample type {samples.dtype}: save the image as 8/16-bit")
@@ -194,7 +203,8 @@ def _decode_tiff_without_pil(data: bytes, source: str) -> tuple[np.ndarray, int]
         out = 255 - out
     out = out if rgb else _gray_to_rgb(out)
     if alpha is not None:
-        out = _composite_over_white(np.dstack([out, _tiff_samples_to_uint8(alpha, source)]), source)
+        out = _composite_over_background(np.dstack([out, _tiff_samples_to_uint8(alpha, source)]), source,
+                                         premultiplied=kinds[0] == 1)
     return out, orientation
 
 

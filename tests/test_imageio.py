@@ -246,20 +246,30 @@ def test_tiff_files_count_as_images():
     assert ".tif" in IMAGE_EXTENSIONS and ".tiff" in IMAGE_EXTENSIONS
 
 
-def test_transparent_pixels_are_composited_over_white_and_said_once(caplog, monkeypatch):
+def test_transparent_pixels_are_composited_over_black_and_said_once(caplog, monkeypatch):
     import difix3d.imageio as imageio
 
     monkeypatch.setattr(imageio, "_warned_transparency", False)
-    rgba = np.array([[[10, 20, 30, 255], [0, 0, 0, 0], [200, 100, 0, 128]]], dtype=np.uint8)
+    rgba = np.array([[[10, 20, 30, 255], [90, 90, 90, 0], [200, 100, 0, 128]]], dtype=np.uint8)
     with caplog.at_level("WARNING", logger="difix3d.imageio"):
         out = decode_image(_png(Image.fromarray(rgba, "RGBA")), "cutout.png")
         decode_image(_png(Image.fromarray(rgba, "RGBA")), "cutout2.png")
     a = 128 / 255
-    expected = [[10, 20, 30], [255, 255, 255], [round(200 * a + 255 * (1 - a)), round(100 * a + 255 * (1 - a)),
-                                                round(255 * (1 - a))]]
-    np.testing.assert_array_equal(out[0], np.array(expected, dtype=np.uint8))
+    np.testing.assert_array_equal(out[0], np.array([[10, 20, 30], [0, 0, 0], [round(200 * a), round(100 * a), 0]],
+                                                   dtype=np.uint8))
     messages = [r.getMessage() for r in caplog.records]
-    assert len(messages) == 1 and "cutout.png" in messages[0] and "white" in messages[0]
+    assert len(messages) == 1 and "cutout.png" in messages[0] and "over black" in messages[0]
+
+
+def test_gray_with_alpha_and_premultiplied_tiffs_are_composited():
+    la = Image.fromarray(np.array([[[200, 255], [200, 0]]], dtype=np.uint8), "LA")
+    np.testing.assert_array_equal(decode_image(_png(la), "gray_alpha.png")[0], [[200] * 3, [0] * 3])
+    tifffile = pytest.importorskip("tifffile")
+    buf = io.BytesIO()  # 8-bit associated (premultiplied) alpha: PIL opens it; 100 at alpha 1/2 is 100 over black
+    tifffile.imwrite(buf, np.array([[[200, 200, 200, 255], [100, 100, 100, 128]]], np.uint8), photometric="rgb",
+                     extrasamples=["assocalpha"])
+    np.testing.assert_allclose(decode_image(buf.getvalue(), "premultiplied.tif")[0].astype(int),
+                               [[200] * 3, [100] * 3], atol=1)
 
 
 def test_opaque_alpha_and_palette_transparency():
@@ -267,17 +277,22 @@ def test_opaque_alpha_and_palette_transparency():
     np.testing.assert_array_equal(decode_image(_png(Image.fromarray(opaque, "RGBA")), "opaque.png"),
                                   np.full((2, 2, 3), 7, np.uint8))
     palette = Image.new("P", (2, 1))
-    palette.putpalette([0, 0, 0, 50, 60, 70] + [0] * 762)
+    palette.putpalette([90, 90, 90, 50, 60, 70] + [0] * 762)
     palette.putpixel((1, 0), 1)
     palette.info["transparency"] = 0  # palette index 0 is transparent
     out = decode_image(_png(palette), "palette.png")
-    np.testing.assert_array_equal(out[0], np.array([[255, 255, 255], [50, 60, 70]], dtype=np.uint8))
+    np.testing.assert_array_equal(out[0], np.array([[0, 0, 0], [50, 60, 70]], dtype=np.uint8))
 
 
-def test_float_rgba_tiff_read_through_tifffile_is_composited_over_white():
+@pytest.mark.parametrize("extra,fourth,expected", [("unassalpha", 0.5, [26, 64, 0]), ("assocalpha", 0.5, [51, 128, 0]),
+                                                   ("unspecified", 7.5, [51, 128, 0])])
+def test_tiff_extra_samples_read_through_tifffile(extra, fourth, expected):
+    """Straight alpha scales the colour, associated (premultiplied) alpha already did, and an unspecified extra
+    sample (here a depth of 7.5 m) is not alpha at all."""
     tifffile = pytest.importorskip("tifffile")
-    rgba = np.array([[[0.0, 0.5, 1.0, 1.0], [0.2, 0.2, 0.2, 0.0]]], np.float32)
+    rgba = np.array([[[0.0, 0.5, 0.0, 1.0 if fourth == 0.5 else fourth], [0.2, 0.5, 0.0, fourth]]], np.float32)
     buf = io.BytesIO()
-    tifffile.imwrite(buf, rgba, photometric="rgb", extrasamples=["unassalpha"])
+    tifffile.imwrite(buf, rgba, photometric="rgb", extrasamples=[extra])
     out = decode_image(buf.getvalue(), "rgba32f.tif")
-    np.testing.assert_array_equal(out, [[[0, 128, 255], [255, 255, 255]]])
+    np.testing.assert_array_equal(out[0, 0], [0, 128, 0])
+    np.testing.assert_array_equal(out[0, 1], expected)
