@@ -243,3 +243,19 @@ def test_gram_loss_stays_float32_under_bf16_autocast():
         got = gram_loss({"relu1_2": fp}, {"relu1_2": ft}, layers)
     assert got.dtype == torch.float32
     assert torch.allclose(got, want, rtol=1e-5)
+
+
+def test_shard_index_reads_footers_and_names_what_is_not_a_shard(tmp_path, monkeypatch):
+    from difix3d import storage
+
+    image = np.zeros((8, 8, 3), np.uint8)
+    row = dict(degraded=image, target=image, reference=None, scene="s", camera="c", strategy="sparse", psnr=20.0)
+    write_pair_shard(str(tmp_path / "ok" / "a.parquet"), [row, row, row])
+    monkeypatch.setattr(storage, "read_bytes", lambda uri: pytest.fail(f"read all of {uri}"))  # footers only
+    assert ShardIndex.build(str(tmp_path / "ok")).rows == (3,)
+    (tmp_path / "spark" / "b.parquet").mkdir(parents=True)  # a Spark-style folder
+    with pytest.raises(InputError, match=r"b.parquet: a folder, not a pair shard"):
+        ShardIndex.build(str(tmp_path / "spark" / "*.parquet"))
+    pq.write_table(pa.table({"image": [b"x"]}), str(tmp_path / "other.parquet"))
+    with pytest.raises(InputError, match=r"other.parquet: not a pair shard: missing columns \['degraded'"):
+        ShardIndex.build(str(tmp_path / "other.parquet"))

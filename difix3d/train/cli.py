@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     check_shards(config)  # a mistyped path, a shard that is not one, or a bad init fails at once, before Ray starts
     check_init(config)
     ray.init()  # joins the cluster under `ray job submit`, else starts a local one
-    result = finetune(config)
+    result = finetune(config, _shards_checked=True)
     print(json.dumps({"final": result.final_uri, "checkpoint": result.checkpoint_path, "metrics": result.metrics},
                      default=str))
     return 0

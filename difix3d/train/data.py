@@ -42,8 +42,12 @@ class ShardIndex:
         shards = list_shards(uri_or_glob)
         rows = []
         for uri in shards:
+            if storage.is_dir(uri):  # a Spark-style folder named *.parquet
+                raise InputError(uri, "a folder, not a pair shard: name the *.parquet files inside it")
             try:
-                meta = pq.read_metadata(storage.bytes_io(uri))
+                fs, path = storage.resolve(uri)
+                with fs.open_input_file(path) as f:  # random access: only the footer is read, not the images
+                    meta = pq.read_metadata(f)
                 missing = [n for n in PAIR_SCHEMA.names if n not in meta.schema.to_arrow_schema().names]
                 rows.append(meta.num_rows)
             except FileNotFoundError:

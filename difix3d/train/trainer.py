@@ -122,8 +122,9 @@ def check_resume_settings(config: FinetuneConfig) -> None:
                                  f"({'; '.join(changed)}): re-run with the recorded settings, or start a new --name")
 
 
-def finetune(config: FinetuneConfig) -> FinetuneResult:
-    """Run (or resume) a fine-tuning job on the Ray cluster this process is connected to."""
+def finetune(config: FinetuneConfig, _shards_checked: bool = False) -> FinetuneResult:
+    """Run (or resume) a fine-tuning job on the Ray cluster this process is connected to. (``_shards_checked``: the
+    CLI checked the shards before starting Ray; their footers are not read twice.)"""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -133,7 +134,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     if config.base is None and os.environ.get(SD_TURBO_ENV):  # workers may run on machines without the variable
         config = dataclasses.replace(config, base=os.environ[SD_TURBO_ENV])
     config = with_absolute_paths(config)  # Ray Train workers run in another working folder than the driver
-    check_shards(config)  # fail here, naming the shard, rather than inside every worker after Ray's restarts
+    if not _shards_checked:
+        check_shards(config)  # fail here, naming the shard, rather than inside every worker after Ray's restarts
     check_init(config)
     storage.delete(storage.join(config.run_uri(), INPUT_ERROR_FILE))  # a re-run after fixing the data starts clean
     if config.perceptual_weights != "random" and (config.loss.lpips > 0 or config.loss.gram > 0):
