@@ -8,7 +8,7 @@ shift)`` for the next conv. Two ways out would come from cuDNN itself, through i
 - **fusion**: the norm's scale/shift and SiLU as the next conv's prologue, and the next norm's statistics as its
   epilogue (``genstats``), so the glue never touches memory;
 - **FP8**: e4m3 inputs and weights (per-tensor and per-output-channel scales, bf16 output), twice the tensor-core
-  rate on Hopper.
+  rate on Hopper. Timed without quantizing the input (a served FP8 conv would also pay that pass).
 
 This builds each pattern as a cuDNN graph, times every plan cuDNN offers (up to 8, CUDA events) and the best, and
 reports a pattern cuDNN refuses with its reason. Shapes are the VAE's: ``--fusion-shape`` one sample (fusion would
@@ -96,16 +96,18 @@ class Graphs:
         g.check_support()
         g.build_plans(c.build_plan_policy.ALL)
         best = (float("inf"), "")
+        failure = None
         c.set_stream(self.handle, torch.cuda.current_stream().cuda_stream)
         for i in range(min(g.get_execution_plan_count(), 8)):
             try:
                 ws = torch.empty(max(g.get_workspace_size_plan_at_index(i), 1), device="cuda", dtype=torch.uint8)
                 ms = time_ms(lambda: g.execute_plan_at_index(feeds, ws, i, handle=self.handle))
-            except Exception:  # a plan that fails to run is skipped, the others still count
+            except Exception as error:  # a plan that fails to run is skipped, the others still count
+                failure = error
                 continue
             best = min(best, (ms, g.get_plan_name_at_index(i)))
         if best[1] == "":
-            raise RuntimeError("no plan ran")
+            raise RuntimeError(f"no plan ran; the last one: {failure}")
         return best
 
     def fusion(self, ops, dtype, c, h, w):

@@ -78,9 +78,9 @@ def progressive_config(config: FleetConfig) -> Any:
 
 def check_scene_settings(config: FleetConfig) -> None:
     """On the driver, before any scene runs: a ``--set`` typo is a ValueError here, not the same failure recorded
-    against every scene (failures that stick: a corrected re-run would skip them). Budgeted as each scene will be, so
-    that a schedule out of range or a budget that ends before the first round is said here too."""
-    progressive_config(config).budgeted()
+    against every scene (failures that stick: a corrected re-run would skip them). The budget checks
+    (``ProgressiveConfig.budgeted``) run in ``FleetConfig.validate``."""
+    progressive_config(config)
 
 
 def backend_problem(representation: str) -> str | None:
