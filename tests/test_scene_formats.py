@@ -305,9 +305,99 @@ def test_driving_segments_with_opencv_camera_axes_load_looking_forward(tmp_path)
     assert abs(forced.cameras[0].rotation_c2w[0, 2]) < 1e-9
 
 
+def _yaw(degrees: float, t=(0.0, 0.0, 0.0)) -> np.ndarray:
+    a = np.radians(degrees)
+    M = np.eye(4)
+    M[:2, :2] = [[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]
+    M[:3, 3] = t
+    return M
+
+
+# OpenCV camera axes of a front camera and a left-looking one, in a z-up ego frame (x forward, y left)
+_FRONT = np.array([[0, 0, 1], [-1, 0, 0], [0, -1, 0]], dtype=np.float64)
+_LEFT = np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]], dtype=np.float64)
+
+
+def _per_frame_segment(root, nuscenes: bool):
+    """drivestudio's per-frame layout: camera→world per frame (OpenCV axes) in a UTM-like world (yawed 30 degrees,
+    thousands of metres off); PandaSet with ego poses and N x 5 lidar in the ego frame, nuScenes without ego poses
+    and N x 4 lidar in a lidar frame posed by lidar_pose/."""
+    for d in ("extrinsics", "intrinsics", "lidar", "lidar_pose" if nuscenes else "ego_pose"):
+        os.makedirs(root / d)
+    world = _yaw(30.0, (4000.0, -2500.0, 30.0))
+    mounts = {"0": (_FRONT, [1.5, 0.0, 1.6]), "1": (_LEFT, [1.0, 0.5, 1.6])}
+    lidar_to_ego = _yaw(90.0, (0.9, 0.0, 1.8))  # a lidar mounted turned: its x looks left
+    for t in range(2):
+        ego = world @ _yaw(0.0, (2.0 * t, 0.0, 0.0))  # the car drives 2 m forward a frame
+        for cam, (R, pos) in mounts.items():
+            cam_to_ego = np.eye(4)
+            cam_to_ego[:3, :3], cam_to_ego[:3, 3] = R, pos
+            np.savetxt(root / "extrinsics" / f"{t:03d}_{cam}.txt", ego @ cam_to_ego)
+            imageio.write_image(str(root / "images" / f"{t:03d}_{cam}.jpg"), _image(t, 64, 48))
+        if nuscenes:  # a point 10 m ahead of the ego origin and one 5 m to its left, in the lidar frame
+            np.savetxt(root / "lidar_pose" / f"{t:03d}.txt", ego @ lidar_to_ego)
+            in_lidar = np.linalg.inv(lidar_to_ego) @ np.array([[10.0, 0, 0, 1], [0, 5.0, 0, 1]]).T
+            rows = np.c_[in_lidar[:3].T, [0.5, 0.5]]
+        else:
+            np.savetxt(root / "ego_pose" / f"{t:03d}.txt", ego)
+            rows = np.array([[10.0, 0, 0, 0.5, 0], [0, 5.0, 0, 0.5, 1]])  # x y z intensity laser id
+        rows.astype(np.float32).tofile(root / "lidar" / f"{t:03d}.bin")
+    for cam in mounts:
+        np.savetxt(root / "intrinsics" / f"{cam}.txt", [50.0, 50.0, 32.0, 24.0, 0, 0, 0, 0, 0])
+    return str(root)
+
+
+@pytest.mark.parametrize("nuscenes", [False, True], ids=["pandaset", "nuscenes"])
+def test_driving_segments_with_a_camera_pose_per_frame_load(tmp_path, nuscenes):
+    scene = load_scene(_per_frame_segment(tmp_path / "seg", nuscenes))
+    assert scene.meta["extrinsics"] == "per_frame" and scene.meta["camera_axes"] == "opencv"
+    front0, left0, front1, left1 = scene.cameras
+    assert [c.name for c in scene.cameras] == ["000_0", "000_1", "001_0", "001_1"]
+    # world = the first ego frame (PandaSet) or the first front camera's frame with z up (nuScenes): where the
+    # first ego frame's origin lies in it
+    ego_origin = np.array([-1.5, 0.0, -1.6]) if nuscenes else np.zeros(3)
+    np.testing.assert_allclose(front0.position, ego_origin + [1.5, 0.0, 1.6], atol=1e-6)
+    np.testing.assert_allclose(front1.position, front0.position + [2.0, 0, 0], atol=1e-6)  # 2 m forward
+    np.testing.assert_allclose(front0.rotation_c2w[:, 2], [1, 0, 0], atol=1e-9)  # looks forward
+    np.testing.assert_allclose(front0.rotation_c2w[:, 1], [0, 0, -1], atol=1e-9)  # image down is world down
+    np.testing.assert_allclose(left0.rotation_c2w[:, 2], [0, 1, 0], atol=1e-9)  # the side camera looks left
+    np.testing.assert_allclose(left0.position - front0.position, [-0.5, 0.5, 0.0], atol=1e-6)
+    # "left" for lane shifts is the ego's +y, the same for every camera of a frame
+    for cam in scene.cameras:
+        np.testing.assert_allclose(np.asarray(cam.meta["ego_to_world"])[:3, 1], [0, 1, 0], atol=1e-9)
+    # lidar points 10 m ahead of and 5 m left of the ego origin, each frame's (2 m further at frame 1)
+    np.testing.assert_allclose(scene.points, ego_origin + np.array([[10, 0, 0], [0, 5, 0], [12, 0, 0], [2, 5, 0]]),
+                               atol=1e-3)
+    # written in our per-camera layout, it reads back as the same cameras
+    write_driving(scene, str(tmp_path / "out"))
+    again = load_driving(str(tmp_path / "out"))
+    for a, b in zip(scene.cameras, again.cameras):
+        np.testing.assert_allclose(a.c2w, b.c2w, atol=1e-9)
+
+
+def test_per_frame_segments_name_what_they_lack(tmp_path):
+    root = _per_frame_segment(tmp_path / "noref", nuscenes=True)
+    os.remove(os.path.join(root, "images", "001_0.jpg"))
+    os.remove(os.path.join(root, "extrinsics", "001_0.txt"))
+    with pytest.raises(InputError, match=r"frames \[1\] have no image of camera '0'"):
+        load_scene(root)
+    root = _per_frame_segment(tmp_path / "nopose", nuscenes=True)
+    os.remove(os.path.join(root, "lidar_pose", "001.txt"))
+    with pytest.raises(InputError, match=r"lidar/001.bin: no pose for this scan"):
+        load_scene(root)
+    root = _per_frame_segment(tmp_path / "gap", nuscenes=False)
+    os.remove(os.path.join(root, "extrinsics", "001_1.txt"))
+    with pytest.raises(InputError, match=r"001_1.txt: missing camera→world of camera '1' at frame 001"):
+        load_scene(root)
+    root = _per_frame_segment(tmp_path / "mixed", nuscenes=False)
+    for t in range(2):
+        os.remove(os.path.join(root, "extrinsics", f"{t:03d}_1.txt"))
+    np.savetxt(os.path.join(root, "extrinsics", "1.txt"), np.eye(4))
+    with pytest.raises(InputError, match="a segment uses one layout"):
+        load_scene(root)
+
+
 def test_driving_layouts_that_are_not_read_are_named(tmp_path):
-    with pytest.raises(InputError, match=r"extrinsics/\{t:03d\}_0.txt, drivestudio's nuScenes/PandaSet layout"):
-        load_scene(_opencv_axes_segment(tmp_path / "panda", per_frame=True))
     root = _opencv_axes_segment(tmp_path / "tilted", lidar=False)
     E = np.eye(4)
     E[:3, :3] = [[0, 1, 0], [1, 0, 0], [0, 0, -1]]  # looking straight down: level under neither convention

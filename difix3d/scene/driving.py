@@ -11,8 +11,14 @@ Layout of one segment folder (as drivestudio's converters write it for Waymo, Ar
                                  (Waymo: origin(3) point(3) flow(3) flow class, ground, intensity, elongation, laser
                                  id), N x 4 with OpenCV axes (Argoverse2, KITTI: point(3) intensity)
 
-nuScenes and PandaSet segments store one camera→world per frame (``extrinsics/{t:03d}_{cam}.txt``) instead: not read
-here (an error says so).
+drivestudio's nuScenes and PandaSet segments store one camera→world per frame instead (``extrinsics/{t:03d}_{cam}.txt``,
+OpenCV camera axes), and their lidar differently:
+
+- PandaSet: ``ego_pose/{t:03d}.txt`` as above; ``lidar/{t:03d}.bin`` N x 5 (point(3), intensity, laser id) in the ego
+  frame of frame t.
+- nuScenes: no ego poses; ``lidar_pose/{t:03d}.txt`` 4x4 lidar→world and ``lidar/{t:03d}.bin`` N x 4 (point(3),
+  intensity) in the lidar frame. The ego frame of a frame is taken to be its reference camera's (the first camera
+  name, nuScenes' ``0`` = CAM_FRONT) with dataset axes (x forward, y left, z up): what "left" means for lane shifts.
 
 Conventions, as drivestudio's ``datasets/*/…_sourceloader.py`` read them:
 - OpenCV camera→world = ``ego_to_world @ extrinsic @ OPENCV2DATASET`` with ``OPENCV2DATASET`` mapping OpenCV axes
@@ -21,7 +27,8 @@ Conventions, as drivestudio's ``datasets/*/…_sourceloader.py`` read them:
   camera's "down" points in the ego frame (down, under the right convention; sideways or up under the other).
 - World = the first ego pose (drivestudio re-expresses every pose relative to ``ego_pose/{first}.txt``, which also
   keeps float32 rasterization away from UTM-sized coordinates). We do the same; segments whose first ego pose is the
-  identity (ours) load unchanged.
+  identity (ours) load unchanged. Per-frame segments without ego poses (nuScenes) take the first frame's reference
+  camera frame, so that the world's z is up (drivestudio takes the camera's own OpenCV frame there).
 - Camera names are the file-name token after ``{t:03d}_``: drivestudio's Waymo ids are ``0``..``4`` (front,
   front-left, front-right, side-left, side-right); any token is accepted (ours: ``front``, ``left``, ``front_shift1m``).
 - Image sizes are not in the layout: they come from ``difix3d_split.json`` when present, else the first image of
@@ -75,14 +82,22 @@ def load_driving(uri: str, test_every: int = DEFAULT_TEST_EVERY, max_lidar_point
     cam_order += sorted({c for _, c in frames} - set(cam_order))
     cam_order = [c for c in cam_order if any(cc == c for _, cc in frames)]
 
-    ego = {t: _read_matrix(storage.join(uri, "ego_pose", f"{t:03d}.txt"), f"ego pose of frame {t:03d}")
-           for t in times}
+    rigs = {c: _read_rig_camera(uri, c, frames, meta) for c in cam_order}
+    per_frame = [c for c in cam_order if rigs[c][4] is None]
+    if per_frame and len(per_frame) != len(cam_order):
+        raise InputError(storage.join(uri, "extrinsics"), f"cameras {per_frame} have one camera→world per frame and "
+                         f"{[c for c in cam_order if c not in per_frame]} one camera→ego: a segment uses one layout")
+    if per_frame:
+        ego, c2w_by_frame, axes, lidar = _per_frame_poses(uri, frames, times, cam_order, camera_axes)
+    else:
+        ego = {t: _read_matrix(storage.join(uri, "ego_pose", f"{t:03d}.txt"), f"ego pose of frame {t:03d}")
+               for t in times}
+        axes = _camera_axes(camera_axes, {c: r[4] for c, r in rigs.items()}, uri)
+        lidar = (LIDAR_COLUMNS[axes], LIDAR_XYZ[axes], None)  # points in each frame's ego frame
     origin_inv = None
     if normalize_world and not np.array_equal(ego[times[0]], np.eye(4)):
         origin_inv = rigid_inverse(ego[times[0]])
         ego = {t: origin_inv @ e for t, e in ego.items()}
-    rigs = {c: _read_rig_camera(uri, c, frames, meta) for c in cam_order}
-    axes = _camera_axes(camera_axes, {c: r[4] for c, r in rigs.items()}, uri)
     to_opencv = OPENCV2DATASET if axes == "dataset" else np.eye(4)
     # cameras keep their extrinsics in dataset axes (what write_driving writes), whatever the file's convention
     to_dataset = to_opencv @ rigid_inverse(OPENCV2DATASET)
@@ -93,6 +108,9 @@ def load_driving(uri: str, test_every: int = DEFAULT_TEST_EVERY, max_lidar_point
             if (t, c) not in frames:
                 continue
             K, dist, w, h, cam_to_ego = rigs[c]
+            if per_frame:  # camera→ego of this frame, in the file's camera axes
+                c2w_file = c2w_by_frame[t, c] if origin_inv is None else origin_inv @ c2w_by_frame[t, c]
+                cam_to_ego = rigid_inverse(ego[t]) @ c2w_file
             c2w = ego[t] @ cam_to_ego @ to_opencv
             name = f"{t:03d}_{c}"
             cameras.append(Camera.from_c2w(c2w, K, w, h, dist=dist, name=name, camera_id=c, timestamp=float(t),
@@ -113,10 +131,16 @@ def load_driving(uri: str, test_every: int = DEFAULT_TEST_EVERY, max_lidar_point
         test_t = set(times[::test_every]) if test_every > 0 else set()
         splits = {"train": [i for i, c in enumerate(cameras) if c.meta["frame"] not in test_t],
                   "test": [i for i, c in enumerate(cameras) if c.meta["frame"] in test_t]}
-    points, colors = _read_points(uri, times, ego, origin_inv, max_lidar_points, axes)
+    columns, xyz, lidar_poses = lidar
+    if lidar_poses is not None:  # nuScenes: lidar frame -> world, re-expressed like every pose
+        to_world = {t: p if origin_inv is None else origin_inv @ p for t, p in lidar_poses.items()}
+    else:
+        to_world = ego
+    points, colors = _read_points(uri, times, to_world, origin_inv, max_lidar_points, columns, xyz, axes)
     name = uri.rsplit("/", 1)[-1] or "segment"
     return Scene(name=name, cameras=cameras, image_uris=uris, splits=splits, points=points, point_colors=colors,
-                 root=uri, meta={"layout": "driving", "camera_axes": axes})
+                 root=uri, meta={"layout": "driving", "camera_axes": axes,
+                                 "extrinsics": "per_frame" if per_frame else "per_camera"})
 
 
 def _camera_axes(choice: str, extrinsics: dict[str, np.ndarray], uri: str) -> str:
@@ -240,8 +264,42 @@ def _read_matrix(path: str, what: str) -> np.ndarray:
     return check_rigid(values.reshape(-1, 4), path, what)
 
 
+def _per_frame_poses(uri: str, frames: dict, times: list[int], cam_order: list[str], camera_axes: str):
+    """A per-frame segment's (ego→world by frame, camera→world by (frame, camera) in the files' camera axes, those
+    axes, lidar layout ``(columns, xyz, lidar→world by frame or None)``), before re-expressing the world."""
+    c2w = {}
+    for t, c in frames:
+        path = storage.join(uri, "extrinsics", f"{t:03d}_{c}.txt")
+        c2w[t, c] = _read_matrix(path, f"camera→world of camera {c!r} at frame {t:03d}")
+    first_ego = storage.join(uri, "ego_pose", f"{times[0]:03d}.txt")
+    if storage.exists(first_ego):  # PandaSet
+        ego = {t: _read_matrix(storage.join(uri, "ego_pose", f"{t:03d}.txt"), f"ego pose of frame {t:03d}")
+               for t in times}
+        t0 = times[0]
+        axes = _camera_axes(camera_axes, {c: rigid_inverse(ego[t0]) @ c2w[t0, c] for c in cam_order
+                                          if (t0, c) in c2w}, uri)
+        return ego, c2w, axes, (5, slice(0, 3), None)
+    # nuScenes: each frame's ego frame is its reference camera's, in dataset axes
+    axes = "opencv" if camera_axes == "auto" else camera_axes  # drivestudio writes nuScenes poses in OpenCV axes
+    to_opencv = OPENCV2DATASET if axes == "dataset" else np.eye(4)
+    ref = cam_order[0]
+    missing = [t for t in times if (t, ref) not in c2w]
+    if missing:
+        raise InputError(storage.join(uri, "images"), f"frames {missing[:5]} have no image of camera {ref!r}: without "
+                                                      "ego_pose/ each frame's ego frame is that camera's, so every "
+                                                      "frame needs it")
+    ego = {t: c2w[t, ref] @ to_opencv @ rigid_inverse(OPENCV2DATASET) for t in times}
+    lidar_poses = {}
+    for t in times:
+        path = storage.join(uri, "lidar_pose", f"{t:03d}.txt")
+        if storage.exists(path):
+            lidar_poses[t] = _read_matrix(path, f"lidar pose of frame {t:03d}")
+    return ego, c2w, axes, (4, slice(0, 3), lidar_poses)
+
+
 def _read_rig_camera(uri: str, cam: str, frames: dict, meta: dict | None):
-    """(K [3, 3], dist [5] or None, width, height, camera→ego [4, 4] in dataset axes) of one rig camera."""
+    """(K [3, 3], dist [5] or None, width, height, camera→ego [4, 4] in the file's camera axes, or None for a camera
+    with one camera→world per frame) of one rig camera."""
     ipath = storage.join(uri, "intrinsics", f"{cam}.txt")
     try:
         values = np.array(storage.read_text(ipath).split(), dtype=np.float64)
@@ -258,10 +316,9 @@ def _read_rig_camera(uri: str, cam: str, frames: dict, meta: dict | None):
     epath = storage.join(uri, "extrinsics", f"{cam}.txt")
     first_t = min(t for t, c in frames if c == cam)
     if not storage.exists(epath) and storage.exists(storage.join(uri, "extrinsics", f"{first_t:03d}_{cam}.txt")):
-        raise InputError(epath, f"missing: camera {cam!r} has one camera→world per frame (extrinsics/"
-                                f"{{t:03d}}_{cam}.txt, drivestudio's nuScenes/PandaSet layout), which is not read; "
-                                "convert the segment to per-camera extrinsics or to a nerfstudio transforms.json")
-    extrinsic = _read_matrix(epath, f"extrinsics of camera {cam!r}")
+        extrinsic = None  # one camera→world per frame (nuScenes/PandaSet): read by _per_frame_poses
+    else:
+        extrinsic = _read_matrix(epath, f"extrinsics of camera {cam!r}")
     if meta and cam in meta["cameras"]:
         w, h = int(meta["cameras"][cam]["width"]), int(meta["cameras"][cam]["height"])
     else:
@@ -277,7 +334,10 @@ def _read_rig_camera(uri: str, cam: str, frames: dict, meta: dict | None):
     return K, dist, w, h, extrinsic
 
 
-def _read_points(uri: str, times: list[int], ego: dict, origin_inv, max_lidar_points: int, axes: str):
+def _read_points(uri: str, times: list[int], to_world: dict, origin_inv, max_lidar_points: int, columns: int,
+                 xyz: slice, axes: str):
+    """The segment's points: ``difix3d_points.npz`` when present, else every lidar scan (``columns`` float32 per
+    point, ``xyz`` its coordinates) taken to the world by ``to_world[t]``."""
     path = storage.join(uri, POINTS_FILE)
     if storage.exists(path):
         try:
@@ -295,13 +355,14 @@ def _read_points(uri: str, times: list[int], ego: dict, origin_inv, max_lidar_po
         if not storage.exists(lpath):
             continue
         raw = storage.read_bytes(lpath)
-        columns = LIDAR_COLUMNS[axes]
         if len(raw) % (4 * columns):
             raise InputError(lpath, f"lidar file size {len(raw)} is not a multiple of {columns} float32 (the points "
                                     f"of a segment with {axes} camera axes)")
-        pts = np.frombuffer(raw, dtype=np.float32).reshape(-1, columns)[:, LIDAR_XYZ[axes]].astype(np.float64)
+        if t not in to_world:
+            raise InputError(lpath, f"no pose for this scan (lidar_pose/{t:03d}.txt)")
+        pts = np.frombuffer(raw, dtype=np.float32).reshape(-1, columns)[:, xyz].astype(np.float64)
         pts = finite_points(pts, None, lpath, allow_empty=True)[0]
-        chunks.append(pts @ ego[t][:3, :3].T + ego[t][:3, 3])  # ego frame of t -> world
+        chunks.append(pts @ to_world[t][:3, :3].T + to_world[t][:3, 3])  # sensor or ego frame of t -> world
     if not chunks:
         return None, None
     points = np.concatenate(chunks)
