@@ -261,7 +261,7 @@ def test_plain_drivestudio_folder_loads_with_every_nth_split_world_at_first_ego_
     assert scene.load_image(0).shape == (H, W, 3)
 
 
-def _opencv_axes_segment(root, lidar=True, per_frame=False):
+def _opencv_axes_segment(root, lidar=True):
     """An Argoverse2/KITTI-style segment (drivestudio): extrinsics with the camera in OpenCV axes, N x 4 lidar."""
     for d in ("ego_pose", "extrinsics", "intrinsics", "lidar"):
         os.makedirs(root / d)
@@ -273,12 +273,9 @@ def _opencv_axes_segment(root, lidar=True, per_frame=False):
         ego[0, 3] = 2.0 * t
         np.savetxt(root / "ego_pose" / f"{t:03d}.txt", ego)
         imageio.write_image(str(root / "images" / f"{t:03d}_0.jpg"), _image(t, 64, 48))
-        if per_frame:
-            np.savetxt(root / "extrinsics" / f"{t:03d}_0.txt", ego @ E)
         if lidar:  # x y z intensity, in the ego frame
             np.array([[10.0, 0.0, 0.0, 0.5], [0.0, 5.0, 0.0, 0.5]], np.float32).tofile(root / "lidar" / f"{t:03d}.bin")
-    if not per_frame:
-        np.savetxt(root / "extrinsics" / "0.txt", E)
+    np.savetxt(root / "extrinsics" / "0.txt", E)
     np.savetxt(root / "intrinsics" / "0.txt", [50.0, 50.0, 32.0, 24.0, 0, 0, 0, 0, 0])
     return str(root)
 
@@ -375,7 +372,23 @@ def test_driving_segments_with_a_camera_pose_per_frame_load(tmp_path, nuscenes):
         np.testing.assert_allclose(a.c2w, b.c2w, atol=1e-9)
 
 
+def test_a_camera_that_moves_on_its_rig_is_not_written_as_one_mount(tmp_path):
+    """In real per-frame segments each camera fires at its own time, so its pose relative to the ego (here the front
+    camera) changes between frames: the per-camera layout cannot store that, and says so instead of moving it."""
+    root = _per_frame_segment(tmp_path / "seg", nuscenes=True)
+    moved = np.loadtxt(os.path.join(root, "extrinsics", "001_1.txt"))
+    moved[:3, 3] += moved[:3, :3] @ [0.0, 0.0, 0.4]  # 0.4 m along the camera's view
+    np.savetxt(os.path.join(root, "extrinsics", "001_1.txt"), moved)
+    scene = load_scene(root)
+    with pytest.raises(InputError, match=r"camera '001_1' sits elsewhere on its rig than '000_1'.*by 0\.4 m"):
+        write_driving(scene, str(tmp_path / "out"))
+
+
 def test_per_frame_segments_name_what_they_lack(tmp_path):
+    root = _per_frame_segment(tmp_path / "cols", nuscenes=False)
+    np.zeros((3, 4), np.float32).tofile(os.path.join(root, "lidar", "000.bin"))  # 48 bytes: not N x 5
+    with pytest.raises(InputError, match=r"not a multiple of 5 float32 \(the points of a PandaSet segment\)"):
+        load_scene(root)
     root = _per_frame_segment(tmp_path / "noref", nuscenes=True)
     os.remove(os.path.join(root, "images", "001_0.jpg"))
     os.remove(os.path.join(root, "extrinsics", "001_0.txt"))

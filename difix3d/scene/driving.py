@@ -17,8 +17,9 @@ OpenCV camera axes), and their lidar differently:
 - PandaSet: ``ego_pose/{t:03d}.txt`` as above; ``lidar/{t:03d}.bin`` N x 5 (point(3), intensity, laser id) in the ego
   frame of frame t.
 - nuScenes: no ego poses; ``lidar_pose/{t:03d}.txt`` 4x4 lidar→world and ``lidar/{t:03d}.bin`` N x 4 (point(3),
-  intensity) in the lidar frame. The ego frame of a frame is taken to be its reference camera's (the first camera
-  name, nuScenes' ``0`` = CAM_FRONT) with dataset axes (x forward, y left, z up): what "left" means for lane shifts.
+  intensity) in the lidar frame. The ego frame of a frame is taken to be its reference camera's (``0``, nuScenes'
+  CAM_FRONT; else the first camera named front) with dataset axes (x forward, y left, z up): what "left" means for
+  lane shifts.
 
 Conventions, as drivestudio's ``datasets/*/…_sourceloader.py`` read them:
 - OpenCV camera→world = ``ego_to_world @ extrinsic @ OPENCV2DATASET`` with ``OPENCV2DATASET`` mapping OpenCV axes
@@ -93,7 +94,8 @@ def load_driving(uri: str, test_every: int = DEFAULT_TEST_EVERY, max_lidar_point
         ego = {t: _read_matrix(storage.join(uri, "ego_pose", f"{t:03d}.txt"), f"ego pose of frame {t:03d}")
                for t in times}
         axes = _camera_axes(camera_axes, {c: r[4] for c, r in rigs.items()}, uri)
-        lidar = (LIDAR_COLUMNS[axes], LIDAR_XYZ[axes], None)  # points in each frame's ego frame
+        lidar = (LIDAR_COLUMNS[axes], LIDAR_XYZ[axes], None,  # points in each frame's ego frame
+                 f"a segment with {axes} camera axes")
     origin_inv = None
     if normalize_world and not np.array_equal(ego[times[0]], np.eye(4)):
         origin_inv = rigid_inverse(ego[times[0]])
@@ -131,12 +133,12 @@ def load_driving(uri: str, test_every: int = DEFAULT_TEST_EVERY, max_lidar_point
         test_t = set(times[::test_every]) if test_every > 0 else set()
         splits = {"train": [i for i, c in enumerate(cameras) if c.meta["frame"] not in test_t],
                   "test": [i for i, c in enumerate(cameras) if c.meta["frame"] in test_t]}
-    columns, xyz, lidar_poses = lidar
+    columns, xyz, lidar_poses, kind = lidar
     if lidar_poses is not None:  # nuScenes: lidar frame -> world, re-expressed like every pose
         to_world = {t: p if origin_inv is None else origin_inv @ p for t, p in lidar_poses.items()}
     else:
         to_world = ego
-    points, colors = _read_points(uri, times, to_world, origin_inv, max_lidar_points, columns, xyz, axes)
+    points, colors = _read_points(uri, times, to_world, origin_inv, max_lidar_points, columns, xyz, kind)
     name = uri.rsplit("/", 1)[-1] or "segment"
     return Scene(name=name, cameras=cameras, image_uris=uris, splits=splits, points=points, point_colors=colors,
                  root=uri, meta={"layout": "driving", "camera_axes": axes,
@@ -271,18 +273,17 @@ def _per_frame_poses(uri: str, frames: dict, times: list[int], cam_order: list[s
     for t, c in frames:
         path = storage.join(uri, "extrinsics", f"{t:03d}_{c}.txt")
         c2w[t, c] = _read_matrix(path, f"camera→world of camera {c!r} at frame {t:03d}")
-    first_ego = storage.join(uri, "ego_pose", f"{times[0]:03d}.txt")
-    if storage.exists(first_ego):  # PandaSet
+    if storage.is_dir(storage.join(uri, "ego_pose")):  # PandaSet
         ego = {t: _read_matrix(storage.join(uri, "ego_pose", f"{t:03d}.txt"), f"ego pose of frame {t:03d}")
                for t in times}
         t0 = times[0]
         axes = _camera_axes(camera_axes, {c: rigid_inverse(ego[t0]) @ c2w[t0, c] for c in cam_order
                                           if (t0, c) in c2w}, uri)
-        return ego, c2w, axes, (5, slice(0, 3), None)
+        return ego, c2w, axes, (5, slice(0, 3), None, "a PandaSet segment")
     # nuScenes: each frame's ego frame is its reference camera's, in dataset axes
     axes = "opencv" if camera_axes == "auto" else camera_axes  # drivestudio writes nuScenes poses in OpenCV axes
     to_opencv = OPENCV2DATASET if axes == "dataset" else np.eye(4)
-    ref = cam_order[0]
+    ref = _reference_camera(cam_order)
     missing = [t for t in times if (t, ref) not in c2w]
     if missing:
         raise InputError(storage.join(uri, "images"), f"frames {missing[:5]} have no image of camera {ref!r}: without "
@@ -290,11 +291,20 @@ def _per_frame_poses(uri: str, frames: dict, times: list[int], cam_order: list[s
                                                       "frame needs it")
     ego = {t: c2w[t, ref] @ to_opencv @ rigid_inverse(OPENCV2DATASET) for t in times}
     lidar_poses = {}
-    for t in times:
-        path = storage.join(uri, "lidar_pose", f"{t:03d}.txt")
-        if storage.exists(path):
-            lidar_poses[t] = _read_matrix(path, f"lidar pose of frame {t:03d}")
-    return ego, c2w, axes, (4, slice(0, 3), lidar_poses)
+    if not storage.exists(storage.join(uri, POINTS_FILE)):  # the poses place lidar scans, which the file replaces
+        for t in times:
+            path = storage.join(uri, "lidar_pose", f"{t:03d}.txt")
+            if storage.exists(path):
+                lidar_poses[t] = _read_matrix(path, f"lidar pose of frame {t:03d}")
+    return ego, c2w, axes, (4, slice(0, 3), lidar_poses, "a nuScenes segment")
+
+
+def _reference_camera(cam_order: list[str]) -> str:
+    """The camera whose frame stands for the ego's in a segment without ego poses: ``0`` (nuScenes' CAM_FRONT in
+    drivestudio's numbering), else the first whose name says front, else the first."""
+    if "0" in cam_order:
+        return "0"
+    return next((c for c in cam_order if "front" in c.lower()), cam_order[0])
 
 
 def _read_rig_camera(uri: str, cam: str, frames: dict, meta: dict | None):
@@ -335,7 +345,7 @@ def _read_rig_camera(uri: str, cam: str, frames: dict, meta: dict | None):
 
 
 def _read_points(uri: str, times: list[int], to_world: dict, origin_inv, max_lidar_points: int, columns: int,
-                 xyz: slice, axes: str):
+                 xyz: slice, kind: str):
     """The segment's points: ``difix3d_points.npz`` when present, else every lidar scan (``columns`` float32 per
     point, ``xyz`` its coordinates) taken to the world by ``to_world[t]``."""
     path = storage.join(uri, POINTS_FILE)
@@ -357,7 +367,7 @@ def _read_points(uri: str, times: list[int], to_world: dict, origin_inv, max_lid
         raw = storage.read_bytes(lpath)
         if len(raw) % (4 * columns):
             raise InputError(lpath, f"lidar file size {len(raw)} is not a multiple of {columns} float32 (the points "
-                                    f"of a segment with {axes} camera axes)")
+                                    f"of {kind})")
         if t not in to_world:
             raise InputError(lpath, f"no pose for this scan (lidar_pose/{t:03d}.txt)")
         pts = np.frombuffer(raw, dtype=np.float32).reshape(-1, columns)[:, xyz].astype(np.float64)
@@ -380,6 +390,12 @@ def _check_rig_pose(scene: Scene, cam: Camera, ego: np.ndarray, first: Camera | 
     if not np.allclose(stored, cam.c2w, atol=1e-6, rtol=0):
         raise InputError(where, f"camera {cam.name!r} is not at its rig pose (ego_to_world @ cam_to_ego): the driving "
                                 "layout cannot store a moved camera; write it with write_nerfstudio")
+    if first is not None:
+        moved = np.asarray(cam.meta["cam_to_ego"], dtype=np.float64) - np.asarray(first.meta["cam_to_ego"], np.float64)
+        if np.abs(moved).max() > 1e-6:  # per-frame segments (nuScenes, PandaSet): each camera fires at its own time
+            raise InputError(where, f"camera {cam.name!r} sits elsewhere on its rig than {first.name!r}, the first of "
+                                    f"camera id {cam.camera_id!r} (by {np.abs(moved[:3, 3]).max():.3g} m): the "
+                                    "driving layout stores one mount per camera id; write it with write_nerfstudio")
     if first is not None and not (np.allclose(first.K, cam.K, atol=1e-9, rtol=0) and (first.width, first.height)
                                   == (cam.width, cam.height) and _same_dist(first.dist, cam.dist)):
         raise InputError(where, f"camera {cam.name!r} has other intrinsics or size than {first.name!r}, the first "
