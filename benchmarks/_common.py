@@ -64,3 +64,20 @@ class Emitter:
             with open(os.path.join(RESULTS_DIR, f"{self.benchmark}.jsonl"), "a") as f:
                 f.write(line + "\n")
         return row
+
+
+def cuda_time_ms(fn, iters: int = 20, warmup: int = 3) -> float:
+    """Mean milliseconds of ``fn()`` on the current CUDA stream, by CUDA events around ``iters`` back-to-back calls
+    after ``warmup`` calls."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters

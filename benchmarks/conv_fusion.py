@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from _common import Emitter  # noqa: E402
+from _common import Emitter, cuda_time_ms  # noqa: E402
 
 # (name, ops, dtype): ops run in order on the conv input X; "conv" is the 3x3 conv; "genstats" ends the graph with
 # the per-channel sum and sum of squares of the tensor so far (also written out)
@@ -57,19 +57,6 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 
 def nhwc(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last)
-
-
-def time_ms(fn, iters: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 class Graphs:
@@ -101,7 +88,7 @@ class Graphs:
         for i in range(min(g.get_execution_plan_count(), 8)):
             try:
                 ws = torch.empty(max(g.get_workspace_size_plan_at_index(i), 1), device="cuda", dtype=torch.uint8)
-                ms = time_ms(lambda: g.execute_plan_at_index(feeds, ws, i, handle=self.handle))
+                ms = cuda_time_ms(lambda: g.execute_plan_at_index(feeds, ws, i, handle=self.handle))
             except Exception as error:  # a plan that fails to run is skipped, the others still count
                 failure = error
                 continue
@@ -201,7 +188,7 @@ def main() -> None:
     c, h, w = parse_shape(args.fusion_shape)
     x = nhwc(torch.randn(1, c, h, w, device="cuda", dtype=torch.bfloat16))
     weight = nhwc(torch.randn(c, c, 3, 3, device="cuda", dtype=torch.bfloat16))
-    emitter.emit("ms", time_ms(lambda: F.conv2d(x, weight, padding=1)), "ms", pattern="torch conv", dtype="bfloat16",
+    emitter.emit("ms", cuda_time_ms(lambda: F.conv2d(x, weight, padding=1)), "ms", pattern="torch conv", dtype="bfloat16",
                  shape=args.fusion_shape, batch=1, supported=True, **base)
     for name, ops, dtype in FUSION_PATTERNS:
         settings = dict(pattern=name, dtype=str(dtype).replace("torch.", ""), shape=args.fusion_shape, batch=1, **base)
@@ -232,7 +219,7 @@ def main() -> None:
             err = (y.float() - ref).square().mean().sqrt() / ref.square().mean().sqrt()
             emitter.emit("rel_rms_err", err.item(), "", pattern=pattern, dtype=dtype, **common)
 
-        emitter.emit("ms", time_ms(lambda: F.conv2d(x, weight, padding=1)), "ms", pattern="torch conv",
+        emitter.emit("ms", cuda_time_ms(lambda: F.conv2d(x, weight, padding=1)), "ms", pattern="torch conv",
                      dtype="bfloat16", supported=True, **common)
         record("conv+bias", "bfloat16", lambda: graphs.conv_epilogue(x, weight, [("bias", bias)]))
         sx = x.float().abs().amax() / 448  # e4m3's largest finite value

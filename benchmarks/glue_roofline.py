@@ -32,7 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from _common import Emitter  # noqa: E402
+from _common import Emitter, cuda_time_ms  # noqa: E402
 
 ACTIVATIONS = {"none": 0, "sigmoid": 1, "ex2_rcp": 2, "tanh": 3}
 
@@ -71,17 +71,8 @@ def triton_affine_act(x, scale, shift, act: str, block: int = 2048):
     return y
 
 
-def time_ms(fn, iters: int = 50, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+def time_ms(fn) -> float:
+    return cuda_time_ms(fn, iters=50, warmup=5)  # the call counts the figures in RESULTS.md were taken with
 
 
 def main() -> None:
