@@ -113,6 +113,9 @@ def is_dir(uri: str) -> bool:
 
 def makedirs(uri: str) -> None:
     fs, path = resolve(uri)
+    if is_local(uri):  # os's errors name the path, so errors.user_error_message can say what is in the way
+        os.makedirs(path, exist_ok=True)
+        return
     fs.create_dir(path, recursive=True)
 
 
